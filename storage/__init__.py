@@ -1,0 +1,1 @@
+"""Persistence: schema, database engines, durable job queue, file store and audit trail."""

@@ -1,0 +1,61 @@
+"""Alembic migrations, applied by ``triage db upgrade`` and at every role's start."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from alembic import command
+from storage.db import make_engine, normalise_url
+from triage.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "alembic"))
+    cfg.attributes["url"] = normalise_url(url)
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "-1") -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str | None:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def cli_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    upgrade(settings.effective_database_url, args.revision)
+    print(f"database at revision {current_revision(settings.effective_database_url)}")
+    return 0
+
+
+def cli_downgrade(args: argparse.Namespace, settings: Settings) -> int:
+    downgrade(settings.effective_database_url, args.revision)
+    print(f"database at revision {current_revision(settings.effective_database_url)}")
+    return 0
+
+
+def cli_current(args: argparse.Namespace, settings: Settings) -> int:
+    print(current_revision(settings.effective_database_url) or "(empty)")
+    return 0

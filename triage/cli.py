@@ -1,0 +1,150 @@
+"""The ``triage`` command. Subcommands import their modules lazily so that start-up is fast.
+
+Each subcommand maps to ``module:function``; the function takes ``(args, settings)`` and
+returns an exit code. Modules own their own logic; this file only declares the interface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from triage import __version__
+from triage.config import ConfigError, Settings, load_settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _handler(target: str) -> Handler:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        module, func = target.split(":")
+        return int(getattr(importlib.import_module(module), func)(args, settings) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="triage", description="Acute intracranial hemorrhage triage node")
+    p.add_argument("--config", help="TOML configuration file (or TRIAGE_CONFIG)")
+    p.add_argument("--version", action="version", version=f"triage {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, target: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=_handler(target))
+        return sp
+
+    # --- roles
+    add("serve", "triage.roles:serve", "All-in-one: receiver, worker, scheduler and web (embedded default)")
+    add("receiver", "triage.roles:receiver", "DICOM SCP and series assembly only")
+    w = add("worker", "triage.roles:worker", "Inference and delivery worker only")
+    w.add_argument("--once", action="store_true", help="Drain the queue and exit")
+    w.add_argument("--kinds", default="", help="Comma-separated job kinds to take (default: all)")
+    add("web", "triage.roles:web", "Web pages, REST API and metrics only")
+
+    # --- database
+    db = sub.add_parser("db", help="Database migrations").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="Apply migrations (idempotent)")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=_handler("storage.migrate:cli_upgrade"))
+    down = db.add_parser("downgrade", help="Revert migrations")
+    down.add_argument("revision", nargs="?", default="-1")
+    down.set_defaults(func=_handler("storage.migrate:cli_downgrade"))
+    db.add_parser("current", help="Show the current revision").set_defaults(
+        func=_handler("storage.migrate:cli_current")
+    )
+
+    # --- configuration
+    cfg = sub.add_parser("config", help="Configuration").add_subparsers(dest="config_command", required=True)
+    cfg.add_parser("show", help="Print the effective configuration (secrets masked)").set_defaults(
+        func=_handler("triage.cli:config_show")
+    )
+
+    # --- audit
+    au = sub.add_parser("audit", help="Audit trail").add_subparsers(dest="audit_command", required=True)
+    au.add_parser("verify", help="Verify the hash chain").set_defaults(func=_handler("storage.audit:cli_verify"))
+
+    # --- users
+    us = sub.add_parser("user", help="Local users").add_subparsers(dest="user_command", required=True)
+    ua = us.add_parser("add", help="Create a user")
+    ua.add_argument("username")
+    ua.add_argument("--role", choices=["admin", "radiologist"], default="radiologist")
+    ua.add_argument("--password", help="Password (default: prompt, or TRIAGE_NEW_PASSWORD)")
+    ua.set_defaults(func=_handler("reports.web.users:cli_add"))
+    ut = us.add_parser("token", help="Create an API token for a user")
+    ut.add_argument("username")
+    ut.set_defaults(func=_handler("reports.web.users:cli_token"))
+
+    # --- queue / operations
+    q = sub.add_parser("queue", help="Job queue").add_subparsers(dest="queue_command", required=True)
+    q.add_parser("status", help="Jobs by kind and state").set_defaults(func=_handler("storage.queue:cli_status"))
+    qr = q.add_parser("retry", help="Re-queue a dead job")
+    qr.add_argument("job_id", type=int)
+    qr.set_defaults(func=_handler("storage.queue:cli_retry"))
+    add("purge", "storage.retention:cli_purge", "Apply the retention policy now")
+
+    # --- synthetic data, models
+    ph = add("phantom", "triage.phantom.cli:main", "Generate synthetic head CT studies with ground truth")
+    ph.add_argument("out")
+    ph.add_argument("--studies", type=int, default=10)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--extra", action="append", default=[], help="Generator option key=value")
+    ph.add_argument("--montage", action="store_true", help="Also write a montage PNG per study")
+    ph.add_argument("--workers", type=int, default=0, help="Processes (default: CPU count)")
+    de = add("demo", "triage.phantom.demo:main", "Generate a few studies and send them to the running node")
+    de.add_argument("--studies", type=int, default=3)
+    de.add_argument("--seed", type=int, default=2026)
+    de.add_argument("--host", default="127.0.0.1")
+    de.add_argument("--port", type=int, default=0, help="Node DICOM port (default: config)")
+    tr = add("train", "triage.models.train:main", "Train a model bundle")
+    tr.add_argument("dataset", help="Dataset path (format detected, or --format)")
+    tr.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])
+    tr.add_argument("--out", required=True, help="Output bundle directory")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--val", help="Validation dataset path (for thresholds)")
+    ev = add("evaluate", "triage.models.evaluate:main", "Evaluate a bundle on a dataset")
+    ev.add_argument("dataset")
+    ev.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])
+    ev.add_argument("--bundle", default="", help="Bundle directory (default: shipped)")
+    ev.add_argument("--out", default="evaluation", help="Report directory (JSON + PNG)")
+    ev.add_argument("--device", default="auto")
+    inf = add("infer", "triage.models.inference:cli_infer", "Run the bundle on a DICOM series folder")
+    inf.add_argument("path")
+    inf.add_argument("--bundle", default="")
+    return p
+
+
+def config_show(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    print(json.dumps(settings.masked(), indent=2, default=str))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"triage: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from triage.logging import configure_logging
+
+    configure_logging(settings)
+    try:
+        return args.func(args, settings)
+    except ConfigError as exc:
+        print(f"triage: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

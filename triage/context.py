@@ -1,0 +1,65 @@
+"""The objects every role needs, built once from :class:`~triage.config.Settings`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import make_engine, make_sessionmaker
+from triage.config import Settings
+
+
+@dataclass
+class AppContext:
+    """Settings plus the database engine, session factory, file store and queue."""
+
+    settings: Settings
+    role: str = "serve"
+    _engine: Engine | None = field(default=None, repr=False)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.settings.effective_database_url)
+        return self._engine
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def store(self):  # noqa: ANN201 - storage.filestore.FileStore
+        from storage.filestore import FileStore
+
+        return FileStore(
+            self.settings.store_dir,
+            floor_bytes=self.settings.disk_floor_mb * 1024 * 1024,
+            fsync=self.settings.fsync,
+        )
+
+    @cached_property
+    def queue(self):  # noqa: ANN201 - storage.queue.JobQueue
+        from storage.queue import JobQueue
+
+        s = self.settings
+        return JobQueue(
+            self.sessions,
+            lease_seconds=s.lease_seconds,
+            max_attempts=s.max_attempts,
+            retry_base_seconds=s.retry_base_seconds,
+            retry_max_seconds=s.retry_max_seconds,
+        )
+
+    @cached_property
+    def worker_id(self) -> str:
+        return self.settings.worker_id or f"{socket.gethostname()}:{os.getpid()}:{self.role}"
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None

@@ -1,0 +1,1 @@
+"""Image volumes: assembly from DICOM instances and the in-memory volume type."""

@@ -1,0 +1,67 @@
+"""structlog set-up: JSON lines in production, readable console in development.
+
+Patient names and IDs must never reach a log line. Call sites log UIDs and database ids only;
+as a safety net, :func:`scrub_phi` drops any event key that names a PHI attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+from triage.config import Settings
+
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patientname",
+        "patient_id",
+        "patientid",
+        "patient_birth_date",
+        "patientbirthdate",
+        "accession",
+        "accession_number",
+        "accessionnumber",
+        "other_patient_ids",
+        "patient_address",
+    }
+)
+
+
+def scrub_phi(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in list(event):
+        if key.lower() in PHI_KEYS:
+            event[key] = "[redacted]"
+    return event
+
+
+def configure_logging(settings: Settings | None = None, *, fmt: str | None = None, level: str | None = None) -> None:
+    fmt = fmt or (settings.log_format if settings else "console")
+    level_name = level or (settings.log_level if settings else "INFO")
+    lvl = getattr(logging, level_name)
+    logging.basicConfig(stream=sys.stderr, level=lvl, format="%(message)s", force=True)
+    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "alembic", "highdicom"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            scrub_phi,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)

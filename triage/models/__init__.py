@@ -1,0 +1,1 @@
+"""Detection and segmentation models, bundles, training, evaluation and Grad-CAM."""
