@@ -1,0 +1,277 @@
+"""Append-only, hash-chained audit trail.
+
+Every row's ``hash`` is the SHA-256 of a canonical JSON of its own fields (id included) and the
+previous row's hash (``prev_hash``). Ids are assigned here, gap-free, under a lock:
+
+* PostgreSQL: ``pg_advisory_xact_lock(AUDIT_LOCK_KEY)`` is taken before the chain head is read,
+  so concurrent writers from any process append one after another. The lock is held until the
+  caller's transaction ends, so record events near the end of a transaction.
+* SQLite: every transaction is ``BEGIN IMMEDIATE`` (see :mod:`storage.db`), one writer at a time.
+
+The chain head (last id and hash) is also kept in ``node_settings`` under :data:`HEAD_KEY`, so that
+deleting the newest rows is detected as well. The chain makes edits and deletions visible; it is
+not a signature (whoever can rewrite the whole table and the head can forge it).
+
+Only :func:`record` may insert rows: ids are explicit, so an ORM insert without an id would
+collide with the PostgreSQL sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from storage.models import AuditEvent, Setting, utcnow
+from triage.config import Settings
+
+# Event types ----------------------------------------------------------------------------------
+RECEIVED = "received"
+REJECTED = "rejected"
+ASSOCIATION = "association"
+ASSOCIATION_REJECTED = "association_rejected"
+SERIES_COMPLETE = "series_complete"
+SERIES_REOPENED = "series_reopened"
+SKIPPED = "skipped"
+QUEUED = "queued"
+INFERRED = "inferred"
+INFERENCE_FAILED = "inference_failed"
+RESULT_WRITTEN = "result_written"
+DELIVERED = "delivered"
+DELIVERY_FAILED = "delivery_failed"
+DELIVERY_DEAD = "delivery_dead"
+NOTIFIED = "notified"
+NOTIFY_FAILED = "notify_failed"
+LOGIN = "login"
+LOGIN_FAILED = "login_failed"
+LOGOUT = "logout"
+LOCKOUT = "lockout"
+ROLE_CHANGE = "role_change"
+USER_CREATED = "user_created"
+TOKEN_CREATED = "token_created"
+FEEDBACK = "feedback"
+VIEWED = "viewed"
+CONFIG_CHANGE = "config_change"
+PURGE = "purge"
+DISK_FULL = "disk_full"
+JOB_FAILED = "job_failed"
+JOB_DEAD = "job_dead"
+JOB_RETRIED = "job_retried"
+NODE_START = "node_start"
+NODE_STOP = "node_stop"
+
+EVENT_TYPES = frozenset(
+    {
+        RECEIVED, REJECTED, ASSOCIATION, ASSOCIATION_REJECTED, SERIES_COMPLETE, SERIES_REOPENED, SKIPPED,
+        QUEUED, INFERRED, INFERENCE_FAILED, RESULT_WRITTEN, DELIVERED, DELIVERY_FAILED, DELIVERY_DEAD,
+        NOTIFIED, NOTIFY_FAILED, LOGIN, LOGIN_FAILED, LOGOUT, LOCKOUT, ROLE_CHANGE, USER_CREATED,
+        TOKEN_CREATED, FEEDBACK, VIEWED, CONFIG_CHANGE, PURGE, DISK_FULL, JOB_FAILED, JOB_DEAD, JOB_RETRIED,
+        NODE_START, NODE_STOP,
+    }
+)
+
+SUCCESS = "success"
+FAILURE = "failure"
+OUTCOMES = (SUCCESS, FAILURE)
+
+AUDIT_LOCK_KEY = 0x1C4_A0D17  # constant advisory-lock key for the chain (PostgreSQL)
+HEAD_KEY = "audit_chain_head"  # node_settings key: "<id>:<hash>"
+GENESIS = ""  # prev_hash of the first event
+
+HASHED_FIELDS = ("id", "ts", "event_type", "actor", "study_uid", "series_uid", "accession", "outcome", "details")
+
+
+def _ts_text(ts: dt.datetime) -> str:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=dt.UTC)
+    return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _plain(details: dict[str, Any] | None) -> dict[str, Any]:
+    """Details as they will read back from the JSON column (so the hash is reproducible)."""
+    return json.loads(json.dumps(details or {}, default=str, sort_keys=True))
+
+
+def compute_hash(fields: dict[str, Any], prev_hash: str) -> str:
+    """SHA-256 over a canonical JSON (sorted keys, no spaces) of the hashed fields and prev_hash."""
+    doc = {name: fields[name] for name in HASHED_FIELDS}
+    doc["ts"] = _ts_text(doc["ts"])
+    doc["prev_hash"] = prev_hash
+    canon = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def _row_fields(ev: AuditEvent) -> dict[str, Any]:
+    return {name: getattr(ev, name) for name in HASHED_FIELDS}
+
+
+def _lock_chain(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_KEY})
+
+
+def record(
+    session: Session,
+    event_type: str,
+    *,
+    actor: str = "system",
+    study_uid: str = "",
+    series_uid: str = "",
+    accession: str = "",
+    outcome: str = SUCCESS,
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event inside the caller's transaction (it is committed with it)."""
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"unknown audit event type {event_type!r}")
+    if outcome not in OUTCOMES:
+        raise ValueError(f"audit outcome must be one of {OUTCOMES}, not {outcome!r}")
+    _lock_chain(session)
+    session.flush()  # pending events of this session first, so the head below includes them
+    head = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
+    prev_id, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
+    fields: dict[str, Any] = {
+        "id": prev_id + 1,
+        "ts": utcnow(),
+        "event_type": event_type,
+        "actor": (actor or "system")[:128],
+        "study_uid": (study_uid or "")[:64],
+        "series_uid": (series_uid or "")[:64],
+        "accession": (accession or "")[:64],
+        "outcome": outcome,
+        "details": _plain(details),
+    }
+    ev = AuditEvent(**fields, prev_hash=prev_hash, hash=compute_hash(fields, prev_hash))
+    session.add(ev)
+    session.merge(Setting(key=HEAD_KEY, value=f"{ev.id}:{ev.hash}"))
+    session.flush()
+    return ev
+
+
+# Verification ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of :func:`verify`. ``bad_id`` names the first event found wrong (or missing)."""
+
+    ok: bool
+    checked: int
+    bad_id: int | None = None
+    problem: str = ""
+
+
+def _iter_events(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:
+    last = 0
+    while True:
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.id > last).order_by(AuditEvent.id).limit(batch)
+        ).all()
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].id
+        session.expunge_all()
+
+
+def verify(session: Session) -> VerifyReport:
+    """Walk the chain from the first event; report the first edited, deleted or reordered row."""
+    expected_id, prev_hash, checked = 1, GENESIS, 0
+    for ev in _iter_events(session):
+        if ev.id != expected_id:  # ids are assigned gap-free by record()
+            return VerifyReport(
+                False, checked, expected_id, f"event {expected_id} is missing (deleted?): next id is {ev.id}"
+            )
+        if ev.prev_hash != prev_hash:
+            return VerifyReport(
+                False, checked, ev.id, f"event {ev.id}: prev_hash does not match the hash of event {ev.id - 1}"
+            )
+        if compute_hash(_row_fields(ev), ev.prev_hash) != ev.hash:
+            return VerifyReport(False, checked, ev.id, f"event {ev.id}: content does not match its hash (edited?)")
+        prev_hash = ev.hash
+        expected_id += 1
+        checked += 1
+    head = session.get(Setting, HEAD_KEY)
+    last_id = expected_id - 1
+    if head is not None and head.value:
+        head_id_text, _, head_hash = head.value.partition(":")
+        head_id = int(head_id_text)
+        if head_id > last_id:
+            return VerifyReport(
+                False, checked, last_id + 1, f"events {last_id + 1}..{head_id} are missing (chain head is {head_id})"
+            )
+        if head_id < last_id:
+            return VerifyReport(
+                False, checked, head_id + 1, f"events after {head_id} were not written through the audit chain"
+            )
+        if head_hash != prev_hash:
+            return VerifyReport(False, checked, last_id, f"event {last_id}: hash differs from the recorded chain head")
+    elif checked:
+        return VerifyReport(False, checked, None, "chain head record is missing")
+    return VerifyReport(True, checked)
+
+
+# Queries ---------------------------------------------------------------------------------------
+def events(
+    session: Session,
+    *,
+    event_type: str | list[str] | None = None,
+    actor: str | None = None,
+    study_uid: str | None = None,
+    accession: str | None = None,
+    outcome: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    before_id: int | None = None,
+    limit: int = 100,
+    newest_first: bool = True,
+) -> list[AuditEvent]:
+    """Events matching all given filters (for the web audit page). Page with ``before_id``."""
+    q = select(AuditEvent)
+    if event_type:
+        types = [event_type] if isinstance(event_type, str) else list(event_type)
+        q = q.where(AuditEvent.event_type.in_(types))
+    if actor:
+        q = q.where(AuditEvent.actor == actor)
+    if study_uid:
+        q = q.where(AuditEvent.study_uid == study_uid)
+    if accession:
+        q = q.where(AuditEvent.accession == accession)
+    if outcome:
+        q = q.where(AuditEvent.outcome == outcome)
+    if since is not None:
+        q = q.where(AuditEvent.ts >= since)
+    if until is not None:
+        q = q.where(AuditEvent.ts < until)
+    if before_id is not None:
+        q = q.where(AuditEvent.id < before_id)
+    order = AuditEvent.id.desc() if newest_first else AuditEvent.id.asc()
+    return list(session.scalars(q.order_by(order).limit(max(1, min(limit, 10_000)))).all())
+
+
+def count(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(AuditEvent)) or 0)
+
+
+# CLI -------------------------------------------------------------------------------------------
+def cli_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """``triage audit verify``: exit 0 and print OK, or exit 1 naming the bad event."""
+    from storage.db import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            report = verify(session)
+    finally:
+        engine.dispose()
+    if report.ok:
+        print(f"OK: audit chain intact ({report.checked} events)")
+        return 0
+    where = f"event {report.bad_id}" if report.bad_id is not None else "chain"
+    print(f"FAILED: {where}: {report.problem} ({report.checked} events verified before it)")
+    return 1

@@ -1,0 +1,512 @@
+"""Durable job queue in the database (table ``jobs``), shared by every process of the node.
+
+States: ``queued`` -> ``running`` -> ``done`` | ``failed`` (waits for a retry until ``run_after``)
+| ``dead`` (``max_attempts`` used up, or a permanent error). A claim takes a lease of
+``lease_seconds``; the holder extends it with :meth:`JobQueue.heartbeat`. A job whose lease
+expired (its worker died, even by ``kill -9``) is claimable again; one that already used all its
+attempts goes to ``dead`` instead, so a job that kills its worker cannot loop forever.
+
+Claiming is atomic: ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite each transaction
+is ``BEGIN IMMEDIATE`` (:mod:`storage.db`), one writer at a time, and the claim is two short
+statements. Order: priority (higher first), then ``run_after``, then id (oldest first).
+
+All times are taken from the clock of the calling process (UTC); hosts sharing one database must
+keep their clocks in sync (NTP), as the lease lengths are seconds to minutes.
+
+Only the lease holder may change a running job: :meth:`heartbeat`, :meth:`complete` and
+:meth:`fail` return ``False`` (and change nothing) when another worker has taken the job over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import random
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import audit
+from storage.models import Job, Study, Worker, utcnow
+from triage.config import Settings
+from triage.logging import get_logger
+
+log = get_logger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, DEAD = "queued", "running", "done", "failed", "dead"
+STATES = (QUEUED, RUNNING, DONE, FAILED, DEAD)
+LIVE_STATES = (QUEUED, RUNNING, FAILED)  # work that is still to be done
+FINAL_STATES = (DONE, DEAD)
+
+# Job kinds and priorities (docs/architecture.md)
+INFER, DELIVER, NOTIFY = "infer", "deliver", "notify"
+PRIORITY_ROUTINE, PRIORITY_STAT, PRIORITY_POSITIVE = 0, 10, 20
+
+MAX_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job leased to one worker. ``attempts`` counts this attempt (1 on the first run)."""
+
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    priority: int
+    study_id: int | None
+    series_id: int | None
+    max_attempts: int = 5
+    lease_expires_at: dt.datetime | None = None
+
+
+class JobQueue:
+    """The queue API (see docs/architecture.md). Thread- and process-safe; holds no state itself."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        lease_seconds: float = 60.0,
+        max_attempts: int = 5,
+        retry_base_seconds: float = 5.0,
+        retry_max_seconds: float = 900.0,
+        jitter: float = 0.1,
+    ) -> None:
+        if lease_seconds <= 0 or max_attempts < 1 or retry_base_seconds < 0 or retry_max_seconds < 0 or jitter < 0:
+            raise ValueError("invalid queue parameters")
+        self.sessions = sessions
+        self.lease_seconds = float(lease_seconds)
+        self.max_attempts = int(max_attempts)
+        self.retry_base_seconds = float(retry_base_seconds)
+        self.retry_max_seconds = float(retry_max_seconds)
+        self.jitter = float(jitter)
+
+    # ---------------------------------------------------------------- helpers
+    @contextmanager
+    def _tx(self, session: Session | None) -> Iterator[Session]:
+        """The caller's session (its transaction, not committed here) or a new committed one."""
+        if session is not None:
+            yield session
+            return
+        with self.sessions.begin() as s:
+            yield s
+
+    @staticmethod
+    def _pg(session: Session) -> bool:
+        return session.get_bind().dialect.name == "postgresql"
+
+    def backoff_seconds(self, attempt: int) -> float:
+        """Delay before retry number ``attempt`` (1-based): base * 2**(attempt-1), jittered, capped."""
+        base = self.retry_base_seconds * (2 ** max(0, attempt - 1))
+        return min(self.retry_max_seconds, base * (1.0 + random.uniform(0.0, self.jitter)))
+
+    # ---------------------------------------------------------------- producer side
+    def enqueue(
+        self,
+        kind: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        priority: int = PRIORITY_ROUTINE,
+        dedupe_key: str | None = None,
+        study_id: int | None = None,
+        series_id: int | None = None,
+        run_after: dt.datetime | None = None,
+        max_attempts: int | None = None,
+        session: Session | None = None,
+    ) -> int:
+        """Add a job and return its id.
+
+        With ``dedupe_key``: if a job with that key is still queued, running or waiting for a
+        retry, its id is returned instead (and its priority raised to ``priority`` if higher).
+        A finished (done/dead) job's key is renamed ``<key>#<id>`` so the new job can take it.
+        Pass ``session`` to enqueue inside the caller's transaction.
+        """
+        if not kind or len(kind) > 32:
+            raise ValueError(f"invalid job kind {kind!r}")
+        if dedupe_key is not None and not 0 < len(dedupe_key) <= 200:
+            raise ValueError("dedupe_key must be 1..200 characters")
+        values = {
+            "kind": kind,
+            "state": QUEUED,
+            "priority": int(priority),
+            "payload": dict(payload or {}),
+            "dedupe_key": dedupe_key,
+            "study_id": study_id,
+            "series_id": series_id,
+            "attempts": 0,
+            "max_attempts": int(max_attempts or self.max_attempts),
+            "run_after": run_after or utcnow(),
+            "created_at": utcnow(),
+        }
+        with self._tx(session) as s:
+            for _ in range(5):
+                if dedupe_key is not None:
+                    existing = self._live_by_key(s, dedupe_key, int(priority))
+                    if existing is not None:
+                        return existing
+                try:
+                    with s.begin_nested():  # a savepoint: a lost insert race does not spoil the transaction
+                        job_id = s.execute(Job.__table__.insert().values(**values).returning(Job.id)).scalar_one()
+                    return int(job_id)
+                except IntegrityError:
+                    if dedupe_key is None:
+                        raise
+                    # Another process inserted the same key between our check and insert: look again.
+            raise RuntimeError(f"could not enqueue job with dedupe key {dedupe_key!r}")
+
+    def _live_by_key(self, s: Session, key: str, priority: int) -> int | None:
+        q = select(Job.id, Job.state, Job.priority).where(Job.dedupe_key == key)
+        if self._pg(s):
+            q = q.with_for_update()
+        row = s.execute(q).first()
+        if row is None:
+            return None
+        job_id, state, prio = row
+        if state in FINAL_STATES:
+            s.execute(update(Job).where(Job.id == job_id).values(dedupe_key=f"{key}#{job_id}"))
+            return None
+        if priority > prio:
+            s.execute(update(Job).where(Job.id == job_id).values(priority=priority))
+        return int(job_id)
+
+    def raise_priority(
+        self,
+        priority: int,
+        *,
+        study_id: int | None = None,
+        series_id: int | None = None,
+        job_ids: Iterable[int] | None = None,
+        kinds: Iterable[str] | None = None,
+        session: Session | None = None,
+    ) -> int:
+        """Raise the priority of unfinished matching jobs to ``priority``; never lowers one.
+
+        At least one of ``study_id``, ``series_id`` or ``job_ids`` is required. Returns how many
+        jobs changed.
+        """
+        conds = [Job.state.in_(LIVE_STATES), Job.priority < int(priority)]
+        if study_id is None and series_id is None and job_ids is None:
+            raise ValueError("raise_priority needs study_id, series_id or job_ids")
+        if study_id is not None:
+            conds.append(Job.study_id == study_id)
+        if series_id is not None:
+            conds.append(Job.series_id == series_id)
+        if job_ids is not None:
+            conds.append(Job.id.in_(list(job_ids)))
+        if kinds is not None:
+            conds.append(Job.kind.in_(list(kinds)))
+        with self._tx(session) as s:
+            return int(s.execute(update(Job).where(*conds).values(priority=int(priority))).rowcount or 0)
+
+    # ---------------------------------------------------------------- worker side
+    def claim(self, worker_id: str, kinds: Iterable[str] | None = None) -> ClaimedJob | None:
+        """Lease the most urgent runnable job to ``worker_id``, or return None."""
+        kinds = list(kinds) if kinds else None
+        with self.sessions.begin() as s:
+            for _ in range(20):  # skips jobs that turn out to be dead on lease expiry
+                now = utcnow()
+                runnable = or_(
+                    and_(Job.state.in_((QUEUED, FAILED)), Job.run_after <= now),
+                    and_(Job.state == RUNNING, Job.lease_expires_at < now),
+                )
+                q = select(Job).where(runnable)
+                if kinds:
+                    q = q.where(Job.kind.in_(kinds))
+                q = q.order_by(Job.priority.desc(), Job.run_after, Job.id).limit(1)
+                if self._pg(s):
+                    q = q.with_for_update(skip_locked=True)
+                job = s.scalars(q).first()
+                if job is None:
+                    return None
+                if job.state == RUNNING and job.attempts >= job.max_attempts:
+                    self._bury(s, job, f"lease of {job.lease_owner} expired on the last attempt ({job.attempts})")
+                    continue
+                expired_from = job.lease_owner if job.state == RUNNING else None
+                job.state = RUNNING
+                job.attempts += 1
+                job.lease_owner = worker_id
+                job.lease_expires_at = now + dt.timedelta(seconds=self.lease_seconds)
+                job.heartbeat_at = now
+                job.started_at = now
+                job.finished_at = None
+                if expired_from:
+                    job.last_error = f"lease of {expired_from} expired; taken over"
+                    log.warning("job lease expired, taken over", job_id=job.id, kind=job.kind, previous=expired_from)
+                return ClaimedJob(
+                    id=job.id,
+                    kind=job.kind,
+                    payload=dict(job.payload or {}),
+                    attempts=job.attempts,
+                    priority=job.priority,
+                    study_id=job.study_id,
+                    series_id=job.series_id,
+                    max_attempts=job.max_attempts,
+                    lease_expires_at=job.lease_expires_at,
+                )
+        return None
+
+    def heartbeat(self, job_id: int, worker_id: str) -> bool:
+        """Extend the lease. False when the lease was lost: stop working on the job."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == worker_id)
+                .values(lease_expires_at=now + dt.timedelta(seconds=self.lease_seconds), heartbeat_at=now)
+            )
+            return res.rowcount == 1
+
+    def complete(self, job_id: int, worker_id: str, *, session: Session | None = None) -> bool:
+        """Mark done. False (nothing changed) when ``worker_id`` no longer holds the lease.
+
+        Pass ``session`` to complete inside the transaction that stores the job's results.
+        """
+        with self._tx(session) as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == worker_id)
+                .values(state=DONE, finished_at=utcnow(), lease_expires_at=None)
+            )
+            return res.rowcount == 1
+
+    def fail(self, job_id: int, worker_id: str, error: str, retry: bool = True) -> bool:
+        """Record a failed attempt: back to ``failed`` with a back-off, or ``dead``.
+
+        ``retry=False`` (a permanent error) or no attempts left sends the job to ``dead``. Writes
+        a ``job_failed`` or ``job_dead`` audit event. False when the lease was lost.
+        """
+        error = (error or "error")[:MAX_ERROR_CHARS]
+        with self.sessions.begin() as s:
+            q = select(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == worker_id)
+            if self._pg(s):
+                q = q.with_for_update()
+            job = s.scalars(q).first()
+            if job is None:
+                return False
+            if retry and job.attempts < job.max_attempts:
+                delay = self.backoff_seconds(job.attempts)
+                job.state = FAILED
+                job.run_after = utcnow() + dt.timedelta(seconds=delay)
+                job.lease_expires_at = None
+                job.last_error = error
+                self._audit(s, job, audit.JOB_FAILED, {"error": error[:500], "retry_in_s": round(delay, 3)})
+                log.info("job failed, will retry", job_id=job.id, kind=job.kind, attempt=job.attempts, delay_s=delay)
+            else:
+                self._bury(s, job, error)
+            return True
+
+    def _bury(self, s: Session, job: Job, error: str) -> None:
+        job.state = DEAD
+        job.finished_at = utcnow()
+        job.lease_expires_at = None
+        job.last_error = error[:MAX_ERROR_CHARS]
+        self._audit(s, job, audit.JOB_DEAD, {"error": error[:500]})
+        log.warning("job dead", job_id=job.id, kind=job.kind, attempts=job.attempts)
+
+    @staticmethod
+    def _audit(s: Session, job: Job, event: str, extra: dict[str, Any]) -> None:
+        study_uid = ""
+        if job.study_id is not None:
+            study_uid = s.scalar(select(Study.study_uid).where(Study.id == job.study_id)) or ""
+        details = {"job_id": job.id, "kind": job.kind, "attempt": job.attempts, "worker": job.lease_owner, **extra}
+        audit.record(s, event, study_uid=study_uid, outcome=audit.FAILURE, details=details)
+
+    def drain(
+        self,
+        worker_id: str,
+        handler: Callable[[ClaimedJob], None],
+        *,
+        kinds: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Claim and run jobs until none is runnable (or ``limit``); return how many ran.
+
+        ``handler`` raising marks the attempt failed (retried with back-off). No heartbeats are
+        sent: use it for jobs much shorter than the lease (tests, benchmarks, ``--once`` runs).
+        """
+        ran = 0
+        while limit is None or ran < limit:
+            job = self.claim(worker_id, kinds)
+            if job is None:
+                break
+            try:
+                handler(job)
+            except Exception as exc:  # noqa: BLE001 - any handler error is a failed attempt
+                self.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}")
+            else:
+                self.complete(job.id, worker_id)
+            ran += 1
+        return ran
+
+    # ---------------------------------------------------------------- operations
+    def retry_dead(self, job_id: int, *, actor: str = "system") -> bool:
+        """Re-queue a dead job with fresh attempts (audit ``job_retried``). False if not dead."""
+        with self.sessions.begin() as s:
+            q = select(Job).where(Job.id == job_id, Job.state == DEAD)
+            if self._pg(s):
+                q = q.with_for_update()
+            job = s.scalars(q).first()
+            if job is None:
+                return False
+            if job.dedupe_key:
+                # Another live job may hold the key meanwhile: then this one gives its key up.
+                other = s.scalar(select(Job.id).where(Job.dedupe_key == job.dedupe_key, Job.id != job.id))
+                if other is not None:
+                    job.dedupe_key = f"{job.dedupe_key}#{job.id}"
+            job.state = QUEUED
+            job.attempts = 0
+            job.run_after = utcnow()
+            job.lease_owner = None
+            job.lease_expires_at = None
+            job.finished_at = None
+            study_uid = s.scalar(select(Study.study_uid).where(Study.id == job.study_id)) if job.study_id else ""
+            audit.record(
+                s, audit.JOB_RETRIED, actor=actor, study_uid=study_uid or "",
+                details={"job_id": job.id, "kind": job.kind, "last_error": (job.last_error or "")[:500]},
+            )
+            return True
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Number of jobs by (kind, state)."""
+        with self.sessions() as s:
+            rows = s.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
+        return {(kind, state): int(n) for kind, state, n in rows}
+
+    def jobs(
+        self,
+        *,
+        state: str | Iterable[str] | None = None,
+        kind: str | None = None,
+        study_id: int | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Jobs for listings (newest first), detached from the session."""
+        q = select(Job)
+        if state is not None:
+            q = q.where(Job.state.in_([state] if isinstance(state, str) else list(state)))
+        if kind is not None:
+            q = q.where(Job.kind == kind)
+        if study_id is not None:
+            q = q.where(Job.study_id == study_id)
+        with self.sessions() as s:
+            rows = list(s.scalars(q.order_by(Job.id.desc()).limit(limit)).all())
+            s.expunge_all()
+        return rows
+
+    def get(self, job_id: int) -> Job | None:
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            if job is not None:
+                s.expunge(job)
+            return job
+
+    def oldest_runnable_age(self) -> float:
+        """Seconds the oldest runnable queued job has waited (0 when none): a backlog gauge."""
+        now = utcnow()
+        with self.sessions() as s:
+            oldest = s.scalar(select(func.min(Job.run_after)).where(Job.state == QUEUED, Job.run_after <= now))
+        return max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
+
+    # ---------------------------------------------------------------- worker registry (table workers)
+    def register_worker(self, worker_id: str, role: str = "worker", meta: dict[str, Any] | None = None) -> None:
+        """Insert or refresh this process in ``workers`` (for the operations page)."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            s.merge(
+                Worker(
+                    id=worker_id, role=role, host=socket.gethostname(), pid=os.getpid(), started_at=now,
+                    heartbeat_at=now, current_job_id=None, meta=dict(meta or {}),
+                )
+            )
+
+    def worker_heartbeat(self, worker_id: str, current_job_id: int | None = None) -> bool:
+        """Refresh the worker's heartbeat; False if it is not registered."""
+        with self.sessions.begin() as s:
+            res = s.execute(
+                update(Worker)
+                .where(Worker.id == worker_id)
+                .values(heartbeat_at=utcnow(), current_job_id=current_job_id)
+            )
+            return res.rowcount == 1
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self.sessions.begin() as s:
+            s.execute(delete(Worker).where(Worker.id == worker_id))
+
+    def list_workers(self, stale_after_seconds: float | None = None) -> list[Worker]:
+        """Registered workers; with ``stale_after_seconds`` only those with a fresh heartbeat."""
+        q = select(Worker).order_by(Worker.role, Worker.id)
+        if stale_after_seconds is not None:
+            q = q.where(Worker.heartbeat_at >= utcnow() - dt.timedelta(seconds=stale_after_seconds))
+        with self.sessions() as s:
+            rows = list(s.scalars(q).all())
+            s.expunge_all()
+        return rows
+
+    def prune_workers(self, stale_after_seconds: float) -> int:
+        """Delete registry rows whose heartbeat is older than ``stale_after_seconds``."""
+        cutoff = utcnow() - dt.timedelta(seconds=stale_after_seconds)
+        with self.sessions.begin() as s:
+            return int(s.execute(delete(Worker).where(Worker.heartbeat_at < cutoff)).rowcount or 0)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def queue_from_settings(settings: Settings) -> tuple[JobQueue, Callable[[], None]]:
+    """A queue on the configured database and a function that closes it."""
+    from storage.db import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.effective_database_url)
+    q = JobQueue(
+        make_sessionmaker(engine),
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+        retry_base_seconds=settings.retry_base_seconds,
+        retry_max_seconds=settings.retry_max_seconds,
+    )
+    return q, engine.dispose
+
+
+def cli_status(args: argparse.Namespace, settings: Settings) -> int:
+    """``triage queue status``: jobs by kind and state, and the dead jobs."""
+    q, close = queue_from_settings(settings)
+    try:
+        counts = q.counts()
+        dead = q.jobs(state=DEAD, limit=20)
+    finally:
+        close()
+    kinds = sorted({k for k, _ in counts})
+    print(f"{'kind':<12}" + "".join(f"{st:>9}" for st in STATES))
+    for kind in kinds:
+        print(f"{kind:<12}" + "".join(f"{counts.get((kind, st), 0):>9}" for st in STATES))
+    if not kinds:
+        print("(no jobs)")
+    if dead:
+        print("\ndead jobs (retry with: triage queue retry <id>):")
+        for job in dead:
+            err = (job.last_error or "").splitlines()[0][:100] if job.last_error else ""
+            print(f"  {job.id:>8}  {job.kind:<10} attempts={job.attempts}  {err}")
+    return 0
+
+
+def cli_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """``triage queue retry <id>``: re-queue a dead job; exit 1 if it is not dead."""
+    q, close = queue_from_settings(settings)
+    try:
+        ok = q.retry_dead(int(args.job_id), actor=f"cli:{os.environ.get('USER', 'unknown')}")
+        job = q.get(int(args.job_id))
+    finally:
+        close()
+    if ok:
+        print(f"job {args.job_id} re-queued")
+        return 0
+    state = job.state if job is not None else "not found"
+    print(f"job {args.job_id} not re-queued: {state}")
+    return 1
