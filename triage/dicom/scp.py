@@ -1,0 +1,401 @@
+"""The DICOM receiver: Verification and Storage SCP (pynetdicom).
+
+An instance is acknowledged with 0x0000 only after its encoded bytes are durably in the file
+store (atomic write, fsync) *and* its rows (study, series, instance, audit ``received``) are
+committed. Pixel data is never decoded here: the header is parsed up to the pixel data element
+(:mod:`triage.dicom.header`) and the bytes received are written as they came.
+
+Failure statuses: 0xA700 file store below its free-space floor; 0xC210 unparseable dataset;
+0xC211 truncated pixel data; 0xC212 image without pixel data; 0xC213 missing/invalid UIDs;
+0x0110 internal error (database). Every rejection is audited and the node keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from storage import audit
+from storage.filestore import DiskFullError, StorePathError
+from storage.models import Instance, Series, Study, utcnow
+from triage.context import AppContext
+from triage.dicom.header import Header, HeaderError, parse_encoded
+from triage.logging import get_logger
+
+log = get_logger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_UID_MISMATCH = 0xC213
+
+NATIVE_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+COMPRESSED_SYNTAXES = [
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+]
+
+
+def decodable_syntaxes() -> list[str]:
+    """Native syntaxes plus every compressed one a pydicom decoder plugin is installed for."""
+    out = list(NATIVE_SYNTAXES)
+    for uid in COMPRESSED_SYNTAXES:
+        try:
+            if get_decoder(uid).is_available:
+                out.append(uid)
+        except (NotImplementedError, ValueError):
+            continue
+    return out
+
+
+def set_nodelay(sock: Any) -> None:
+    """Disable Nagle's algorithm (each C-STORE would otherwise stall on delayed ACKs)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def make_server_ssl_context(settings: Any) -> ssl.SSLContext | None:
+    """TLS for the SCP when ``tls_cert``/``tls_key`` are set (client certificates optional)."""
+    if not settings.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    if settings.tls_ca:
+        context.load_verify_locations(cafile=settings.tls_ca)
+    context.verify_mode = ssl.CERT_REQUIRED if settings.tls_verify_client else ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class StoreOutcome:
+    status: int
+    reason: str = ""
+    duplicate: bool = False
+
+
+class _NodeACSE(ACSE):
+    """ACSE that applies the node's access rules before the usual negotiation.
+
+    pynetdicom only knows lists of AE titles; we also check the peer address (host/CIDR) and
+    write an ``association_rejected`` audit event for every A-ASSOCIATE-RJ we send.
+    """
+
+    node: DicomNode
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = self.requestor.primitive
+        calling = (rq.calling_ae_title or "").strip()
+        called = (rq.called_ae_title or "").strip()
+        address = self.requestor.address
+        reason = self.node.check_peer(calling, called, address)
+        if reason is None:
+            super()._negotiate_as_acceptor()
+            return
+        result, source, diag = (0x01, 0x01, 0x07) if reason.startswith("called") else (0x01, 0x01, 0x03)
+        log.warning("association rejected", calling_aet=calling, called_aet=called, peer=address, reason=reason)
+        self.node.audit_rejection(calling, called, address, reason)
+        self.requestor.ae_title = calling
+        self.send_reject(result, source, diag)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+
+class DicomNode:
+    """The receiving DICOM node of one process. ``start()`` returns at once; ``stop()`` closes."""
+
+    def __init__(self, ctx: AppContext, *, port: int | None = None, host: str | None = None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self._port = self.settings.dicom_port if port is None else port
+        self._host = self.settings.dicom_host if host is None else host
+        self._server: Any = None
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    # ------------------------------------------------------------------ set-up
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.require_called_aet = False  # checked in _NodeACSE (with an audit event)
+        ae.require_calling_aet = []
+        syntaxes = decodable_syntaxes()
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        # Every storage class is accepted (non-CT objects are recorded, not processed) in the
+        # syntaxes we can decode, so whatever is stored can later be read.
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        self.transfer_syntaxes = syntaxes
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port=0``)."""
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        return self._port
+
+    def start(self) -> None:
+        s = self.settings
+        if not s.allowed_aets:
+            log.warning("no allowed_aets configured: associations from ANY calling AE title are accepted")
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self.ae.start_server(
+            (self._host, self._port), block=False, evt_handlers=handlers, ssl_context=make_server_ssl_context(s)
+        )
+        set_nodelay(self._server.socket)
+        log.info("dicom node listening", ae_title=s.ae_title, host=self._host, port=self.port,
+                 tls=bool(s.tls_cert), syntaxes=len(self.transfer_syntaxes))
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()
+
+    def __enter__(self) -> DicomNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ access control
+    def check_peer(self, calling: str, called: str, address: str | None) -> str | None:
+        """``None`` when the association may proceed, else the reason to reject it."""
+        s = self.settings
+        if s.check_called_aet and called != s.ae_title:
+            return f"called AE title {called!r} is not {s.ae_title!r}"
+        if s.allowed_aets and not any(p.matches(calling, address) for p in s.allowed_aets):
+            return f"calling AE title {calling!r} from {address} is not in allowed_aets"
+        return None
+
+    def audit_rejection(self, calling: str, called: str, address: str | None, reason: str) -> None:
+        try:
+            with self.ctx.sessions.begin() as session:
+                audit.record(session, audit.ASSOCIATION_REJECTED, actor=calling or "?", outcome=audit.FAILURE,
+                             details={"calling_aet": calling, "called_aet": called, "peer": address,
+                                      "reason": reason})
+        except Exception:  # the rejection itself must still happen
+            log.exception("could not audit association rejection")
+
+    # ------------------------------------------------------------------ handlers
+    def _on_conn_open(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        if assoc.is_acceptor:
+            acse = _NodeACSE(assoc)
+            acse.node = self
+            assoc.acse = acse
+        with_socket = getattr(assoc.dul, "socket", None)
+        set_nodelay(getattr(with_socket, "socket", None))
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        calling = (event.assoc.requestor.ae_title or "").strip()
+        address = event.assoc.requestor.address
+        try:
+            outcome = self.store(
+                event.encoded_dataset(include_meta=False),
+                str(event.context.transfer_syntax),
+                file_meta_bytes=lambda: event.encoded_dataset(include_meta=True),
+                calling_aet=calling,
+                peer=address,
+                request_sop_uid=str(event.request.AffectedSOPInstanceUID or ""),
+                request_sop_class=str(event.request.AffectedSOPClassUID or ""),
+            )
+        except Exception as exc:  # never let a handler exception kill the association silently
+            log.exception("store failed", calling_aet=calling)
+            self._audit_reject(calling, address, str(event.request.AffectedSOPInstanceUID or ""), "", "",
+                               STATUS_PROCESSING_FAILURE, f"internal error: {exc}")
+            return STATUS_PROCESSING_FAILURE
+        return outcome.status
+
+    # ------------------------------------------------------------------ the store operation
+    def store(
+        self,
+        dataset_bytes: bytes,
+        transfer_syntax: str,
+        *,
+        file_meta_bytes: Any,
+        calling_aet: str,
+        peer: str | None,
+        request_sop_uid: str = "",
+        request_sop_class: str = "",
+    ) -> StoreOutcome:
+        """Validate, write and record one instance; return the status to send back."""
+        try:
+            header = parse_encoded(dataset_bytes, transfer_syntax)
+        except HeaderError as exc:
+            self._audit_reject(calling_aet, peer, request_sop_uid, "", "", exc.status, str(exc),
+                               sop_class=request_sop_class)
+            log.warning("instance rejected", status=hex(exc.status), reason=str(exc), calling_aet=calling_aet)
+            return StoreOutcome(exc.status, str(exc))
+        if request_sop_uid and header.sop_instance_uid != request_sop_uid:
+            reason = "SOP Instance UID in the dataset differs from the C-STORE request"
+            self._audit_reject(calling_aet, peer, request_sop_uid, header.study_uid, header.series_uid,
+                               STATUS_UID_MISMATCH, reason, sop_class=request_sop_class)
+            return StoreOutcome(STATUS_UID_MISMATCH, reason)
+        try:
+            rel = self.ctx.store.instance_rel(header.study_uid, header.series_uid, header.sop_instance_uid)
+        except StorePathError as exc:
+            self._audit_reject(calling_aet, peer, request_sop_uid, header.study_uid, header.series_uid,
+                               STATUS_UID_MISMATCH, str(exc), sop_class=request_sop_class)
+            return StoreOutcome(STATUS_UID_MISMATCH, str(exc))
+
+        if self._known(header.sop_instance_uid):
+            log.info("duplicate instance ignored", sop_uid=header.sop_instance_uid)
+            return StoreOutcome(STATUS_SUCCESS, "duplicate", duplicate=True)
+
+        data: bytes = file_meta_bytes()
+        try:
+            size = self.ctx.store.write_atomic(rel, data)
+        except DiskFullError as exc:
+            self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
+                               STATUS_OUT_OF_RESOURCES, str(exc), event=audit.DISK_FULL,
+                               sop_class=header.sop_class_uid, accession=header.study.get("accession", ""))
+            log.error("file store below floor: instance refused", free_bytes=self.ctx.store.free_bytes())
+            return StoreOutcome(STATUS_OUT_OF_RESOURCES, str(exc))
+        except OSError as exc:
+            self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
+                               STATUS_OUT_OF_RESOURCES, f"write failed: {exc}", sop_class=header.sop_class_uid)
+            return StoreOutcome(STATUS_OUT_OF_RESOURCES, str(exc))
+
+        for attempt in range(5):
+            try:
+                duplicate = self._record(header, rel, size, transfer_syntax, calling_aet, peer, data)
+                return StoreOutcome(STATUS_SUCCESS, "duplicate" if duplicate else "", duplicate=duplicate)
+            except IntegrityError:
+                # A concurrent receiver created the same study/series/instance: look again.
+                continue
+            except OperationalError as exc:
+                if attempt < 4:
+                    continue
+                self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
+                                   STATUS_PROCESSING_FAILURE, f"database error: {exc.orig}",
+                                   sop_class=header.sop_class_uid)
+                return StoreOutcome(STATUS_PROCESSING_FAILURE, "database error")
+        return StoreOutcome(STATUS_PROCESSING_FAILURE, "could not record the instance")
+
+    def _known(self, sop_uid: str) -> bool:
+        with self.ctx.sessions() as session:
+            return session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)) is not None
+
+    def _record(self, h: Header, rel: str, size: int, ts: str, calling: str, peer: str | None, data: bytes) -> bool:
+        """Insert/refresh the rows of one instance in one transaction. True if it was a duplicate."""
+        digest = hashlib.sha256(data).hexdigest()
+        now = utcnow()
+        with self.ctx.sessions.begin() as s:
+            if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == h.sop_instance_uid)) is not None:
+                return True
+            study = s.scalar(select(Study).where(Study.study_uid == h.study_uid))
+            if study is None:
+                study = Study(**h.study, status="receiving", first_received_at=now, last_received_at=now)
+                s.add(study)
+                s.flush()
+            else:
+                study.last_received_at = now
+                for key in ("accession", "patient_id", "patient_name", "study_description"):
+                    if not getattr(study, key) and h.study.get(key):
+                        setattr(study, key, h.study[key])
+            series = self._lock_series(s, h.series_uid)
+            if series is None:
+                series = Series(study_id=study.id, **h.series, state="receiving", first_received_at=now,
+                                last_received_at=now, instance_count=0, generation=0, meta={})
+                s.add(series)
+                s.flush()
+            elif series.state != "receiving":
+                self._reopen(s, series, h)
+            if study.status != "receiving":
+                study.status = "receiving"
+                study.status_reason = ""
+            s.add(Instance(
+                series_id=series.id, sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
+                instance_number=h.instance_number, transfer_syntax=ts, path=rel, size=size, sha256=digest,
+                calling_aet=calling[:16], received_at=now, meta=h.meta,
+            ))
+            s.execute(update(Series).where(Series.id == series.id).values(
+                instance_count=Series.instance_count + 1, last_received_at=now))
+            s.flush()
+            audit.record(s, audit.RECEIVED, actor=calling or "?", study_uid=h.study_uid, series_uid=h.series_uid,
+                         accession=h.study.get("accession", ""),
+                         details={"sop_instance_uid": h.sop_instance_uid, "sop_class_uid": h.sop_class_uid,
+                                  "transfer_syntax": ts, "size": size, "peer": peer,
+                                  "generation": series.generation})
+        return False
+
+    @staticmethod
+    def _lock_series(s: Session, series_uid: str) -> Series | None:
+        """The series row, locked on PostgreSQL so a concurrent completion waits for us (and we
+        see its state if it won)."""
+        q = select(Series).where(Series.series_uid == series_uid)
+        if s.get_bind().dialect.name == "postgresql":
+            q = q.with_for_update()
+        return s.scalar(q)
+
+    @staticmethod
+    def _reopen(s: Session, series: Series, h: Header) -> None:
+        old_state, old_gen = series.state, series.generation
+        res = s.execute(
+            update(Series)
+            .where(Series.id == series.id, Series.state == old_state, Series.generation == old_gen)
+            .values(state="receiving", generation=old_gen + 1, completed_at=None, skip_reason="")
+        )
+        s.refresh(series)
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            audit.record(s, audit.SERIES_REOPENED, study_uid=h.study_uid, series_uid=h.series_uid,
+                         accession=h.study.get("accession", ""),
+                         details={"previous_state": old_state, "generation": old_gen + 1,
+                                  "sop_instance_uid": h.sop_instance_uid})
+            log.info("series reopened", series_uid=h.series_uid, previous_state=old_state, generation=old_gen + 1)
+
+    def _audit_reject(self, calling: str, peer: str | None, sop_uid: str, study_uid: str, series_uid: str,
+                      status: int, reason: str, *, event: str = audit.REJECTED, sop_class: str = "",
+                      accession: str = "") -> None:
+        try:
+            with self.ctx.sessions.begin() as s:
+                audit.record(s, event, actor=calling or "?", study_uid=study_uid, series_uid=series_uid,
+                             accession=accession, outcome=audit.FAILURE,
+                             details={"sop_instance_uid": sop_uid, "sop_class_uid": sop_class,
+                                      "status": f"0x{status:04X}", "reason": reason[:1000], "peer": peer})
+        except Exception:
+            log.exception("could not audit rejected instance")
