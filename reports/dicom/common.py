@@ -1,0 +1,117 @@
+"""Shared helpers for the result objects: identity of the producer, Patient/Study copying, flags."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import metadata
+
+from pydicom.dataset import Dataset
+
+from triage.labels import SHORT, SUBTYPES
+from triage.models.types import BundleIdentity, Prediction
+
+MANUFACTURER = "ICH-Triage open source"
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
+
+# Series numbers of our derived series (fixed, so re-runs look the same at the PACS).
+SERIES_NUMBER = {"seg": 9901, "sr": 9902, "sc": 9903}
+
+# Every attribute of the Patient IE (Patient, Clinical Trial Subject modules) and the Study IE
+# (General Study, Patient Study, Clinical Trial Study modules), PS3.3 C.7.1.1 / C.7.2.1-3.
+PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
+    # Patient module
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthDate", "PatientBirthTime", "PatientBirthDateInAlternativeCalendar",
+    "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar", "PatientSex", "QualityControlSubject", "ReferencedPatientSequence",
+    "ReferencedPatientPhotoSequence", "OtherPatientIDsSequence", "OtherPatientNames", "EthnicGroup",
+    "EthnicGroupCodeSequence", "PatientComments", "PatientSpeciesDescription", "PatientSpeciesCodeSequence",
+    "PatientBreedDescription", "PatientBreedCodeSequence", "BreedRegistrationSequence", "StrainDescription",
+    "StrainNomenclature", "StrainStockSequence", "StrainAdditionalInformation", "StrainCodeSequence",
+    "GeneticModificationsSequence", "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "SourcePatientGroupIdentificationSequence", "GroupOfPatientsIdentificationSequence",
+    # Clinical Trial Subject module
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+    # General Study module
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "ConsultingPhysicianIdentificationSequence", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "StudyDescription", "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "RequestingServiceCodeSequence", "ReferencedStudySequence",
+    "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study module
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize", "PatientWeight",
+    "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension", "PatientSizeCodeSequence",
+    "MedicalAlerts", "Allergies", "SmokingStatus", "PregnancyStatus", "LastMenstrualDate", "PatientState",
+    "Occupation", "AdditionalPatientHistory", "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID",
+    "IssuerOfServiceEpisodeIDSequence", "ServiceEpisodeDescription", "PatientSexNeutered", "ReasonForVisit",
+    "ReasonForVisitCodeSequence",
+    # Clinical Trial Study module
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "ConsentForClinicalTrialUseSequence",
+)  # fmt: skip
+
+
+def copy_patient_study(source: Dataset, target: Dataset) -> None:
+    """Copy every Patient and Study IE attribute present in ``source`` onto ``target``.
+
+    Viewers file a derived object with its study only when these match the source exactly;
+    validators (dcentvfy) compare them across objects too.
+    """
+    if "SpecificCharacterSet" in source:
+        target.SpecificCharacterSet = source.SpecificCharacterSet
+    for kw in PATIENT_STUDY_KEYWORDS:
+        if kw in source:
+            target[kw] = source[kw]  # same DataElement (tag, VR, value)
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    ):  # Type 2: present, maybe empty
+        if kw not in target:
+            setattr(target, kw, None)
+
+
+def findings_short(prediction: Prediction) -> list[str]:
+    """Short names of the subtypes called present, in label order (e.g. ``["IPH", "IVH"]``)."""
+    return [SHORT[s] for s in SUBTYPES if prediction.present.get(s, False)]
+
+
+def flag_text(prediction: Prediction) -> str:
+    return "POSITIVE" if prediction.positive else "NEGATIVE"
+
+
+def series_description(kind: str, prediction: Prediction) -> str:
+    """E.g. ``ICH AI SR: POSITIVE - NOT FOR DIAGNOSTIC USE`` (LO, at most 64 characters, ASCII)."""
+    text = f"ICH AI {kind.upper()}: {flag_text(prediction)} - {NOT_FOR_DIAGNOSIS}"
+    return text[:64]
+
+
+def software_versions(identity: BundleIdentity) -> str:
+    """SoftwareVersions: the bundle and the node version in one LO value."""
+    try:
+        node = metadata.version("ich-triage")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        node = "0"
+    return f"{identity.name} {identity.version} / ich-triage {node}"[:64]
+
+
+def check_sources(sources: Sequence[Dataset], n_slices: int | None = None) -> None:
+    """Raise ``ValueError`` with a clear message when the source headers cannot be used."""
+    if not sources:
+        raise ValueError("no source instances given")
+    if n_slices is not None and len(sources) != n_slices:
+        raise ValueError(f"{len(sources)} source instances but the volume has {n_slices} slices")
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in sources}
+    if len(series) != 1 or "" in series:
+        raise ValueError("source instances must all belong to one series with a SeriesInstanceUID")
+    studies = {str(ds.get("StudyInstanceUID", "")) for ds in sources}
+    if len(studies) != 1 or "" in studies:
+        raise ValueError("source instances must all belong to one study with a StudyInstanceUID")
