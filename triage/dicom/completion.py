@@ -1,0 +1,213 @@
+"""Series completion: when has a series arrived in full, and what happens then.
+
+C-STORE carries no end-of-series marker, so a series in state ``receiving`` is taken as complete
+after ``stable_seconds`` without a new instance. With ``early_complete`` it completes sooner
+when that is safe: the slices form a gap-free, uniformly spaced stack *and* their number equals
+ImagesInAcquisition recorded on every slice. (Instance numbers alone are not trusted: a sender
+that sends in order looks complete after any prefix.)
+
+On completion the selection rules (:mod:`triage.dicom.selection`) decide: ``selected`` plus an
+``infer`` job, or ``skipped`` with the reason. Every transition is claimed with a conditional
+UPDATE (``WHERE state='receiving' AND generation=.. AND instance_count=..``), so several
+receiver processes sharing one PostgreSQL database never complete a series twice, and an
+instance that arrived meanwhile (the receiver locks the series row) keeps the series open.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from storage import audit
+from storage.models import Instance, Series, Study, utcnow
+from triage.config import Settings
+from triage.context import AppContext
+from triage.dicom.header import CT_CLASSES, normal_of
+from triage.dicom.selection import is_stat, select_series, slice_positions
+from triage.logging import get_logger
+
+log = get_logger(__name__)
+
+PRIORITY_ROUTINE, PRIORITY_STAT = 0, 10
+UNIFORM_TOLERANCE = 0.05  # relative deviation of gaps allowed for early completion
+
+# Study status from its series' states, most urgent first.
+_STUDY_STATUS_ORDER = (
+    ("receiving", ("receiving", "complete")),
+    ("processing", ("processing",)),
+    ("queued", ("selected",)),
+    ("failed", ("failed",)),
+    ("done", ("done",)),
+)
+
+
+def stack_is_complete(metas: Sequence[dict[str, Any]], sop_classes: Sequence[str]) -> bool:
+    """Conservative early-completion test (see the module docstring)."""
+    images = [m for m, c in zip(metas, sop_classes, strict=True) if c in CT_CLASSES]
+    if len(images) < 2 or len(images) != len(metas):
+        return False
+    if any(int(m.get("frames") or 1) != 1 for m in images):
+        return False
+    hints = {m.get("images_in_acquisition") for m in images}
+    acquisitions = {m.get("acquisition_number") for m in images}
+    if len(hints) != 1 or len(acquisitions) != 1:
+        return False
+    hint = hints.pop()
+    if not hint or hint != len(images):
+        return False
+    iops = {tuple(round(v, 4) for v in (m.get("iop") or ())) for m in images}
+    if len(iops) != 1 or any(not m.get("ipp") for m in images):
+        return False
+    try:
+        normal = normal_of(list(iops.pop()))
+    except ValueError:
+        return False
+    gaps = np.diff(sorted(slice_positions(images, normal)))
+    if gaps.size == 0 or float(gaps.min()) <= 0.01:
+        return False
+    median = float(np.median(gaps))
+    return float(np.max(np.abs(gaps - median))) <= UNIFORM_TOLERANCE * median
+
+
+def refresh_study_status(session: Session, study: Study) -> None:
+    """Summarise the study's series states into ``Study.status`` (and the skip reasons)."""
+    rows = session.execute(select(Series.state, Series.skip_reason, Series.description)
+                           .where(Series.study_id == study.id)).all()
+    states = {r.state for r in rows}
+    for status, members in _STUDY_STATUS_ORDER:
+        if states & set(members):
+            study.status = status
+            if status != "failed":
+                study.status_reason = ""
+            return
+    if states == {"skipped"}:
+        study.status = "skipped"
+        study.status_reason = "; ".join(
+            f"{r.description or 'series'}: {r.skip_reason}" for r in rows)[:4000]
+
+
+@dataclass
+class Completion:
+    """What one tick did to one series (for logs and tests)."""
+
+    series_id: int
+    series_uid: str
+    generation: int
+    selected: bool
+    reason: str
+    early: bool
+    job_id: int | None = None
+
+
+class SeriesMonitor:
+    """Completes quiet (or provably complete) series. Call :meth:`tick` periodically."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.settings: Settings = ctx.settings
+        self._early_cache: dict[int, tuple[int, int, bool]] = {}  # series id -> (gen, count, verdict)
+
+    def tick(self, now: dt.datetime | None = None) -> list[Completion]:
+        """Complete every series that is ready; returns what was done."""
+        now = now or utcnow()
+        cutoff = now - dt.timedelta(seconds=self.settings.stable_seconds)
+        with self.ctx.sessions() as s:
+            rows = s.execute(
+                select(Series.id, Series.generation, Series.instance_count, Series.last_received_at)
+                .where(Series.state == "receiving")
+            ).all()
+        done: list[Completion] = []
+        live = set()
+        for series_id, generation, count, last in rows:
+            live.add(series_id)
+            quiet = last <= cutoff
+            early = False
+            if not quiet:
+                if not self.settings.early_complete:
+                    continue
+                early = self._early(series_id, generation, count)
+                if not early:
+                    continue
+            try:
+                result = self._complete(series_id, generation, count, early)
+            except Exception:
+                log.exception("series completion failed", series_id=series_id)
+                continue
+            if result is not None:
+                done.append(result)
+        for stale in set(self._early_cache) - live:
+            self._early_cache.pop(stale, None)
+        return done
+
+    def _early(self, series_id: int, generation: int, count: int) -> bool:
+        cached = self._early_cache.get(series_id)
+        if cached and cached[:2] == (generation, count):
+            return cached[2]
+        with self.ctx.sessions() as s:
+            inst = s.execute(select(Instance.meta, Instance.sop_class_uid)
+                             .where(Instance.series_id == series_id)).all()
+        verdict = len(inst) == count and stack_is_complete([i.meta for i in inst], [i.sop_class_uid for i in inst])
+        self._early_cache[series_id] = (generation, count, verdict)
+        return verdict
+
+    def _complete(self, series_id: int, generation: int, count: int, early: bool) -> Completion | None:
+        s_ = self.settings
+        with self.ctx.sessions.begin() as s:
+            claimed = s.execute(
+                update(Series)
+                .where(Series.id == series_id, Series.state == "receiving", Series.generation == generation,
+                       Series.instance_count == count)
+                .values(state="complete", completed_at=utcnow())
+            ).rowcount
+            if claimed != 1:
+                return None  # another monitor got it, or a new instance arrived: look again next tick
+            series = s.get(Series, series_id)
+            assert series is not None
+            study = s.get(Study, series.study_id)
+            assert study is not None
+            inst = s.execute(select(Instance.meta, Instance.sop_class_uid)
+                             .where(Instance.series_id == series_id).order_by(Instance.id)).all()
+            metas = [i.meta for i in inst]
+            classes = [i.sop_class_uid for i in inst]
+            result = select_series(s_, metas, classes)
+            series.meta = {**(series.meta or {}), "selection": result.meta, "completed_early": early,
+                           "selection_note": result.reason if result.ok else ""}
+            common = {"study_uid": study.study_uid, "series_uid": series.series_uid, "accession": study.accession}
+            audit.record(s, audit.SERIES_COMPLETE, **common,
+                         details={"instances": len(inst), "generation": generation, "early": early,
+                                  "series_id": series_id})
+            job_id = None
+            if result.ok:
+                stat_kw = is_stat(s_, metas)
+                priority = PRIORITY_STAT if stat_kw else PRIORITY_ROUTINE
+                series.state = "selected"
+                series.skip_reason = ""
+                if stat_kw:
+                    study.stat = True
+                    study.priority = max(study.priority or 0, PRIORITY_STAT)
+                job_id = self.ctx.queue.enqueue(
+                    "infer", {"series_id": series_id, "generation": generation}, priority=priority,
+                    dedupe_key=f"infer:{series.series_uid}:{generation}", study_id=study.id, series_id=series_id,
+                    session=s,
+                )
+                audit.record(s, audit.QUEUED, **common,
+                             details={"job_id": job_id, "kind": "infer", "priority": priority,
+                                      "generation": generation, "stat_keyword": stat_kw, "note": result.reason,
+                                      "tilt_deg": result.meta.get("tilt_deg"),
+                                      "spacing_mm": result.meta.get("spacing_mm")})
+                log.info("series selected", series_uid=series.series_uid, job_id=job_id, priority=priority,
+                         early=early, note=result.reason)
+            else:
+                series.state = "skipped"
+                series.skip_reason = result.reason
+                audit.record(s, audit.SKIPPED, **common,
+                             details={"reason": result.reason, "generation": generation, "instances": len(inst)})
+                log.info("series skipped", series_uid=series.series_uid, reason=result.reason)
+            refresh_study_status(s, study)
+            return Completion(series_id, series.series_uid, generation, result.ok, result.reason, early, job_id)
