@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def alembic_config(url: str) -> Config:
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "alembic"))
+    cfg.set_main_option("path_separator", "os")
     cfg.attributes["url"] = normalise_url(url)
     return cfg
 
