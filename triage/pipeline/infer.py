@@ -1,0 +1,241 @@
+"""The ``infer`` job: one selected series generation → findings, result objects, deliveries.
+
+Steps: assemble the volume from the stored instances, run the model bundle, write the DICOM
+result objects (SEG, SR, SC) and PNG previews to the file store, record the result and findings,
+supersede older results of the series, flag the study (never lowering its priority) and queue
+one ``deliver`` job per object and destination plus ``notify`` jobs for positive exams.
+
+Result object UIDs are deterministic (source series + bundle), so a retry after a crash
+rewrites the same files and rows and the PACS never receives duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from sqlalchemy import select, update
+
+from storage import audit
+from storage.models import Finding, Instance, ModelVersion, Result, ResultObject, Series, Study, utcnow
+from triage.context import AppContext
+from triage.labels import LABELS, SUBTYPES
+from triage.logging import get_logger
+from triage.models.types import Prediction
+
+log = get_logger(__name__)
+
+PRIORITY_POSITIVE = 20
+IMAGE_STORAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+}
+
+
+class StaleJob(Exception):
+    """The series was reopened after this job was queued; a newer job covers it."""
+
+
+@dataclass
+class InferOutcome:
+    result_id: int
+    positive: bool
+    objects: list[int]
+    timings: dict[str, float]
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _record_model(session: Any, bundle: Any) -> int:
+    ident = bundle.identity
+    mv = session.scalar(select(ModelVersion).where(ModelVersion.sha256 == ident.sha256))
+    if mv is None:
+        mv = ModelVersion(name=ident.name, version=ident.version, sha256=ident.sha256,
+                          manifest=dict(getattr(bundle, "manifest", {}) or {}))
+        session.add(mv)
+        session.flush()
+    return mv.id
+
+
+def _png(rgb: Any) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG", optimize=False)
+    return out.getvalue()
+
+
+def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
+    """Handle one ``infer`` job (payload ``{"series_id", "generation"}``)."""
+    from reports.dicom.sc import build_sc, render_key_images
+    from reports.dicom.seg import build_seg
+    from reports.dicom.sr import build_sr
+    from triage.dicom.assembly import load_volume
+
+    series_id = int(job.payload["series_id"])
+    generation = int(job.payload.get("generation", 0))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    # 1. Mark processing and collect the image instances of this generation.
+    with ctx.sessions.begin() as s:
+        series = s.get(Series, series_id)
+        if series is None:
+            raise StaleJob(f"series {series_id} no longer exists")
+        if series.generation != generation:
+            raise StaleJob(f"series {series.series_uid} is at generation {series.generation}, job is {generation}")
+        study = series.study
+        series.state = "processing"
+        study.status = "processing"
+        rows = s.execute(
+            select(Instance.path, Instance.sop_class_uid).where(Instance.series_id == series_id)
+        ).all()
+        paths = [ctx.store.path(r.path) for r in rows if r.sop_class_uid in IMAGE_STORAGE_CLASSES]
+        study_uid, series_uid, accession = study.study_uid, series.series_uid, study.accession
+        study_id = study.id
+        audit.record(s, "processing", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+                     accession=accession, details={"job_id": job.id, "generation": generation})
+
+    # 2. Volume and model.
+    volume, headers = load_volume(paths)
+    timings["read"] = time.perf_counter() - t0
+    prediction: Prediction = bundle.predict(volume)
+    timings.update({k: float(v) for k, v in prediction.timings.items()})
+
+    # 3. Result objects and previews (files first: atomic, same names on a retry).
+    t1 = time.perf_counter()
+    ident = bundle.identity
+    objects: list[tuple[str, Dataset]] = []
+    seg = build_seg(headers, prediction, ident)
+    if seg is not None:
+        objects.append(("seg", seg))
+    objects.append(("sr", build_sr(headers, prediction, ident, seg=seg)))
+    objects.extend(("sc", sc) for sc in build_sc(headers, volume, prediction, ident))
+    written: list[tuple[str, Dataset, str, int]] = []
+    for kind, ds in objects:
+        data = _encode(ds)
+        rel = ctx.store.result_rel(study_uid, series_uid, f"{kind}-{ds.SOPInstanceUID}.dcm")
+        ctx.store.write_atomic(rel, data)
+        written.append((kind, ds, rel, len(data)))
+    previews = []
+    for k in render_key_images(volume, prediction):
+        base = f"preview-g{generation}-{k.label}-{k.slice_index}"
+        plain = ctx.store.result_rel(study_uid, series_uid, f"{base}-plain.png")
+        overlay = ctx.store.result_rel(study_uid, series_uid, f"{base}-overlay.png")
+        ctx.store.write_atomic(plain, _png(k.plain_rgb))
+        ctx.store.write_atomic(overlay, _png(k.overlay_rgb))
+        previews.append({"label": k.label, "slice": int(k.slice_index), "plain": plain, "overlay": overlay})
+    timings["objects"] = time.perf_counter() - t1
+
+    # 4. One transaction: result, findings, objects, supersede, flag, deliveries, audit.
+    positive = prediction.positive
+    priority = PRIORITY_POSITIVE if positive else 0
+    with ctx.sessions.begin() as s:
+        series = s.get(Series, series_id)
+        if series is None or series.generation != generation:
+            raise StaleJob(f"series {series_uid} changed while inferring")
+        study = s.get(Study, study_id)
+        mv_id = _record_model(s, bundle)
+        s.execute(update(Result).where(Result.series_id == series_id).values(superseded=True))
+        timings["total"] = time.perf_counter() - t0
+        result = Result(
+            study_id=study_id, series_id=series_id, job_id=job.id, model_version_id=mv_id, generation=generation,
+            positive=positive, total_volume_ml=float(prediction.volumes_ml.get("any", 0.0)),
+            abc2_ml=float(prediction.abc2_ml.get("any", 0.0)), key_slices=prediction.key_slices,
+            timings=timings, device=prediction.device,
+            summary={
+                "previews": previews,
+                "bundle": {"name": ident.name, "version": ident.version, "sha256": ident.sha256},
+                "exam_probs": prediction.exam_probs,
+                "volume": {"shape": list(volume.shape), "tilt_deg": volume.tilt_deg,
+                           "slice_spacing": volume.slice_spacing, "pixel_spacing": list(volume.pixel_spacing)},
+            },
+        )
+        s.add(result)
+        s.flush()
+        for label in LABELS:
+            ks = prediction.key_slices.get(label) or []
+            s.add(Finding(
+                result_id=result.id, label=label, probability=float(prediction.exam_probs[label]),
+                threshold=float(prediction.thresholds[label]), present=bool(prediction.present[label]),
+                volume_ml=float(prediction.volumes_ml.get(label, 0.0)),
+                abc2_ml=float(prediction.abc2_ml.get(label, 0.0)), key_slice=int(ks[0]) if ks else None,
+            ))
+        object_ids: list[int] = []
+        for kind, ds, rel, size in written:
+            existing = s.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == ds.SOPInstanceUID))
+            if existing is not None:  # a retry of the same job: the same object, now for this result
+                existing.result_id, existing.path, existing.size = result.id, rel, size
+                obj = existing
+            else:
+                obj = ResultObject(result_id=result.id, kind=kind, sop_class_uid=ds.SOPClassUID,
+                                   sop_instance_uid=ds.SOPInstanceUID, series_uid=ds.SeriesInstanceUID,
+                                   path=rel, size=size)
+                s.add(obj)
+            s.flush()
+            object_ids.append(obj.id)
+        series.state = "done"
+        study.result_at = utcnow()
+        study.status = "done"
+        study.status_reason = ""
+        if positive:
+            study.flagged = True
+        study.priority = max(study.priority or 0, priority)  # never lowered
+        details = {
+            "job_id": job.id, "result_id": result.id, "positive": positive, "generation": generation,
+            "bundle": str(ident), "device": prediction.device,
+            "probabilities": {k: round(float(v), 4) for k, v in prediction.exam_probs.items()},
+            "volumes_ml": {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()},
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        audit.record(s, "inferred", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+                     accession=accession, details=details)
+        for (kind, ds, _rel, size), oid in zip(written, object_ids, strict=True):
+            audit.record(s, "result_written", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+                         accession=accession, details={"kind": kind, "sop_instance_uid": ds.SOPInstanceUID,
+                                                       "result_object_id": oid, "size": size})
+        if positive:
+            audit.record(s, "flagged", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+                         accession=accession, details={"subtypes": [t for t in SUBTYPES if prediction.present[t]]})
+    # 5. Deliveries and notifications (own transactions; dedupe keys make this idempotent).
+    _queue_outbound(ctx, result.id, object_ids, written, study_id, series_id, priority, positive,
+                    study_uid, series_uid, accession)
+    return InferOutcome(result.id, positive, object_ids, timings)
+
+
+def _queue_outbound(ctx: AppContext, result_id: int, object_ids: list[int], written: list, study_id: int,
+                    series_id: int, priority: int, positive: bool, study_uid: str, series_uid: str,
+                    accession: str) -> None:
+    s = ctx.settings
+    # SR first, then SEG, then SC: the finding reaches the PACS before the pictures.
+    order = {"sr": 0, "seg": 1, "sc": 2}
+    pairs = sorted(zip(written, object_ids, strict=True), key=lambda p: order.get(p[0][0], 9))
+    queued = 0
+    for dest in s.destinations:
+        for (_kind, ds, _rel, _size), oid in pairs:
+            ctx.queue.enqueue(
+                "deliver", {"result_object_id": oid, "destination": str(dest)}, priority=priority,
+                dedupe_key=f"deliver:{ds.SOPInstanceUID}:{dest}", study_id=study_id, series_id=series_id,
+            )
+            queued += 1
+    channels = []
+    if positive and s.webhook_url:
+        channels.append("webhook")
+    if positive and s.hl7_destination:
+        channels.append("hl7")
+    for ch in channels:
+        ctx.queue.enqueue("notify", {"result_id": result_id, "channel": ch}, priority=priority,
+                          dedupe_key=f"notify:{result_id}:{ch}", study_id=study_id, series_id=series_id)
+    if queued or channels:
+        with ctx.sessions.begin() as sess:
+            audit.record(sess, "queued", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+                         accession=accession, details={"deliveries": queued, "notifications": channels,
+                                                       "result_id": result_id, "priority": priority})

@@ -1,0 +1,152 @@
+"""The worker loop: claim a job, keep its lease alive, run its handler, complete or fail it.
+
+Handlers by job kind: ``infer`` (triage/pipeline/infer.py), ``deliver`` (triage/dicom/delivery.py)
+and ``notify`` (triage/pipeline/notify_job.py). The model bundle is loaded once per process, on
+the first ``infer`` job or at start (``warm=True``) so the first study does not pay for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from triage.context import AppContext
+from triage.logging import get_logger
+
+log = get_logger(__name__)
+
+ALL_KINDS = ("infer", "deliver", "notify")
+
+
+class Worker:
+    """One claiming loop. Run several (threads or processes) for parallelism."""
+
+    def __init__(self, ctx: AppContext, kinds: Sequence[str] = ALL_KINDS, *, name: str = "") -> None:
+        self.ctx = ctx
+        self.kinds = tuple(kinds)
+        self.name = name or ctx.worker_id
+        self._stop = threading.Event()
+        self._bundle: Any = None
+        self._bundle_lock = threading.Lock()
+        self.processed = 0
+
+    # ------------------------------------------------------------------ model
+    @property
+    def bundle(self) -> Any:
+        with self._bundle_lock:
+            if self._bundle is None:
+                from triage.models.inference import load_bundle
+
+                s = self.ctx.settings
+                self._bundle = load_bundle(s.bundle_path or None, device=s.device,
+                                           thresholds_override=s.thresholds or None)
+                log.info("bundle loaded", bundle=str(self._bundle.identity), worker=self.name)
+            return self._bundle
+
+    def warm_up(self) -> None:
+        """Load the bundle and build one of each result object so the first study is fast."""
+        if "infer" in self.kinds:
+            _ = self.bundle
+
+    # ------------------------------------------------------------------ loop
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, *, once: bool = False) -> int:
+        """Claim and run jobs until stopped (or, with ``once``, until the queue has none ready)."""
+        q = self.ctx.queue
+        poll = self.ctx.settings.poll_seconds
+        while not self._stop.is_set():
+            try:
+                job = q.claim(self.name, kinds=self.kinds)
+            except Exception as exc:  # database away: keep the process, retry after a pause
+                log.warning("claim failed", error=str(exc)[:200], worker=self.name)
+                self._stop.wait(min(5.0, poll * 10))
+                continue
+            if job is None:
+                if once:
+                    break
+                self._stop.wait(poll)
+                continue
+            self.run_job(job)
+        return self.processed
+
+    def run_job(self, job: Any) -> None:
+        q = self.ctx.queue
+        lost = threading.Event()
+        done = threading.Event()
+
+        def beat() -> None:
+            interval = self.ctx.settings.heartbeat_seconds
+            while not done.wait(interval):
+                try:
+                    if not q.heartbeat(job.id, self.name):
+                        lost.set()
+                        return
+                except Exception as exc:  # transient: the lease may still be ours
+                    log.warning("heartbeat failed", job_id=job.id, error=str(exc)[:200])
+
+        hb = threading.Thread(target=beat, name=f"hb-{job.id}", daemon=True)
+        hb.start()
+        started = time.perf_counter()
+        try:
+            self._handler(job.kind)(job)
+        except Exception as exc:
+            done.set()
+            self._on_failure(job, exc)
+        else:
+            done.set()
+            if lost.is_set():
+                log.warning("lease lost before completion", job_id=job.id, kind=job.kind)
+            q.complete(job.id, self.name)
+            log.info("job done", job_id=job.id, kind=job.kind, seconds=round(time.perf_counter() - started, 3))
+        finally:
+            done.set()
+            hb.join(timeout=1)
+            self.processed += 1
+
+    def _on_failure(self, job: Any, exc: Exception) -> None:
+        from triage.pipeline.infer import StaleJob
+
+        q = self.ctx.queue
+        if isinstance(exc, StaleJob):
+            log.info("stale job skipped", job_id=job.id, reason=str(exc))
+            q.complete(job.id, self.name)
+            return
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        log.warning("job failed", job_id=job.id, kind=job.kind, attempt=job.attempts, error=error[:300])
+        try:
+            q.fail(job.id, self.name, error, retry=True)  # audits job_failed / job_dead itself
+            row = q.get(job.id)
+            if row is not None and row.state == "dead" and job.kind == "infer":
+                with self.ctx.sessions.begin() as s:
+                    _mark_failed(s, job, error)
+        except Exception as db_exc:  # database away: the lease expires and the job is retried
+            log.error("could not record job failure", job_id=job.id, error=str(db_exc)[:200])
+
+    def _handler(self, kind: str) -> Callable[[Any], Any]:
+        if kind == "infer":
+            from triage.pipeline.infer import run_infer
+
+            return lambda job: run_infer(self.ctx, job, self.bundle)
+        if kind == "deliver":
+            from triage.dicom.delivery import handle_deliver
+
+            return lambda job: handle_deliver(self.ctx, job)
+        if kind == "notify":
+            from triage.pipeline.notify_job import handle_notify
+
+            return lambda job: handle_notify(self.ctx, job)
+        raise ValueError(f"no handler for job kind {kind!r}")
+
+
+def _mark_failed(session: Any, job: Any, error: str) -> None:
+    from storage.models import Series
+
+    series = session.get(Series, int(job.payload.get("series_id", 0)))
+    if series is not None:
+        series.state = "failed"
+        series.study.status = "failed"
+        series.study.status_reason = error[:500]

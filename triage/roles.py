@@ -1,0 +1,199 @@
+"""Process roles: ``serve`` (all-in-one), ``receiver``, ``worker`` and ``web``.
+
+Every role migrates the database at start (idempotent), registers itself in the ``workers``
+table with a heartbeat, and keeps no state that another role needs: the database and the file
+store are the only things they share, so the roles can run on different hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from contextlib import suppress
+from typing import Any
+
+from storage import audit
+from triage.config import Settings
+from triage.context import AppContext
+from triage.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Role:
+    """Common start/stop plumbing: migrations, registry heartbeat, scheduler, signals."""
+
+    def __init__(self, settings: Settings, role: str) -> None:
+        self.ctx = AppContext(settings, role=role)
+        self.role = role
+        self.stop_event = threading.Event()
+        self.scheduler: Any = None
+        self.stoppers: list[Any] = []
+
+    def start(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from storage.migrate import upgrade
+
+        s = self.ctx.settings
+        s.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(s.effective_database_url)
+        if not s.allowed_aets and self.role in ("serve", "receiver"):
+            log.warning("allowed_aets is empty: any calling AE title may store to this node")
+        self._register()
+        with self.ctx.sessions.begin() as sess:
+            audit.record(sess, "node_start", actor=self.ctx.worker_id,
+                         details={"role": self.role, "ae_title": s.ae_title, "dicom_port": s.dicom_port,
+                                  "web_port": s.web_port, "database": _backend(s)})
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.scheduler.add_job(self._heartbeat, "interval", seconds=s.heartbeat_seconds, id="registry",
+                               max_instances=1, coalesce=True)
+        self.scheduler.start()
+
+    def _register(self) -> None:
+        self.ctx.queue.register_worker(self.ctx.worker_id, role=self.role)
+
+    def _heartbeat(self) -> None:
+        try:
+            if not self.ctx.queue.worker_heartbeat(self.ctx.worker_id):
+                self._register()  # pruned while the database was away
+        except Exception as exc:  # database away: retried on the next tick
+            log.warning("registry heartbeat failed", error=str(exc)[:200])
+
+    def install_signals(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            log.info("signal received, stopping", signal=signum)
+            self.stop_event.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with suppress(ValueError):  # not in the main thread (tests)
+                signal.signal(sig, handler)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for stopper in reversed(self.stoppers):
+            with suppress(Exception):
+                stopper()
+        if self.scheduler is not None:
+            with suppress(Exception):
+                self.scheduler.shutdown(wait=False)
+        with suppress(Exception):
+            self.ctx.queue.unregister_worker(self.ctx.worker_id)
+        with suppress(Exception), self.ctx.sessions.begin() as sess:
+            audit.record(sess, "node_stop", actor=self.ctx.worker_id, details={"role": self.role})
+        self.ctx.close()
+
+    # ------------------------------------------------------------------ parts
+    def start_receiver(self) -> None:
+        from storage.retention import schedule_retention
+        from triage.dicom.completion import SeriesMonitor
+        from triage.dicom.scp import DicomNode
+
+        node = DicomNode(self.ctx)
+        node.start()
+        self.stoppers.append(node.stop)
+        monitor = SeriesMonitor(self.ctx)
+        self.scheduler.add_job(_safe(monitor.tick), "interval", seconds=0.5, id="series-monitor",
+                               max_instances=1, coalesce=True)
+        schedule_retention(self.scheduler, self.ctx)
+        log.info("receiver listening", ae_title=self.ctx.settings.ae_title, port=node.port)
+
+    def start_workers(self, kinds_infer: tuple[str, ...] = ("infer",),
+                      kinds_out: tuple[str, ...] = ("deliver", "notify")) -> list[Any]:
+        """One inference loop and one outbound loop, so a slow PACS never delays inference."""
+        from triage.pipeline.worker import Worker
+
+        workers = []
+        for kinds, suffix in ((kinds_infer, "infer"), (kinds_out, "out")):
+            if not kinds:
+                continue
+            w = Worker(self.ctx, kinds, name=f"{self.ctx.worker_id}:{suffix}")
+            w.warm_up()
+            t = threading.Thread(target=w.run, name=f"worker-{suffix}", daemon=True)
+            t.start()
+            self.stoppers.append(w.stop)
+            workers.append(w)
+        return workers
+
+    def wait(self) -> None:
+        while not self.stop_event.wait(0.5):
+            pass
+
+
+def _backend(s: Settings) -> str:
+    return "sqlite" if s.effective_database_url.startswith("sqlite") else "postgresql"
+
+
+def _safe(fn: Any) -> Any:
+    def run() -> None:
+        try:
+            fn()
+        except Exception as exc:  # keep the schedule alive through transient errors
+            log.warning("scheduled task failed", task=getattr(fn, "__qualname__", "?"), error=str(exc)[:300])
+
+    return run
+
+
+def _run_web_blocking(role: Role) -> None:
+    from reports.web.app import run_web
+
+    s = role.ctx.settings
+    run_web(role.ctx, s.web_host, s.web_port, stop_event=role.stop_event)
+
+
+# ---------------------------------------------------------------------- CLI entry points
+def serve(args: argparse.Namespace, settings: Settings) -> int:
+    role = Role(settings, "serve")
+    role.install_signals()
+    role.start()
+    try:
+        role.start_receiver()
+        role.start_workers()
+        _run_web_blocking(role)  # returns when stop_event is set or uvicorn exits
+    finally:
+        role.stop()
+    return 0
+
+
+def receiver(args: argparse.Namespace, settings: Settings) -> int:
+    role = Role(settings, "receiver")
+    role.install_signals()
+    role.start()
+    try:
+        role.start_receiver()
+        role.wait()
+    finally:
+        role.stop()
+    return 0
+
+
+def worker(args: argparse.Namespace, settings: Settings) -> int:
+    from triage.pipeline.worker import ALL_KINDS, Worker
+
+    kinds = tuple(k for k in (args.kinds.split(",") if args.kinds else ALL_KINDS) if k)
+    role = Role(settings, "worker")
+    role.install_signals()
+    role.start()
+    try:
+        if args.once:
+            w = Worker(role.ctx, kinds)
+            w.run(once=True)
+            print(f"processed {w.processed} jobs")
+        else:
+            role.start_workers(tuple(k for k in kinds if k == "infer"), tuple(k for k in kinds if k != "infer"))
+            role.wait()
+    finally:
+        role.stop()
+    return 0
+
+
+def web(args: argparse.Namespace, settings: Settings) -> int:
+    role = Role(settings, "web")
+    role.install_signals()
+    role.start()
+    try:
+        _run_web_blocking(role)
+    finally:
+        role.stop()
+    return 0
