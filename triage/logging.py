@@ -43,8 +43,10 @@ def configure_logging(settings: Settings | None = None, *, fmt: str | None = Non
     level_name = level or (settings.log_level if settings else "INFO")
     lvl = getattr(logging, level_name)
     logging.basicConfig(stream=sys.stderr, level=lvl, format="%(message)s", force=True)
-    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "alembic", "highdicom"):
+    for noisy in ("pynetdicom", "uvicorn.access", "alembic", "highdicom"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    # "skipped: maximum number of running instances reached" is expected under load.
+    logging.getLogger("apscheduler").setLevel(max(lvl, logging.ERROR))
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )

@@ -39,8 +39,6 @@ class Role:
         s = self.ctx.settings
         s.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(s.effective_database_url)
-        if not s.allowed_aets and self.role in ("serve", "receiver"):
-            log.warning("allowed_aets is empty: any calling AE title may store to this node")
         self._register()
         with self.ctx.sessions.begin() as sess:
             audit.record(sess, "node_start", actor=self.ctx.worker_id,
@@ -109,8 +107,7 @@ class Role:
             if not kinds:
                 continue
             w = Worker(self.ctx, kinds, name=f"{self.ctx.worker_id}:{suffix}")
-            w.warm_up()
-            t = threading.Thread(target=w.run, name=f"worker-{suffix}", daemon=True)
+            t = threading.Thread(target=_warm_and_run, args=(w,), name=f"worker-{suffix}", daemon=True)
             t.start()
             self.stoppers.append(w.stop)
             workers.append(w)
@@ -119,6 +116,11 @@ class Role:
     def wait(self) -> None:
         while not self.stop_event.wait(0.5):
             pass
+
+
+def _warm_and_run(w: Any) -> None:
+    w.warm_up()  # in the thread: receiving and the web do not wait for the model to load
+    w.run()
 
 
 def _backend(s: Settings) -> str:

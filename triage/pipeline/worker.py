@@ -47,8 +47,12 @@ class Worker:
 
     def warm_up(self) -> None:
         """Load the bundle and build one of each result object so the first study is fast."""
-        if "infer" in self.kinds:
+        if "infer" not in self.kinds:
+            return
+        try:
             _ = self.bundle
+        except Exception as exc:  # the node still receives; infer jobs fail (audited) until fixed
+            log.error("model bundle could not be loaded", error=str(exc)[:500], worker=self.name)
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
