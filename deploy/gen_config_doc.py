@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +92,8 @@ def _format_default(value: Any) -> str:
     if isinstance(value, dict):
         return "`" + ",".join(f"{k}={v}" for k, v in value.items()) + "`" if value else "(empty)"
     text = str(value)
+    if isinstance(value, PurePath) and not value.is_absolute():
+        text = f"./{text}"
     return f"`{text}`" if text else "(empty)"
 
 
