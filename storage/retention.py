@@ -16,7 +16,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, exists, func, or_, select, true
+from sqlalchemy import delete, func, or_, select, true
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import audit
@@ -45,10 +45,18 @@ class PurgeReport:
 
 
 def _live_work(study_id: Any) -> Any:
-    """SQL condition: the study has a queued/running/failed job (directly or via a series)."""
-    series_ids = select(Series.id).where(Series.study_id == study_id)
-    return exists().where(
-        Job.state.in_(LIVE_STATES), or_(Job.study_id == study_id, Job.series_id.in_(series_ids))
+    """SQL condition: the study has a queued/running/failed job (directly or via a series).
+
+    ``study_id`` is an int or the correlated column ``Study.id``.
+    """
+    via_series = (
+        select(Series.id).where(Series.id == Job.series_id, Series.study_id == study_id).correlate_except(Series)
+    )
+    return (
+        select(Job.id)
+        .where(Job.state.in_(LIVE_STATES), or_(Job.study_id == study_id, via_series.exists()))
+        .correlate_except(Job)
+        .exists()
     )
 
 
