@@ -58,7 +58,7 @@ class HeadParams:
             skull=float(rng.uniform(5.0, 7.5)),
             scalp=float(rng.uniform(4.0, 7.0)),
             csf_w=1.0 + 2.5 * atrophy,
-            sulcus_halfwidth=0.45 + 1.6 * atrophy,
+            sulcus_halfwidth=0.6 + 1.8 * atrophy,
             sulcal_depth=float(rng.uniform(13, 19)),
             ventricle_scale=float(0.75 + 1.1 * atrophy * rng.uniform(0.6, 1.4)),
             third_ventricle_halfwidth=1.0 + 3.0 * atrophy,
@@ -277,11 +277,11 @@ def _deep_structures(h: Head, rng: np.random.Generator) -> None:
     # ventricles: lateral (frontal horn, body, atrium, occipital and temporal horns), third, fourth
     for s in (-1.0, 1.0):
         path = [
-            ((s * 9, -33, 4), 2.8),
-            ((s * 11, -20, 9), 4.2),
-            ((s * 13, -2, 14), 3.8),
-            ((s * 17, 14, 12), 4.2),
-            ((s * 22, 26, 4), 5.5),
+            ((s * 6.5, -33, 4), 2.8),
+            ((s * 7.5, -20, 9), 4.2),
+            ((s * 9, -2, 14), 3.8),
+            ((s * 13, 14, 12), 4.2),
+            ((s * 21, 26, 4), 5.5),
             ((s * 18, 40, 4), 3.0),
             ((s * 14, 49, 6), 1.2),
         ]
@@ -295,6 +295,12 @@ def _deep_structures(h: Head, rng: np.random.Generator) -> None:
                 put(capsule(p0, p1, r0 * sv, r1 * sv, sq), c, r, p.csf, vent=True)
         h.landmarks[f"atrium_{'l' if s > 0 else 'r'}"] = (s * 22 * sa, 26 * sb, zc + 4)
         h.landmarks[f"occipital_horn_{'l' if s > 0 else 'r'}"] = (s * 18 * sa, 40 * sb, zc + 4)
+    # septum pellucidum: the lateral ventricles never meet at the midline
+    fu = F32(h.landmarks["falx_u"][0])
+    septum = ramp((np.abs(cv.u - fu) - F32(0.8)) / F32(cv.geo.pixel_spacing))
+    open_vent = h.ventricles * (1 - septum)  # ventricle fraction that is really septum
+    brain += open_vent * (F32(p.wm + 2) - brain)
+    h.ventricles -= open_vent
     t3 = p.third_ventricle_halfwidth
     put(ellipsoid((0.0, 4 * sb, zc - 10), (t3, 13.0, 10.0)), (0.0, 4 * sb, zc - 10), (t3, 13, 10), p.csf, vent=True)
     v4_c, v4_r = (0.0, 0.30 * b, 14.0), (5.0 + sv, 3.0, 6.0)
@@ -328,8 +334,8 @@ def compose(h: Head, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     dip = np.exp(-(((pos - 0.5) / 0.2) ** 2)) * F32(p.diploe)
     bone = F32(1750.0) - dip * (F32(950.0) + F32(250.0) * pores)
     # extracranial deep tissue at the skull base: muscle, fat, sinus and mastoid air
-    soft = F32(42.0) + F32(6.0) * pores
-    fat = ramp((F32(-0.6) - pores) / F32(0.3))
+    soft = F32(42.0) + F32(3.0) * pores
+    fat = ramp((F32(-1.3) - pores) / F32(0.3))
     soft += fat * F32(-130.0)
     scalp_fat = ramp((F32(p.scalp * 0.6) - np.abs(d_out - F32(p.scalp * 0.5))) / F32(ps)) * F32(0.5)
     soft += scalp_fat * (F32(-90.0) - soft)

@@ -69,16 +69,16 @@ def streaks(h: Head, hu: np.ndarray, rng: np.random.Generator, strength: float) 
     ps = cv.geo.pixel_spacing
     n = cv.shape[1]
     u, v = cv.u[0], cv.v[0]
-    bone_frac = np.clip((hu - 400.0) / 1200.0, 0, 1, dtype=F32)
-    per_slice_bone = bone_frac[:, n // 4: 3 * n // 4, n // 4: 3 * n // 4].mean(axis=(1, 2))
+    c = n // 2
     hits = 0
     angles = rng.uniform(0, math.pi, size=8)
     amps = rng.normal(0, 1, size=8)
     for k in range(cv.shape[0]):
-        dense = float(per_slice_bone[k])
-        if dense < 0.01:
+        wk = float(cv.w[k, c, c])  # height of this slice at the head's centre
+        if not -8.0 < wk < 34.0:
             continue
-        amp = F32(min(1.0, dense * 8) * strength)
+        dense = float(np.clip(min(wk + 8.0, 34.0 - wk) / 10.0, 0, 1))
+        amp = F32(dense * strength)
         # Hounsfield bar: a dark band across the posterior fossa between the petrous apices
         vb = 0.12 * p.b + float(rng.normal(0, 3))
         band = np.exp(-(((v - F32(vb)) / F32(6.0)) ** 2)) * np.exp(-((u / F32(0.9 * p.a)) ** 4))

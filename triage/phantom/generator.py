@@ -225,7 +225,7 @@ def generate_study(seed: int, options: PhantomOptions | None = None) -> Syntheti
         hu = upsample(hu, fine.n)
         f_ic = upsample(f_ic, fine.n)
         frac = {s: (upsample(frac[s], fine.n) if frac[s].any() else None) for s in SUBTYPES}
-    noise_sd = opts.noise * float(rng.uniform(3.0, 5.5)) * math.sqrt(5.0 / fine.slice_thickness)
+    noise_sd = opts.noise * float(rng.uniform(2.2, 4.2)) * math.sqrt(5.0 / fine.slice_thickness)
     if kind == "hard_negative_artefact":
         noise_sd *= 1.4
     artefacts.reconstruct(hu, fine.pixel_spacing, fine.slice_thickness, rng, noise_sd)
