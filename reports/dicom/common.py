@@ -53,30 +53,58 @@ PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")  # fmt: skip
+
+# Type 2 attributes of the Patient, Clinical Trial Subject, General Study and Clinical Trial Study modules.
+_KEEP_EMPTY = frozenset(
+    TYPE2_PATIENT_STUDY
+    + ("ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialProtocolName", "ClinicalTrialTimePointID")
+)
+
+
 def copy_patient_study(source: Dataset, target: Dataset) -> None:
     """Copy every Patient and Study IE attribute present in ``source`` onto ``target``.
 
     Viewers file a derived object with its study only when these match the source exactly;
-    validators (dcentvfy) compare them across objects too.
+    validators (dcentvfy) compare them across objects too. Empty values are kept only for Type 2
+    attributes: an empty Type 1C one in the source (seen in de-identified series, e.g.
+    DeidentificationMethod) would make the derived object invalid.
     """
     if "SpecificCharacterSet" in source:
         target.SpecificCharacterSet = source.SpecificCharacterSet
     for kw in PATIENT_STUDY_KEYWORDS:
-        if kw in source:
+        if kw in source and (not source[kw].is_empty or kw in _KEEP_EMPTY):
             target[kw] = source[kw]  # same DataElement (tag, VR, value)
-    for kw in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
-    ):  # Type 2: present, maybe empty
+        elif kw in target and target[kw].is_empty and kw not in _KEEP_EMPTY:
+            del target[kw]
+    if (
+        str(target.get("PatientIdentityRemoved", "")).upper() == "YES"
+        and not target.get("DeidentificationMethod")
+        and not target.get("DeidentificationMethodCodeSequence")
+    ):
+        # Type 1C then; the source lacks it (so is invalid itself): say so rather than invent a method.
+        target.DeidentificationMethod = "Not recorded in the source images"
+    for kw in TYPE2_PATIENT_STUDY:  # Type 2: present, maybe empty
         if kw not in target:
             setattr(target, kw, None)
+
+
+def with_type2(ds: Dataset) -> Dataset:
+    """A shallow copy of ``ds`` in which missing Type 2 Patient/Study attributes are present and empty.
+
+    highdicom reads these from the first source; real (de-identified) series often omit them.
+    """
+    missing = [kw for kw in TYPE2_PATIENT_STUDY if kw not in ds]
+    if not missing:
+        return ds
+    out = Dataset()
+    out.update(ds)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for kw in missing:
+        setattr(out, kw, None)
+    return out
 
 
 def findings_short(prediction: Prediction) -> list[str]:

@@ -24,6 +24,7 @@ from reports.dicom.common import (
     copy_patient_study,
     series_description,
     software_versions,
+    with_type2,
 )
 from reports.dicom.uids import object_uid
 from triage.labels import DISPLAY, SHORT, SUBTYPES
@@ -103,7 +104,7 @@ def build_seg(sources: Sequence[Dataset], prediction: Prediction, identity: Bund
         stack[..., i] = m.astype(bool)
     series_uid = str(sources[0].SeriesInstanceUID)
     seg = hd.seg.Segmentation(
-        source_images=list(sources),
+        source_images=[with_type2(s) for s in sources],
         pixel_array=stack,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(labels, identity, series_uid),

@@ -29,6 +29,7 @@ from reports.dicom.common import (
     check_sources,
     copy_patient_study,
     series_description,
+    with_type2,
 )
 from reports.dicom.seg import present_segments
 from reports.dicom.uids import device_uid, object_uid
@@ -134,7 +135,7 @@ def build_sr(
         procedure_reported=codes.PROCEDURE_CT,
         imaging_measurements=measurement_groups(sources, prediction, identity, seg),
     )
-    evidence = list(sources) + ([seg] if seg is not None else [])
+    evidence = [with_type2(s) for s in sources] + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
