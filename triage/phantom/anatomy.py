@@ -333,17 +333,40 @@ def compose(h: Head, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     pos = np.clip(-h.depth / tb, 0, 1)
     dip = np.exp(-(((pos - 0.5) / 0.2) ** 2)) * F32(p.diploe)
     bone = F32(1750.0) - dip * (F32(950.0) + F32(250.0) * pores)
-    # extracranial deep tissue at the skull base: muscle, fat, sinus and mastoid air
-    soft = F32(42.0) + F32(3.0) * pores
-    fat = ramp((F32(-1.3) - pores) / F32(0.3))
-    soft += fat * F32(-130.0)
-    scalp_fat = ramp((F32(p.scalp * 0.6) - np.abs(d_out - F32(p.scalp * 0.5))) / F32(ps)) * F32(0.5)
+    # extracranial deep tissue at the skull base (muscle), scalp fat under the skin, orbits
+    soft = F32(38.0) + F32(3.0) * pores
+    scalp_fat = ramp((F32(p.scalp * 0.3) - np.abs(d_out - F32(p.scalp * 0.45))) / F32(ps)) * F32(0.6)
     soft += scalp_fat * (F32(-90.0) - soft)
+    soft = _orbits(h, soft)
     air_cells = _air_cells(h, rng)
     hu = f_head * (soft + f_skull * (bone - soft)) + (1 - f_head) * F32(-1000.0)
     hu += h.f_ic * (brain - hu)
     hu += air_cells * (1 - h.f_ic) * (F32(-900.0) - hu)
     return hu
+
+
+def _orbits(h: Head, soft: np.ndarray) -> np.ndarray:
+    """Orbits in front of the anterior fossa: a fat cone with the globe (vitreous, lens) inside."""
+    cv, p = h.cv, h.p
+    from triage.phantom.canvas import ellipsoid as ell
+
+    for s in (-1.0, 1.0):
+        c_fat, r_fat = (s * 0.45 * p.a, -0.93 * p.b, 24.0), (17.0, 22.0, 15.0)
+        got = cv.occupancy(ell(c_fat, r_fat), c_fat, r_fat)
+        if got is not None:
+            sl, occ = got
+            paint(soft, sl, occ, -85.0)
+        c_g, r_g = (s * 0.47 * p.a, -p.b - 2.0, 25.0), (11.5, 11.5, 11.5)
+        got = cv.occupancy(ell(c_g, r_g), c_g, r_g)
+        if got is not None:
+            sl, occ = got
+            paint(soft, sl, occ, 12.0)
+        c_l, r_l = (s * 0.47 * p.a, -p.b - 12.0, 25.0), (4.0, 1.8, 4.0)
+        got = cv.occupancy(ell(c_l, r_l), c_l, r_l)
+        if got is not None:
+            sl, occ = got
+            paint(soft, sl, occ, 95.0)
+    return soft
 
 
 def _air_cells(h: Head, rng: np.random.Generator) -> np.ndarray:
