@@ -413,3 +413,52 @@ def orthanc(workdir: Path, **kwargs: Any) -> Iterator[Orthanc]:
         yield server
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- the node itself
+def node_context(tmp_path: Path, database_url: str | None = None, **overrides: Any) -> Any:
+    """A migrated :class:`~triage.context.AppContext` (SQLite under ``tmp_path`` unless a URL is
+    given) with test settings plus ``overrides`` (setting name -> value)."""
+    from storage.migrate import upgrade
+    from tests.conftest import make_settings
+    from triage.context import AppContext
+
+    url = database_url or f"sqlite:///{tmp_path / 'triage.sqlite3'}"
+    upgrade(url)
+    return AppContext(make_settings(tmp_path, database_url=url, **overrides), role="test")
+
+
+@contextlib.contextmanager
+def running_node(ctx: Any) -> Iterator[Any]:
+    """A :class:`~triage.dicom.scp.DicomNode` on 127.0.0.1 and a free port, stopped afterwards."""
+    from triage.dicom.scp import DicomNode
+
+    node = DicomNode(ctx, host="127.0.0.1", port=0)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+# storescu proposes uncompressed syntaxes only unless told: the flag that proposes each syntax.
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+}
+
+
+def storescu(port: int, paths: Sequence[Path], *, calling: str = "STORESCU", called: str = "ICHTRIAGE",
+             extra: Sequence[str] = (), check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """DCMTK ``storescu`` of ``paths`` to 127.0.0.1:``port`` (proposes every syntax the files use)."""
+    return dcmtk("storescu", "-aet", calling, "-aec", called, "-R", *extra, "127.0.0.1", str(port), *paths,
+                 timeout=timeout, check=check)

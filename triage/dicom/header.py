@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -51,7 +52,7 @@ def _str(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or hasattr(value, "__iter__") and not isinstance(value, str | bytes):
+    if isinstance(value, MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value).strip()
 
@@ -204,8 +205,8 @@ def header_from_dataset(ds: Dataset, has_pixels: bool) -> Header:
                   study, series, meta, has_pixels)
 
 
-def _check_pixel_element(buf: bytes, pos: int, implicit: bool, little: bool) -> None:
-    """Check that the pixel data element starting at ``pos`` is complete."""
+def _check_pixel_element(buf: bytes, pos: int, implicit: bool, little: bool) -> int:
+    """Check that the pixel data element starting at ``pos`` is complete; return its length."""
     end = "<" if little else ">"
     if implicit:
         if len(buf) < pos + 8:
@@ -226,6 +227,20 @@ def _check_pixel_element(buf: bytes, pos: int, implicit: bool, little: bool) -> 
         )
     elif length == 0:
         raise HeaderError("pixel data element is empty", STATUS_NO_PIXELS)
+    return length
+
+
+def _check_native_length(meta: dict[str, Any], ds: Dataset, length: int) -> None:
+    """Uncompressed pixel data must hold rows × columns × samples × frames × bits (a sender that
+    re-encoded a truncated file produces a well-formed but short element)."""
+    rows, cols, bits = meta.get("rows"), meta.get("cols"), meta.get("bits_allocated")
+    if not rows or not cols or not bits:
+        return
+    samples = _int(ds.get("SamplesPerPixel")) or 1
+    pixels = rows * cols * samples * int(meta.get("frames") or 1)
+    expected = (pixels + 7) // 8 if bits == 1 else pixels * (bits // 8)
+    if length < expected:
+        raise HeaderError(f"pixel data truncated: {length} of {expected} bytes", STATUS_TRUNCATED)
 
 
 def parse_encoded(dataset_bytes: bytes, transfer_syntax: str) -> Header:
@@ -255,8 +270,10 @@ def parse_encoded(dataset_bytes: bytes, transfer_syntax: str) -> Header:
     if pos + 4 <= len(buf):
         group, elem = struct.unpack(("<" if little else ">") + "HH", buf[pos:pos + 4])
         if (group << 16 | elem) in PIXEL_TAGS:
-            _check_pixel_element(buf, pos, implicit, little)
+            length = _check_pixel_element(buf, pos, implicit, little)
             header.has_pixels = True
+            if not ts.is_compressed:
+                _check_native_length(header.meta, ds, length)
     if is_image_class(header.sop_class_uid) and not header.has_pixels:
         raise HeaderError("image instance has no pixel data", STATUS_NO_PIXELS)
     return header
