@@ -1,0 +1,586 @@
+"""The web node: worklist, study view, audit, operations, ``/api/v1``, ``/metrics``, health.
+
+``create_app(ctx)`` builds the Starlette application; ``run_web(ctx, host, port)`` serves it
+with uvicorn (blocking), for ``triage web`` / ``triage serve``.
+
+Who sees what: radiologists and admins use the worklist and study view; only admins open the
+audit and operations pages and see full patient names and IDs (radiologists see initials and
+the last two characters of the patient ID). Accession numbers are shown to both roles.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from sqlalchemy import select, text
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reports.web import api, metrics
+from reports.web import queries as q
+from reports.web.auth import (
+    EV_LOGOUT,
+    audit_record,
+    client_ip,
+    csrf_ok,
+    csrf_token,
+    establish_session,
+    login,
+    requires,
+    resolve_user,
+    session_secret,
+)
+from storage import audit
+from storage.db import session_scope
+from storage.models import AuditEvent, Feedback, Study, Worker
+from triage import __version__
+from triage.context import AppContext
+from triage.labels import LABELS, SHORT
+from triage.logging import get_logger
+
+log = get_logger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "triage_session"
+SESSION_MAX_AGE = 12 * 3600
+AUDIT_PAGE = 200
+AUDIT_CSV_MAX = 100_000
+WORKLIST_POLL_MS = 5000
+EV_FEEDBACK = audit.FEEDBACK
+EV_AUDIT_EXPORT = audit.VIEWED  # details {"export": "audit.csv", ...}
+DISCLAIMER = ("Results come from a model trained on synthetic data. Not for clinical use: "
+              "every study must be read by a radiologist.")
+
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+       "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'")
+
+
+class SecurityHeaders:
+    """Adds CSP and friends to every response; pages and API answers are not cached."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope["path"].startswith("/static/")
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"same-origin"),
+                ]
+                if not static:
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
+# --------------------------------------------------------------------------- template helpers
+def _parse_dt(value: Any) -> dt.datetime | None:
+    if isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, str) and value:
+        try:
+            return dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
+def fmt_dt(value: Any) -> str:
+    when = _parse_dt(value)
+    if when is None:
+        return "—"
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def fmt_duration(seconds: Any) -> str:
+    if seconds is None:
+        return "—"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60)} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60)} min"
+
+
+def fmt_bytes(n: Any) -> str:
+    if n is None:
+        return "—"
+    v = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if v < 1024 or unit == "TiB":
+            return f"{v:.1f} {unit}" if unit != "B" else f"{int(v)} B"
+        v /= 1024
+    return f"{v:.1f} TiB"
+
+
+def fmt_pct(x: Any) -> str:
+    return "—" if x is None else f"{100 * float(x):.1f} %"
+
+
+def make_templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    env = templates.env
+    env.filters.update(dt=fmt_dt, duration=fmt_duration, bytes=fmt_bytes, pct=fmt_pct,
+                       tojson_compact=lambda v: json.dumps(v, sort_keys=True, default=str))
+    env.globals.update(LABELS=LABELS, SHORT=SHORT, DISCLAIMER=DISCLAIMER, VERSION=__version__,
+                       POLL_MS=WORKLIST_POLL_MS, FEEDBACK_ACTIONS=q.FEEDBACK_ACTIONS)
+    return templates
+
+
+def _ctx(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+    context.setdefault("user", getattr(request.state, "user", None))
+    context["csrf"] = csrf_token(request)
+    return request.app.state.templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def _safe_next(value: str | None) -> str:
+    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/"
+
+
+# --------------------------------------------------------------------------- login / logout
+async def login_page(request: Request) -> Response:
+    if request.method == "GET":
+        return render(request, "login.html", next=_safe_next(request.query_params.get("next")), error="")
+    ctx = _ctx(request)
+    form = await request.form()
+    nxt = _safe_next(str(form.get("next", "")))
+    if not await csrf_ok(request):
+        return render(request, "login.html", status_code=403, next=nxt,
+                      error="The form expired. Please try again.")
+    username, password = str(form.get("username", "")), str(form.get("password", ""))
+    outcome = await run_in_threadpool(login, ctx, username, password, client_ip(request))
+    if outcome.user is None:
+        return render(request, "login.html", status_code=401, next=nxt, error=outcome.error, username=username)
+    establish_session(request, outcome.user)
+    return RedirectResponse(nxt, status_code=303)
+
+
+@requires()
+async def logout(request: Request) -> Response:
+    user = request.state.user
+
+    def _audit() -> None:
+        with session_scope(_ctx(request).sessions) as s:
+            audit_record(s, EV_LOGOUT, actor=user.username, details={"ip": client_ip(request)})
+
+    await run_in_threadpool(_audit)
+    request.session.clear()
+    return RedirectResponse("/login", status_code=303)
+
+
+# --------------------------------------------------------------------------- worklist
+def _worklist(ctx: AppContext, phi: bool) -> list[dict[str, Any]]:
+    with session_scope(ctx.sessions) as s:
+        return q.worklist(s, phi)
+
+
+@requires()
+async def worklist_page(request: Request) -> Response:
+    rows = await run_in_threadpool(_worklist, _ctx(request), request.state.user.sees_phi)
+    return render(request, "worklist.html", rows=rows)
+
+
+@requires()
+async def worklist_rows(request: Request) -> Response:
+    """The worklist table body, polled by the page for live updates."""
+    rows = await run_in_threadpool(_worklist, _ctx(request), request.state.user.sees_phi)
+    return render(request, "_worklist_rows.html", rows=rows)
+
+
+def _save_feedback(ctx: AppContext, study_id: int, user_id: int, username: str, action: str,
+                   comment: str) -> dict[str, Any] | None:
+    with session_scope(ctx.sessions) as s:
+        study = s.get(Study, study_id)
+        if study is None:
+            return None
+        result = q.latest_results(s, [study.id]).get(study.id)
+        fb = Feedback(study_id=study.id, result_id=result.id if result else None, user_id=user_id,
+                      action=action, comment=comment)
+        s.add(fb)
+        s.flush()
+        audit_record(s, EV_FEEDBACK, actor=username, study_uid=study.study_uid, accession=study.accession,
+                     details={"action": action, "result_id": fb.result_id, "feedback_id": fb.id,
+                              "flagged": bool(study.flagged), "comment": comment})
+        return {"action": action, "user": username, "at": q.iso(fb.created_at), "result_id": fb.result_id}
+
+
+@requires()
+async def feedback(request: Request) -> Response:
+    """Acknowledge / agree / disagree on a study's current result (JSON from buttons, or a form)."""
+    study_id = _path_int(request, "study_id")
+    is_json = request.headers.get("content-type", "").startswith("application/json")
+    if is_json:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "body is not JSON"}, status_code=400)
+        body = body if isinstance(body, dict) else {}
+    else:
+        body = dict(await request.form())
+    action = str(body.get("action", ""))
+    comment = str(body.get("comment", ""))[:1000]
+    if action not in q.FEEDBACK_ACTIONS:
+        return JSONResponse({"error": f"action must be one of {', '.join(q.FEEDBACK_ACTIONS)}"}, status_code=400)
+    user = request.state.user
+    saved = await run_in_threadpool(_save_feedback, _ctx(request), study_id, user.id, user.username, action, comment)
+    if saved is None:
+        return JSONResponse({"error": "study not found"}, status_code=404)
+    if is_json:
+        return JSONResponse({"ok": True, "feedback": saved})
+    return RedirectResponse(f"/studies/{study_id}", status_code=303)
+
+
+# --------------------------------------------------------------------------- study view
+def _path_int(request: Request, name: str) -> int:
+    try:
+        value = int(request.path_params[name])
+    except (KeyError, ValueError) as exc:
+        raise HTTPException(404) from exc
+    if not 0 < value < 2**31:
+        raise HTTPException(404)
+    return value
+
+
+def _study(ctx: AppContext, study_id: int, phi: bool) -> dict[str, Any] | None:
+    with session_scope(ctx.sessions) as s:
+        return q.study_detail(s, study_id, phi)
+
+
+@requires()
+async def study_page(request: Request) -> Response:
+    study = await run_in_threadpool(_study, _ctx(request), _path_int(request, "study_id"),
+                                    request.state.user.sees_phi)
+    if study is None:
+        raise HTTPException(404, "No such study.")
+    return render(request, "study.html", study=study)
+
+
+@requires()
+async def preview_image(request: Request) -> Response:
+    ctx = _ctx(request)
+    study_id, index = _path_int(request, "study_id"), int(request.path_params["index"])
+    kind = request.path_params["kind"]
+
+    def _find() -> Path | None:
+        with session_scope(ctx.sessions) as s:
+            rel = q.preview_path(s, study_id, index, kind)
+        if rel is None:
+            return None
+        path = Path(ctx.store.path(rel)).resolve()
+        root = Path(ctx.settings.store_dir).resolve()
+        if root not in path.parents or not path.is_file():
+            return None
+        return path
+
+    path = await run_in_threadpool(_find)
+    if path is None:
+        raise HTTPException(404, "No such image.")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+# --------------------------------------------------------------------------- audit (admins)
+AUDIT_FILTERS = ("since", "until", "study_uid", "accession", "event_type", "actor")
+
+
+def _audit_filters(request: Request) -> tuple[dict[str, str], list[Any], str]:
+    f = {k: request.query_params.get(k, "").strip()[:128] for k in AUDIT_FILTERS}
+    cond: list[Any] = []
+    error = ""
+    for key, op in (("since", "ge"), ("until", "le")):
+        if f[key]:
+            try:
+                when = api.parse_since(f[key])
+            except api.BadParam:
+                error = f"{key}: not a date-time"
+                continue
+            col = AuditEvent.ts
+            cond.append(col >= when if op == "ge" else col <= when)
+    if f["study_uid"]:
+        cond.append(AuditEvent.study_uid == f["study_uid"])
+    if f["accession"]:
+        cond.append(AuditEvent.accession == f["accession"])
+    if f["event_type"]:
+        cond.append(AuditEvent.event_type == f["event_type"])
+    if f["actor"]:
+        cond.append(AuditEvent.actor == f["actor"])
+    return f, cond, error
+
+
+def _verify(ctx: AppContext) -> dict[str, Any]:
+    with session_scope(ctx.sessions) as s:
+        report = audit.verify(s)
+    if hasattr(report, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(report)
+    if hasattr(report, "_asdict"):
+        return dict(report._asdict())
+    return dict(vars(report))
+
+
+def _audit_rows(ctx: AppContext, cond: list[Any], offset: int) -> tuple[list[AuditEvent], list[str], int]:
+    from sqlalchemy import func
+
+    with session_scope(ctx.sessions) as s:
+        total = s.scalar(select(func.count()).select_from(AuditEvent).where(*cond)) or 0
+        rows = list(s.scalars(select(AuditEvent).where(*cond).order_by(AuditEvent.id.desc())
+                              .limit(AUDIT_PAGE).offset(offset)))
+        types = [t for (t,) in s.execute(select(AuditEvent.event_type).distinct().order_by(AuditEvent.event_type))]
+    return rows, types, total
+
+
+@requires("admin")
+async def audit_page(request: Request) -> Response:
+    ctx = _ctx(request)
+    filters, cond, error = _audit_filters(request)
+    try:
+        offset = max(0, min(int(request.query_params.get("offset", "0") or 0), 10_000_000))
+    except ValueError:
+        offset = 0
+    rows, types, total = await run_in_threadpool(_audit_rows, ctx, cond, offset)
+    try:
+        verification: dict[str, Any] = await run_in_threadpool(_verify, ctx)
+    except Exception as exc:  # report, never hide, a verification that cannot run
+        log.error("web.audit_verify_failed", error=str(exc))
+        verification = {"ok": False, "error": f"verification could not run: {exc}"}
+    query = urlencode({k: v for k, v in filters.items() if v})
+    return render(request, "audit.html", rows=rows, types=types, filters=filters, error=error, total=total,
+                  offset=offset, page=AUDIT_PAGE, query=query, verification=verification)
+
+
+@requires("admin")
+async def audit_csv(request: Request) -> Response:
+    ctx = _ctx(request)
+    filters, cond, error = _audit_filters(request)
+    if error:
+        return PlainTextResponse(error, status_code=400)
+    user = request.state.user
+
+    def _export() -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["id", "ts", "event_type", "actor", "study_uid", "series_uid", "accession", "outcome",
+                    "details", "prev_hash", "hash"])
+        with session_scope(ctx.sessions) as s:
+            n = 0
+            for ev in s.scalars(select(AuditEvent).where(*cond).order_by(AuditEvent.id).limit(AUDIT_CSV_MAX)):
+                w.writerow([ev.id, q.iso(ev.ts), ev.event_type, ev.actor, ev.study_uid, ev.series_uid, ev.accession,
+                            ev.outcome, json.dumps(ev.details or {}, sort_keys=True), ev.prev_hash, ev.hash])
+                n += 1
+            audit_record(s, EV_AUDIT_EXPORT, actor=user.username,
+                         details={"export": "audit.csv", "filters": {k: v for k, v in filters.items() if v}, "rows": n})
+        return buf.getvalue()
+
+    body = await run_in_threadpool(_export)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Response(body, media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="audit-{stamp}.csv"'})
+
+
+# --------------------------------------------------------------------------- operations (admins)
+def _ops(ctx: AppContext) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    counts: dict[tuple[str, str], int]
+    try:
+        counts = dict(ctx.queue.counts())
+    except Exception as exc:  # the queue module may be unavailable; the page still shows the rest
+        log.error("web.queue_counts_failed", error=str(exc))
+        counts = {}
+    kinds = sorted({k for k, _ in counts})
+    states = ["queued", "running", "failed", "dead", "done"]
+    states += sorted({st for _, st in counts} - set(states))
+    with session_scope(ctx.sessions) as s:
+        out = {
+            "counts": counts, "kinds": kinds, "states": states,
+            "workers": q.workers(s, now),
+            "dead": q.dead_jobs(s),
+            "destinations": q.destinations(s, [str(d) for d in ctx.settings.destinations]),
+            "models": q.model_versions(s),
+            "quality_7d": q.quality(s, now - dt.timedelta(days=7)),
+            "quality_all": q.quality(s),
+        }
+    out["disk"] = q.disk_usage(ctx.settings.store_dir if ctx.settings.store_dir.exists()
+                               else ctx.settings.resolved_data_dir.parent)
+    out["disk_floor"] = ctx.settings.disk_floor_mb * 1024 * 1024
+    out["heartbeat_limit"] = readiness_heartbeat_limit(ctx)
+    return out
+
+
+@requires("admin")
+async def ops_page(request: Request) -> Response:
+    data = await run_in_threadpool(_ops, _ctx(request))
+    return render(request, "ops.html", ops=data, message=request.query_params.get("msg", "")[:200])
+
+
+@requires("admin")
+async def retry_job(request: Request) -> Response:
+    ctx = _ctx(request)
+    job_id = _path_int(request, "job_id")
+    user = request.state.user
+
+    def _retry() -> str:
+        # retry_dead re-queues and audits "job_retried" with the admin as actor, in one transaction.
+        if not ctx.queue.retry_dead(job_id, actor=user.username):
+            return f"Job {job_id} is not dead-lettered."
+        return f"Job {job_id} queued again."
+
+    msg = await run_in_threadpool(_retry)
+    return RedirectResponse("/ops?" + urlencode({"msg": msg}), status_code=303)
+
+
+# --------------------------------------------------------------------------- health and metrics
+def readiness_heartbeat_limit(ctx: AppContext) -> float:
+    """A worker heartbeat older than this (seconds) makes the node not ready."""
+    return max(60.0, 3 * ctx.settings.heartbeat_seconds)
+
+
+def readiness(ctx: AppContext) -> tuple[bool, dict[str, Any]]:
+    checks: dict[str, Any] = {}
+    try:
+        with ctx.engine.connect() as conn:
+            conn.execute(text("select 1"))
+        checks["database"] = {"ok": True}
+    except Exception as exc:
+        checks["database"] = {"ok": False, "error": type(exc).__name__}
+    try:
+        free = int(ctx.store.free_bytes())
+        floor = ctx.settings.disk_floor_mb * 1024 * 1024
+        checks["disk"] = {"ok": not ctx.store.below_floor(), "free_bytes": free, "floor_bytes": floor}
+    except Exception as exc:
+        checks["disk"] = {"ok": False, "error": type(exc).__name__}
+    if checks["database"]["ok"]:
+        limit = readiness_heartbeat_limit(ctx)
+        with session_scope(ctx.sessions) as s:
+            newest = s.scalar(select(Worker.heartbeat_at).where(Worker.role.in_(("worker", "serve")))
+                              .order_by(Worker.heartbeat_at.desc()).limit(1))
+        age = (dt.datetime.now(dt.UTC) - newest).total_seconds() if newest else None
+        checks["worker"] = {"ok": age is not None and age <= limit,
+                            "heartbeat_age_s": round(age, 1) if age is not None else None, "limit_s": limit}
+    else:
+        checks["worker"] = {"ok": False, "error": "database unreachable"}
+    return all(c["ok"] for c in checks.values()), checks
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+async def readyz(request: Request) -> Response:
+    ok, checks = await run_in_threadpool(readiness, _ctx(request))
+    return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body = await run_in_threadpool(metrics.render, request.app.state.registry)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# --------------------------------------------------------------------------- errors
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/") or exc.status_code == 405:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    user = getattr(request.state, "user", None)
+    if user is None:
+        try:
+            user = await run_in_threadpool(resolve_user, _ctx(request), request)
+        except Exception:
+            user = None
+    return render(request, "error.html", status_code=exc.status_code, user=user, status=exc.status_code,
+                  message=exc.detail)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.error("web.unhandled", path=request.url.path, error=repr(exc))
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": "internal error"}, status_code=500)
+    return PlainTextResponse("Internal error. The event was logged.", status_code=500)
+
+
+# --------------------------------------------------------------------------- app
+def create_app(ctx: AppContext) -> Starlette:
+    """The ASGI application for ``ctx`` (database must be migrated)."""
+    routes = [
+        Route("/", worklist_page, methods=["GET"]),
+        Route("/worklist/rows", worklist_rows, methods=["GET"]),
+        Route("/login", login_page, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/studies/{study_id}", study_page, methods=["GET"]),
+        Route("/studies/{study_id}/feedback", feedback, methods=["POST"]),
+        Route("/studies/{study_id}/preview/{index:int}/{kind:str}", preview_image, methods=["GET"]),
+        Route("/audit", audit_page, methods=["GET"]),
+        Route("/audit.csv", audit_csv, methods=["GET"]),
+        Route("/ops", ops_page, methods=["GET"]),
+        Route("/ops/jobs/{job_id}/retry", retry_job, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *api.routes,
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    s = ctx.settings
+    middleware = [
+        Middleware(SecurityHeaders),
+        Middleware(SessionMiddleware, secret_key=session_secret(ctx), session_cookie=SESSION_COOKIE,
+                   max_age=SESSION_MAX_AGE, same_site="lax", https_only=s.session_https_only),
+    ]
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.ctx = ctx
+    app.state.templates = make_templates()
+    app.state.registry = metrics.make_registry(ctx)
+    return app
+
+
+def run_web(ctx: AppContext, host: str | None = None, port: int | None = None,
+            stop_event: threading.Event | None = None) -> None:
+    """Serve the web node with uvicorn (blocking) until interrupted or ``stop_event`` is set."""
+    import uvicorn
+
+    host = host or ctx.settings.web_host
+    port = port or ctx.settings.web_port
+    log.info("web.start", host=host, port=port)
+    config = uvicorn.Config(create_app(ctx), host=host, port=port, log_level="warning", access_log=False,
+                            server_header=False)
+    server = uvicorn.Server(config)
+    if stop_event is not None:
+        def _watch() -> None:
+            stop_event.wait()
+            server.should_exit = True
+
+        threading.Thread(target=_watch, name="web-stop", daemon=True).start()
+    server.run()

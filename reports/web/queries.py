@@ -1,0 +1,371 @@
+"""Read models for the pages and the API: plain dicts built from the database.
+
+Patient identifiers leave this module masked unless the caller says the user may see PHI
+(admins; see ``auth.PHI_ROLES``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    AuditEvent,
+    Delivery,
+    Feedback,
+    Finding,
+    Job,
+    ModelVersion,
+    Result,
+    Series,
+    Study,
+    User,
+    Worker,
+)
+from triage.labels import DISPLAY, LABELS, SHORT
+
+STATUSES: tuple[str, ...] = ("receiving", "queued", "processing", "done", "skipped", "failed")
+FEEDBACK_ACTIONS: tuple[str, ...] = ("acknowledge", "agree", "disagree")
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def mask_patient(name: str, patient_id: str) -> str:
+    """Initials (given then family name) plus the last two characters of the ID, e.g. ``J.D. …42``."""
+    comps = [c.strip() for c in name.split("=")[0].split("^")]  # DICOM PN: family^given^middle^prefix^suffix
+    family, given = (comps + ["", ""])[:2]
+    words = [w for w in (given.split() + family.split()) if w]
+    initials = "".join(f"{w[0].upper()}." for w in words[:3]) or "?"
+    tail = patient_id[-2:] if len(patient_id) >= 2 else ""
+    return f"{initials} …{tail}" if tail else initials
+
+
+def patient_display(study: Study, phi: bool) -> str:
+    if phi:
+        name = study.patient_name.replace("^", " ").strip() or "(no name)"
+        return f"{name} ({study.patient_id})" if study.patient_id else name
+    return mask_patient(study.patient_name, study.patient_id)
+
+
+def latest_results(s: Session, study_ids: Iterable[int]) -> dict[int, Result]:
+    """The newest non-superseded result of each study."""
+    ids = list(set(study_ids))
+    if not ids:
+        return {}
+    rows = s.scalars(
+        select(Result)
+        .where(Result.study_id.in_(ids), Result.superseded.is_(False))
+        .order_by(Result.study_id, Result.created_at.desc(), Result.id.desc())
+    ).all()
+    out: dict[int, Result] = {}
+    for r in rows:
+        out.setdefault(r.study_id, r)
+    return out
+
+
+def findings_of(s: Session, result_ids: Iterable[int]) -> dict[int, dict[str, Finding]]:
+    ids = list(set(result_ids))
+    out: dict[int, dict[str, Finding]] = defaultdict(dict)
+    if ids:
+        for f in s.scalars(select(Finding).where(Finding.result_id.in_(ids))):
+            out[f.result_id][f.label] = f
+    return out
+
+
+def finding_dict(f: Finding) -> dict[str, Any]:
+    return {
+        "label": f.label,
+        "name": DISPLAY.get(f.label, f.label),
+        "short": SHORT.get(f.label, f.label),
+        "probability": round(float(f.probability), 4),
+        "threshold": round(float(f.threshold), 4),
+        "present": bool(f.present),
+        "volume_ml": round(float(f.volume_ml), 2),
+        "abc2_ml": round(float(f.abc2_ml), 2),
+        "key_slice": f.key_slice,
+    }
+
+
+def ordered_findings(by_label: dict[str, Finding]) -> list[dict[str, Any]]:
+    known = [finding_dict(by_label[lb]) for lb in LABELS if lb in by_label]
+    extra = [finding_dict(f) for lb, f in sorted(by_label.items()) if lb not in LABELS]
+    return known + extra
+
+
+def time_to_result(study: Study) -> float | None:
+    """Seconds from the first received image to the result (None before a result)."""
+    if study.result_at is None:
+        return None
+    return max(0.0, (study.result_at - study.first_received_at).total_seconds())
+
+
+def last_feedback(s: Session, study_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    if not study_ids:
+        return out
+    rows = s.execute(
+        select(Feedback, User.username)
+        .outerjoin(User, User.id == Feedback.user_id)
+        .where(Feedback.study_id.in_(list(study_ids)))
+        .order_by(Feedback.study_id, Feedback.created_at.desc(), Feedback.id.desc())
+    ).all()
+    for fb, username in rows:
+        out.setdefault(fb.study_id, {"action": fb.action, "user": username or "?", "at": iso(fb.created_at)})
+    return out
+
+
+def study_row(study: Study, result: Result | None, findings: dict[str, Finding], phi: bool,
+              feedback: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One worklist / API row."""
+    ttr = time_to_result(study)
+    return {
+        "id": study.id,
+        "study_uid": study.study_uid,
+        "accession": study.accession,
+        "patient": patient_display(study, phi),
+        "patient_masked": not phi,
+        "description": study.study_description,
+        "study_date": study.study_date,
+        "status": study.status,
+        "status_reason": study.status_reason,
+        "priority": study.priority,
+        "stat": bool(study.stat),
+        "flagged": bool(study.flagged),
+        "received_at": iso(study.first_received_at),
+        "last_received_at": iso(study.last_received_at),
+        "result_at": iso(study.result_at),
+        "time_to_result_s": round(ttr, 1) if ttr is not None else None,
+        "result_id": result.id if result else None,
+        "positive": bool(result.positive) if result else None,
+        "total_volume_ml": round(float(result.total_volume_ml), 2) if result else None,
+        "abc2_ml": round(float(result.abc2_ml), 2) if result else None,
+        "findings": ordered_findings(findings),
+        "feedback": feedback,
+    }
+
+
+def worklist(s: Session, phi: bool, limit: int = 200) -> list[dict[str, Any]]:
+    """Studies for the worklist: flagged first, then newest first."""
+    studies = s.scalars(
+        select(Study)
+        .where(Study.purged_at.is_(None))
+        .order_by(Study.flagged.desc(), Study.first_received_at.desc(), Study.id.desc())
+        .limit(limit)
+    ).all()
+    results = latest_results(s, [st.id for st in studies])
+    fnd = findings_of(s, [r.id for r in results.values()])
+    fb = last_feedback(s, [st.id for st in studies])
+    rows = []
+    for st in studies:
+        r = results.get(st.id)
+        rows.append(study_row(st, r, fnd.get(r.id, {}) if r else {}, phi, fb.get(st.id)))
+    return rows
+
+
+# --------------------------------------------------------------------------- study view
+def study_detail(s: Session, study_id: int, phi: bool) -> dict[str, Any] | None:
+    study = s.get(Study, study_id)
+    if study is None:
+        return None
+    result = latest_results(s, [study.id]).get(study.id)
+    fnd = findings_of(s, [result.id]).get(result.id, {}) if result else {}
+    row = study_row(study, result, fnd, phi, last_feedback(s, [study.id]).get(study.id))
+    row["series"] = [
+        {"id": se.id, "series_uid": se.series_uid, "number": se.series_number, "description": se.description,
+         "modality": se.modality, "state": se.state, "skip_reason": se.skip_reason,
+         "instances": se.instance_count}
+        for se in s.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.series_number))
+    ]
+    row["model"] = None
+    row["previews"] = []
+    row["timings"] = {}
+    row["device"] = ""
+    if result is not None:
+        if result.model_version_id is not None:
+            mv = s.get(ModelVersion, result.model_version_id)
+            if mv is not None:
+                row["model"] = {"name": mv.name, "version": mv.version, "sha256": mv.sha256}
+        previews = (result.summary or {}).get("previews") or []
+        row["previews"] = [
+            {"index": i, "label": str(p.get("label", "")), "slice": p.get("slice"),
+             "has_plain": bool(p.get("plain")), "has_overlay": bool(p.get("overlay"))}
+            for i, p in enumerate(previews) if isinstance(p, dict)
+        ]
+        row["timings"] = {k: v for k, v in (result.timings or {}).items() if isinstance(v, int | float)}
+        row["device"] = result.device
+        row["generation"] = result.generation
+    row["feedback_history"] = [
+        {"action": fb.action, "user": username or "?", "at": iso(fb.created_at), "comment": fb.comment}
+        for fb, username in s.execute(
+            select(Feedback, User.username).outerjoin(User, User.id == Feedback.user_id)
+            .where(Feedback.study_id == study.id).order_by(Feedback.created_at, Feedback.id)
+        )
+    ]
+    row["timeline"] = [
+        {"ts": iso(ev.ts), "event_type": ev.event_type, "actor": ev.actor, "outcome": ev.outcome,
+         "series_uid": ev.series_uid, "details": ev.details or {}}
+        for ev in s.scalars(
+            select(AuditEvent).where(AuditEvent.study_uid == study.study_uid)
+            .order_by(AuditEvent.ts, AuditEvent.id).limit(500)
+        )
+    ]
+    row["deliveries"] = deliveries_by_destination(s, study.id)
+    return row
+
+
+def preview_path(s: Session, study_id: int, index: int, kind: str) -> str | None:
+    """The file-store path of a preview image, looked up in the database (never taken from the URL)."""
+    result = latest_results(s, [study_id]).get(study_id)
+    if result is None or kind not in ("plain", "overlay"):
+        return None
+    previews = (result.summary or {}).get("previews") or []
+    if not 0 <= index < len(previews) or not isinstance(previews[index], dict):
+        return None
+    rel = previews[index].get(kind)
+    return str(rel) if rel else None
+
+
+def deliveries_by_destination(s: Session, study_id: int) -> list[dict[str, Any]]:
+    """Per (channel, destination): attempts, objects sent, the last outcome."""
+    rows = s.scalars(
+        select(Delivery).join(Result, Result.id == Delivery.result_id)
+        .where(Result.study_id == study_id)
+        .order_by(Delivery.started_at, Delivery.id)
+    ).all()
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for d in rows:
+        g = groups.setdefault((d.channel, d.destination), {
+            "channel": d.channel, "destination": d.destination, "attempts": 0, "ok": 0, "failed": 0,
+            "objects": set(), "last_status": "", "last_error": "", "last_ok": None, "last_at": None})
+        g["attempts"] += 1
+        g["ok" if d.ok else "failed"] += 1
+        if d.result_object_id is not None and d.ok:
+            g["objects"].add(d.result_object_id)
+        g["last_status"], g["last_error"], g["last_ok"] = d.status, d.error, bool(d.ok)
+        g["last_at"] = iso(d.finished_at or d.started_at)
+    out = []
+    for g in groups.values():
+        g["objects_delivered"] = len(g.pop("objects"))
+        out.append(g)
+    return out
+
+
+# --------------------------------------------------------------------------- operations
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (``q`` in 0..100); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
+    """Flag rate, PPV from radiologist feedback, time-to-result percentiles."""
+    cond = [Study.status == "done"]
+    if since is not None:
+        cond.append(Study.first_received_at >= since)
+    done = s.scalar(select(func.count()).select_from(Study).where(*cond)) or 0
+    flagged = s.scalar(select(func.count()).select_from(Study).where(*cond, Study.flagged.is_(True))) or 0
+    # PPV: of the flagged studies with a verdict, how many did the radiologist agree with
+    # (latest agree/disagree per study counts).
+    verdicts = s.execute(
+        select(Feedback.study_id, Feedback.action)
+        .join(Study, Study.id == Feedback.study_id)
+        .where(*cond, Study.flagged.is_(True), Feedback.action.in_(("agree", "disagree")))
+        .order_by(Feedback.study_id, Feedback.created_at.desc(), Feedback.id.desc())
+    ).all()
+    latest: dict[int, str] = {}
+    for sid, action in verdicts:
+        latest.setdefault(sid, action)
+    agree = sum(1 for a in latest.values() if a == "agree")
+    disagree = len(latest) - agree
+    ttr = [
+        (ra - fr).total_seconds()
+        for fr, ra in s.execute(
+            select(Study.first_received_at, Study.result_at).where(*cond, Study.result_at.is_not(None))
+            .order_by(Study.result_at.desc()).limit(5000)
+        )
+    ]
+    ttr = [max(0.0, v) for v in ttr]
+    return {
+        "done": done,
+        "flagged": flagged,
+        "flag_rate": (flagged / done) if done else None,
+        "verdicts": len(latest),
+        "agree": agree,
+        "disagree": disagree,
+        "ppv": (agree / len(latest)) if latest else None,
+        "ttr_n": len(ttr),
+        "ttr_p50": percentile(ttr, 50),
+        "ttr_p90": percentile(ttr, 90),
+        "ttr_p99": percentile(ttr, 99),
+        "ttr_max": max(ttr) if ttr else None,
+    }
+
+
+def workers(s: Session, now: dt.datetime) -> list[dict[str, Any]]:
+    return [
+        {"id": w.id, "role": w.role, "host": w.host, "pid": w.pid, "started_at": iso(w.started_at),
+         "heartbeat_at": iso(w.heartbeat_at), "age_s": round((now - w.heartbeat_at).total_seconds(), 1),
+         "current_job_id": w.current_job_id}
+        for w in s.scalars(select(Worker).order_by(Worker.heartbeat_at.desc()))
+    ]
+
+
+def dead_jobs(s: Session, limit: int = 100) -> list[dict[str, Any]]:
+    return [
+        {"id": j.id, "kind": j.kind, "attempts": j.attempts, "payload": j.payload, "study_id": j.study_id,
+         "finished_at": iso(j.finished_at), "last_error": (j.last_error or "")[:500]}
+        for j in s.scalars(select(Job).where(Job.state == "dead").order_by(Job.id.desc()).limit(limit))
+    ]
+
+
+def destinations(s: Session, configured: Sequence[str]) -> list[dict[str, Any]]:
+    """Each configured destination (and any other seen in deliveries) with its last attempt."""
+    names = list(configured)
+    seen = [d for (d,) in s.execute(select(Delivery.destination).distinct()) if d not in names]
+    out = []
+    for name in names + sorted(seen):
+        last = s.scalars(
+            select(Delivery).where(Delivery.destination == name)
+            .order_by(Delivery.started_at.desc(), Delivery.id.desc()).limit(1)
+        ).first()
+        counts = dict(s.execute(
+            select(Delivery.ok, func.count()).where(Delivery.destination == name).group_by(Delivery.ok)
+        ).all())
+        out.append({
+            "destination": name, "configured": name in configured,
+            "channel": last.channel if last else "",
+            "last_ok": bool(last.ok) if last else None, "last_status": last.status if last else "",
+            "last_error": (last.error or "")[:300] if last else "",
+            "last_at": iso(last.finished_at or last.started_at) if last else None,
+            "ok": int(counts.get(True, 0)), "failed": int(counts.get(False, 0)),
+        })
+    return out
+
+
+def model_versions(s: Session) -> list[dict[str, Any]]:
+    return [
+        {"name": m.name, "version": m.version, "sha256": m.sha256, "first_loaded_at": iso(m.first_loaded_at),
+         "manifest": m.manifest or {}}
+        for m in s.scalars(select(ModelVersion).order_by(ModelVersion.first_loaded_at.desc()))
+    ]
+
+
+def disk_usage(path: Any) -> dict[str, Any]:
+    try:
+        u = shutil.disk_usage(path)
+    except OSError as exc:
+        return {"error": str(exc)}
+    return {"total": u.total, "used": u.used, "free": u.free, "used_fraction": u.used / u.total if u.total else None}

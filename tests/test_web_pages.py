@@ -1,0 +1,328 @@
+"""Web pages, sessions and security, through the ASGI app (in-process HTTP), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+from starlette.testclient import TestClient
+
+from reports.web.app import create_app
+from storage import audit
+from storage.db import session_scope
+from storage.models import AuditEvent, Feedback, Job, User
+from tests.conftest import make_settings
+from tests.web_support import PASSWORD, add_user, heartbeat, seed_study
+from triage.context import AppContext
+
+CSRF_RE = re.compile(r'name="csrf-token" content="([^"]+)"')
+
+
+def csrf_of(client: TestClient, path: str = "/login") -> str:
+    m = CSRF_RE.search(client.get(path).text)
+    assert m, "page carries no CSRF token"
+    return m.group(1)
+
+
+def log_in(client: TestClient, username: str, password: str = PASSWORD) -> tuple[int, str]:
+    token = csrf_of(client)
+    r = client.post("/login", data={"username": username, "password": password, "csrf_token": token, "next": "/"},
+                    follow_redirects=False)
+    return r.status_code, r.text
+
+
+def events(ctx: AppContext, event_type: str) -> list[AuditEvent]:
+    with session_scope(ctx.sessions) as s:
+        return list(s.scalars(select(AuditEvent).where(AuditEvent.event_type == event_type)
+                              .order_by(AuditEvent.id)))
+
+
+# Queries that differ between back-ends (worklist, study view, audit, operations, metrics) run on
+# SQLite and PostgreSQL (``app_ctx``); session and role mechanics on SQLite only (``lite_ctx``).
+def _with_users(ctx: AppContext) -> AppContext:
+    add_user(ctx, "alice", "admin")
+    add_user(ctx, "rad", "radiologist")
+    return ctx
+
+
+@pytest.fixture
+def app_ctx(ctx: AppContext) -> AppContext:
+    return _with_users(ctx)
+
+
+@pytest.fixture
+def lite_ctx(sqlite_ctx: AppContext) -> AppContext:
+    return _with_users(sqlite_ctx)
+
+
+@pytest.fixture
+def client(app_ctx: AppContext) -> Iterator[TestClient]:
+    with TestClient(create_app(app_ctx), base_url="http://testserver") as c:
+        yield c
+
+
+@pytest.fixture
+def lite_client(lite_ctx: AppContext) -> Iterator[TestClient]:
+    with TestClient(create_app(lite_ctx), base_url="http://testserver") as c:
+        yield c
+
+
+def test_login_session_cookie_and_logout_are_audited(lite_ctx: AppContext, lite_client: TestClient) -> None:
+    assert lite_client.get("/", follow_redirects=False).headers["location"].startswith("/login")
+    token = csrf_of(lite_client)
+    r = lite_client.post("/login", data={"username": "rad", "password": PASSWORD, "csrf_token": token, "next": "/"},
+                    follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=lax" in cookie and "secure" not in cookie
+    page = lite_client.get("/")
+    assert page.status_code == 200 and "Worklist" in page.text
+    assert "not for clinical use" in page.text.lower()
+    assert "content-security-policy" in page.headers
+    new_token = csrf_of(lite_client, "/")
+    assert new_token != token, "login must rotate the CSRF token"
+    r = lite_client.post("/logout", data={"csrf_token": new_token}, follow_redirects=False)
+    assert r.status_code == 303
+    assert lite_client.get("/", follow_redirects=False).status_code == 303
+    assert [e.actor for e in events(lite_ctx, audit.LOGIN)] == ["rad"]
+    assert [e.actor for e in events(lite_ctx, audit.LOGOUT)] == ["rad"]
+
+
+def test_secure_cookie_when_https_only(tmp_path, sqlite_ctx: AppContext) -> None:
+    ctx = AppContext(make_settings(tmp_path, database_url=sqlite_ctx.settings.database_url,
+                                   session_https_only="true"))
+    try:
+        add_user(ctx, "alice", "admin")
+        with TestClient(create_app(ctx), base_url="https://testserver") as c:
+            token = csrf_of(c)
+            r = c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token},
+                       follow_redirects=False)
+            assert r.status_code == 303
+            assert "secure" in r.headers["set-cookie"].lower()
+    finally:
+        ctx.close()
+
+
+def test_wrong_password_then_lockout(lite_ctx: AppContext, lite_client: TestClient) -> None:
+    attempts = lite_ctx.settings.lockout_attempts
+    for _ in range(attempts - 1):
+        status, body = log_in(lite_client, "rad", "wrong password!")
+        assert status == 401 and "Invalid user name or password" in body
+    status, body = log_in(lite_client, "rad", "wrong password!")
+    assert status == 401 and "locked" in body
+    status, body = log_in(lite_client, "rad")  # right password, still locked
+    assert status == 401 and "locked" in body
+    assert len(events(lite_ctx, audit.LOCKOUT)) == 1
+    failed = events(lite_ctx, audit.LOGIN_FAILED)
+    assert len(failed) == attempts + 1
+    assert failed[-1].details["reason"] == "locked"
+    with session_scope(lite_ctx.sessions) as s:
+        user = s.scalars(select(User).where(User.username == "rad")).one()
+        assert user.locked_until is not None
+    status, body = log_in(lite_client, "nobody", "whatever12345")  # unknown user: same answer
+    assert status == 401 and "Invalid user name or password" in body
+
+
+def test_csrf_is_required(lite_ctx: AppContext, lite_client: TestClient) -> None:
+    r = lite_client.post("/login", data={"username": "rad", "password": PASSWORD}, follow_redirects=False)
+    assert r.status_code == 403
+    assert log_in(lite_client, "rad")[0] == 303
+    seeded = seed_study(lite_ctx, accession="ACC-CSRF", flagged=True, probabilities={"any": 0.9, "subdural": 0.9})
+    r = lite_client.post(f"/studies/{seeded.study_id}/feedback", json={"action": "acknowledge"})
+    assert r.status_code == 403
+    r = lite_client.post(f"/studies/{seeded.study_id}/feedback", json={"action": "acknowledge"},
+                    headers={"X-CSRF-Token": "forged"})
+    assert r.status_code == 403
+    with session_scope(lite_ctx.sessions) as s:
+        assert s.scalars(select(Feedback)).first() is None
+    denied = [e for e in events(lite_ctx, audit.VIEWED) if e.outcome == "failure"]
+    assert denied and denied[-1].details["denied"] == "csrf"
+
+
+def test_feedback_is_stored_and_audited(lite_ctx: AppContext, lite_client: TestClient) -> None:
+    seeded = seed_study(lite_ctx, accession="ACC-FB", flagged=True, probabilities={"any": 0.9, "subdural": 0.8})
+    assert log_in(lite_client, "rad")[0] == 303
+    token = csrf_of(lite_client, "/")
+    r = lite_client.post(f"/studies/{seeded.study_id}/feedback", json={"action": "agree"},
+                    headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and r.json()["feedback"]["action"] == "agree"
+    bad = lite_client.post(f"/studies/{seeded.study_id}/feedback", json={"action": "delete"},
+                      headers={"X-CSRF-Token": token})
+    assert bad.status_code == 400
+    missing = lite_client.post("/studies/999999/feedback", json={"action": "agree"}, headers={"X-CSRF-Token": token})
+    assert missing.status_code == 404
+    with session_scope(lite_ctx.sessions) as s:
+        fbs = list(s.scalars(select(Feedback)))
+    assert [(f.action, f.result_id) for f in fbs] == [("agree", seeded.result_id)]
+    ev = events(lite_ctx, audit.FEEDBACK)
+    assert len(ev) == 1 and ev[0].actor == "rad" and ev[0].accession == "ACC-FB"
+    assert ev[0].details["action"] == "agree"
+
+
+def test_roles_phi_masking_and_forbidden_pages(lite_ctx: AppContext, lite_client: TestClient) -> None:
+    seed_study(lite_ctx, accession="ACC-PHI", patient_name="DOE^JANE", patient_id="PID0042")
+    assert log_in(lite_client, "rad")[0] == 303
+    page = lite_client.get("/").text
+    assert "J.D. …42" in page and "DOE" not in page and "PID0042" not in page
+    for path in ("/audit", "/ops", "/audit.csv"):
+        assert lite_client.get(path).status_code == 403
+    token = csrf_of(lite_client, "/")
+    assert lite_client.post("/ops/jobs/1/retry", data={"csrf_token": token}).status_code == 403
+    denied = [e for e in events(lite_ctx, audit.VIEWED) if e.outcome == "failure"]
+    assert {e.details["path"] for e in denied} >= {"/audit", "/ops"}
+    lite_client.post("/logout", data={"csrf_token": token})
+    assert log_in(lite_client, "alice")[0] == 303
+    page = lite_client.get("/").text
+    assert "DOE JANE (PID0042)" in page
+
+
+def test_study_view_and_previews(app_ctx: AppContext, client: TestClient) -> None:
+    seeded = seed_study(app_ctx, accession="ACC-VIEW", flagged=True,
+                        probabilities={"any": 0.93, "subdural": 0.88, "epidural": 0.1},
+                        deliveries=(("PACS@127.0.0.1:4242", True), ("ARCH@10.0.0.9:104", False)))
+    assert client.get(f"/studies/{seeded.study_id}/preview/0/overlay", follow_redirects=False).status_code == 303
+    assert log_in(client, "rad")[0] == 303
+    page = client.get(f"/studies/{seeded.study_id}")
+    assert page.status_code == 200
+    for text in ("Subdural hemorrhage", "0.880", "ich-synthetic 0.1.0", "PACS@127.0.0.1:4242", "ARCH@10.0.0.9:104",
+                 "out of resources", "inferred", "12.4 mL", "11.8 mL"):
+        assert text in page.text, text
+    img = client.get(f"/studies/{seeded.study_id}/preview/0/overlay")
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+    assert img.content.startswith(b"\x89PNG")
+    assert client.get(f"/studies/{seeded.study_id}/preview/0/plain").status_code == 200
+    assert client.get(f"/studies/{seeded.study_id}/preview/7/overlay").status_code == 404
+    assert client.get(f"/studies/{seeded.study_id}/preview/0/secret").status_code == 404
+    assert client.get("/studies/424242").status_code == 404
+    assert client.get("/studies/abc").status_code == 404
+
+
+def test_worklist_order_status_and_rows_endpoint(app_ctx: AppContext, client: TestClient) -> None:
+    seed_study(app_ctx, accession="ACC-OLD-FLAG", flagged=True, received_ago_s=5000,
+               probabilities={"any": 0.9, "intraparenchymal": 0.9})
+    seed_study(app_ctx, accession="ACC-NEW", received_ago_s=60)
+    seed_study(app_ctx, accession="ACC-SKIP", status="skipped", status_reason="not a head CT: body part CHEST",
+               received_ago_s=30)
+    assert log_in(client, "rad")[0] == 303
+    rows = client.get("/worklist/rows").text
+    order = re.findall(r">(ACC-[A-Z-]+)</a>", rows)
+    assert order == ["ACC-OLD-FLAG", "ACC-SKIP", "ACC-NEW"]
+    assert "not a head CT: body part CHEST" in rows
+    assert "IPH 90%" in rows
+
+
+def test_audit_page_filters_csv_and_verification(app_ctx: AppContext, client: TestClient) -> None:
+    seed_study(app_ctx, accession="ACC-AUD")
+    seed_study(app_ctx, accession="ACC-OTHER")
+    assert log_in(client, "alice")[0] == 303
+    page = client.get("/audit", params={"accession": "ACC-AUD"})
+    assert page.status_code == 200
+    assert "verified" in page.text and "NOT verified" not in page.text
+    assert "ACC-AUD" in page.text and "ACC-OTHER" not in page.text
+    assert client.get("/audit", params={"since": "garbage"}).status_code == 200
+    r = client.get("/audit.csv", params={"event_type": "received"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert {row["accession"] for row in rows} == {"ACC-AUD", "ACC-OTHER"}
+    assert all(row["event_type"] == "received" for row in rows)
+    exports = [e for e in events(app_ctx, audit.VIEWED) if e.details.get("export") == "audit.csv"]
+    assert exports and exports[-1].actor == "alice"
+    # Tamper with an event: the page must say the chain is broken.
+    with session_scope(app_ctx.sessions) as s:
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.accession == "ACC-AUD")).first()
+        ev.actor = "mallory"
+    assert "NOT verified" in client.get("/audit").text
+
+
+def test_operations_page_and_retry(app_ctx: AppContext, client: TestClient) -> None:
+    seed_study(app_ctx, accession="ACC-OPS", flagged=True, probabilities={"any": 0.9, "subdural": 0.9})
+    heartbeat(app_ctx)
+    q = app_ctx.queue
+    job_id = q.enqueue("deliver", {"result_object_id": 1, "destination": "PACS@127.0.0.1:4242"}, max_attempts=1)
+    job = q.claim("test-worker")
+    assert job is not None and job.id == job_id
+    q.fail(job.id, "test-worker", "association rejected", retry=False)
+    assert log_in(client, "alice")[0] == 303
+    page = client.get("/ops")
+    assert page.status_code == 200
+    for text in ("association rejected", "test:1:worker", "ich-synthetic", "PACS@127.0.0.1:4242", "Flag rate"):
+        assert text in page.text, text
+    token = csrf_of(client, "/ops")
+    assert client.post(f"/ops/jobs/{job_id}/retry", data={}, follow_redirects=False).status_code == 403
+    r = client.post(f"/ops/jobs/{job_id}/retry", data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303
+    with session_scope(app_ctx.sessions) as s:
+        assert s.get(Job, job_id).state == "queued"
+    retried = events(app_ctx, audit.JOB_RETRIED)
+    assert retried and retried[-1].actor == "alice"
+
+
+def test_quality_ppv_and_ttr(app_ctx: AppContext, client: TestClient) -> None:
+    from reports.web import queries as q
+
+    a = seed_study(app_ctx, accession="Q1", flagged=True, probabilities={"any": 0.9}, ttr_s=60)
+    b = seed_study(app_ctx, accession="Q2", flagged=True, probabilities={"any": 0.9}, ttr_s=120)
+    seed_study(app_ctx, accession="Q3", ttr_s=180)
+    seed_study(app_ctx, accession="Q4", ttr_s=240)
+    with session_scope(app_ctx.sessions) as s:
+        uid = s.scalars(select(User.id).where(User.username == "rad")).one()
+        s.add_all([Feedback(study_id=a.study_id, user_id=uid, action="disagree"),
+                   Feedback(study_id=a.study_id, user_id=uid, action="agree"),  # latest answer counts
+                   Feedback(study_id=b.study_id, user_id=uid, action="disagree")])
+    with session_scope(app_ctx.sessions) as s:
+        qd = q.quality(s)
+    assert qd["done"] == 4 and qd["flagged"] == 2 and qd["flag_rate"] == pytest.approx(0.5)
+    assert qd["verdicts"] == 2 and qd["agree"] == 1 and qd["ppv"] == pytest.approx(0.5)
+    assert qd["ttr_p50"] == pytest.approx(150, abs=1)
+    assert q.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+
+
+def test_trusted_proxy_header(tmp_path, sqlite_ctx: AppContext) -> None:
+    ctx = AppContext(make_settings(tmp_path, database_url=sqlite_ctx.settings.database_url,
+                                   trusted_proxy_header="X-Remote-User"))
+    try:
+        add_user(ctx, "rad", "radiologist")
+        with TestClient(create_app(ctx)) as c:
+            assert c.get("/", headers={"X-Remote-User": "rad"}).status_code == 200
+            assert c.get("/", headers={"X-Remote-User": "stranger"}, follow_redirects=False).status_code == 303
+        assert [e.details["method"] for e in events(ctx, audit.LOGIN)] == ["proxy header X-Remote-User"]
+        # Without the setting the header is ignored.
+        with TestClient(create_app(sqlite_ctx)) as c:
+            assert c.get("/", headers={"X-Remote-User": "rad"}, follow_redirects=False).status_code == 303
+    finally:
+        ctx.close()
+
+
+def test_health_ready_and_metrics(app_ctx: AppContext, client: TestClient) -> None:
+    assert client.get("/healthz").json()["status"] == "ok"
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["checks"]["worker"]["ok"] is False
+    assert r.json()["checks"]["database"]["ok"] is True
+    heartbeat(app_ctx)
+    r = client.get("/readyz")
+    assert r.status_code == 200 and all(c["ok"] for c in r.json()["checks"].values())
+    heartbeat(app_ctx, age_s=3600)
+    assert client.get("/readyz").status_code == 503
+    app_ctx.store.free_bytes_override = 0
+    ctx_floor = app_ctx.store.floor_bytes
+    app_ctx.store.floor_bytes = 1
+    try:
+        assert client.get("/readyz").json()["checks"]["disk"]["ok"] is False
+    finally:
+        app_ctx.store.free_bytes_override = None
+        app_ctx.store.floor_bytes = ctx_floor
+    seed_study(app_ctx, accession="M1", flagged=True, probabilities={"any": 0.9},
+               deliveries=(("PACS@h:1", True), ("PACS@h:1", False)))
+    app_ctx.queue.enqueue("infer", {"series_id": 1, "generation": 0})
+    body = client.get("/metrics").text
+    assert "triage_flagged_studies_total 1.0" in body
+    assert 'triage_jobs{kind="infer",state="queued"} 1.0' in body
+    assert 'triage_deliveries_total{channel="dicom",outcome="ok"} 1.0' in body
+    assert 'triage_deliveries_total{channel="dicom",outcome="failed"} 1.0' in body
+    assert 'triage_stage_duration_seconds_bucket{le="5.0",stage="predict"} 1.0' in body
+    assert 'triage_stage_duration_seconds_count{stage="total"} 1.0' in body
+    assert "triage_instances_received_total 1.0" in body
