@@ -32,6 +32,7 @@ DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda"]
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 K8S_FILES = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 UNITS = sorted(SYSTEMD.glob("triage-*.service"))
+TIMERS = sorted(SYSTEMD.glob("triage-*.timer"))
 VENV_BIN = Path(sys.executable).parent
 # Environment variables with the prefix that are not settings (read by load_settings / the CLI).
 NON_SETTING_VARS = {"TRIAGE_CONFIG", "TRIAGE_NEW_PASSWORD"}
@@ -62,6 +63,8 @@ def _pod_specs() -> list[tuple[str, dict[str, Any]]]:
     for _, d in _k8s_objects():
         if d["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
             out.append((f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]))
+        elif d["kind"] == "CronJob":
+            out.append((f"CronJob/{d['metadata']['name']}", d["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
     return out
 
 
@@ -154,6 +157,7 @@ def test_k8s_kustomization_lists_every_manifest_and_renders() -> None:
     assert len(rendered) == len(_k8s_objects())
     images = {c["image"] for d in rendered if d["kind"] in ("Deployment", "Job")
               for c in _all_containers(d["spec"]["template"]["spec"])}
+    assert {d["kind"] for d in rendered} >= {"CronJob", "Job", "Deployment", "Service", "PodDisruptionBudget"}
     assert any("cuda" in i for i in images) and any("cuda" not in i for i in images), images
 
 
@@ -356,7 +360,7 @@ def test_role_commands_parse_with_the_triage_cli() -> None:
         assert cmd, dockerfile
         commands.append((dockerfile.name, json.loads(cmd.group(1))))
     roles = {args[0] for _, args in commands}
-    assert {"serve", "receiver", "worker", "web", "db"} <= roles
+    assert {"serve", "receiver", "worker", "web", "db", "audit"} <= roles
     for where, args in commands:
         try:
             parser.parse_args(args)
@@ -457,7 +461,10 @@ def _verify(units: list[Path], tmp_path: Path) -> subprocess.CompletedProcess[st
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed (units checked by test_systemd_units_are_hardened)")
-    out = _verify(UNITS, tmp_path)
+    assert TIMERS
+    for timer in TIMERS:
+        assert (SYSTEMD / f"{timer.stem}.service").is_file(), timer  # a timer starts its namesake unit
+    out = _verify([*UNITS, *TIMERS], tmp_path)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
     # The check can fail: a bad value is reported on stderr.
     broken = tmp_path / "broken"
