@@ -113,20 +113,34 @@ def head_holder(h: Head, hu: np.ndarray, rng: np.random.Generator) -> None:
     hu += mask * (F32(rng.uniform(80, 250)) - hu)
 
 
-def reconstruct(hu: np.ndarray, ps: float, slice_thickness: float, rng: np.random.Generator, noise_sd: float) -> None:
-    """Kernel blur (Gaussian MTF) and noise whose power spectrum is ramp x MTF^2, like filtered
-    back-projection of a standard head kernel (in place, slice by slice in frequency space)."""
-    nz, n, _ = hu.shape
+def kernel_mtf(n: int, ps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(MTF, radial frequency) on the rfft2 grid of an n x n slice with pixel size ``ps`` (mm)."""
     fy = sfft.fftfreq(n, d=ps)[:, None]
     fx = sfft.rfftfreq(n, d=ps)[None, :]
     f = np.sqrt(fx * fx + fy * fy)
     f50 = 0.42  # lp/mm at 50% MTF (soft-tissue head kernel)
-    mtf = np.exp(-np.log(2) * (f / f50) ** 2).astype(F32)
-    nps = (f * mtf).astype(F32)
-    shaped = np.sqrt(nps)
+    return np.exp(-np.log(2) * (f / f50) ** 2).astype(F32), f.astype(F32)
+
+
+def blur(vol: np.ndarray, ps: float) -> np.ndarray:
+    """The reconstruction kernel's blur alone (used to measure bone spill into the ground truth)."""
+    n = vol.shape[-1]
+    mtf, _ = kernel_mtf(n, ps)
+    return sfft.irfft2(sfft.rfft2(vol, axes=(1, 2), workers=1) * mtf, s=(n, n), axes=(1, 2), workers=1)
+
+
+def reconstruct(hu: np.ndarray, ps: float, slice_thickness: float, rng: np.random.Generator, noise_sd: float) -> None:
+    """Kernel blur (Gaussian MTF) and noise whose power spectrum is ramp x MTF^2, like filtered
+    back-projection of a standard head kernel (in place, slice by slice in frequency space).
+    Noise is stronger in slices through the skull base (photon starvation behind dense bone)."""
+    nz, n, _ = hu.shape
+    mtf, f = kernel_mtf(n, ps)
+    shaped = np.sqrt(f * mtf).astype(F32)
     white = rng.standard_normal((nz, n, n), dtype=F32)
     spec = sfft.rfft2(hu, axes=(1, 2), workers=1) * mtf
     nspec = sfft.rfft2(white, axes=(1, 2), workers=1) * shaped
     noise = sfft.irfft2(nspec, s=(n, n), axes=(1, 2), workers=1)
     noise *= F32(noise_sd) / F32(noise.std() + 1e-6)
+    dense = np.clip((hu[:, n // 4: 3 * n // 4: 4, n // 4: 3 * n // 4: 4] > 600).mean(axis=(1, 2)) * 4, 0, 1)
+    noise *= (1 + 0.6 * dense.astype(F32))[:, None, None]
     hu[:] = sfft.irfft2(spec, s=(n, n), axes=(1, 2), workers=1) + noise

@@ -102,7 +102,18 @@ class SyntheticStudy:
     kind: str
     meta: dict[str, Any]
     geometry: Geometry
-    regions: dict[str, np.ndarray] = field(default_factory=dict)  # ventricles, csf_spaces (bool)
+    coarse_regions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _regions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def regions(self) -> dict[str, np.ndarray]:
+        """Anatomical masks at output resolution (computed on first use): ``ventricles`` and
+        ``csf_spaces`` (sulci, cisterns, fissures, the CSF over the convexity)."""
+        if not self._regions:
+            n = self.hu.shape[-1]
+            for k, occ in self.coarse_regions.items():
+                self._regions[k] = (upsample(occ, n) if occ.shape[-1] != n else occ) >= 0.5
+        return self._regions
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -228,12 +239,24 @@ def generate_study(seed: int, options: PhantomOptions | None = None) -> Syntheti
     noise_sd = opts.noise * float(rng.uniform(2.2, 4.2)) * math.sqrt(5.0 / fine.slice_thickness)
     if kind == "hard_negative_artefact":
         noise_sd *= 1.4
+    spill = None
+    if lesions:
+        # how much the kernel blur carries bone / calcium into each voxel: blood voxels next to the
+        # inner table that read > +20 HU from that spill do not show blood density and are not marked
+        spill = artefacts.blur(np.maximum(hu - F32(150.0), F32(0.0)), fine.pixel_spacing)
     artefacts.reconstruct(hu, fine.pixel_spacing, fine.slice_thickness, rng, noise_sd)
     np.clip(np.rint(hu, out=hu), -1024, 3071, out=hu)
 
     # --- ground truth: a voxel is blood when at least half of it is blood
     shape = hu.shape
     masks = {s: (frac[s] * f_ic >= 0.5) if frac[s] is not None else np.zeros(shape, bool) for s in SUBTYPES}
+    spill_excluded = 0
+    if spill is not None:
+        clean = spill < 20.0
+        for s in SUBTYPES:
+            before = int(masks[s].sum())
+            masks[s] &= clean
+            spill_excluded += before - int(masks[s].sum())
     any_mask = np.zeros(shape, bool)
     for m in masks.values():
         any_mask |= m
@@ -259,18 +282,14 @@ def generate_study(seed: int, options: PhantomOptions | None = None) -> Syntheti
         "subtypes": [s for s in SUBTYPES if exam_labels[LABELS.index(s)]],
         "calcifications": calcs,
         "artefacts": {**art, "noise_sd_hu": round(noise_sd, 2)},
+        "mask_voxels_excluded_for_bone_spill": spill_excluded,
     }
-    regions = {k: _nearest(x >= 0.5, factor) for k, x in (("ventricles", head.ventricles),
-                                                          ("csf_spaces", head.csf_spaces))}
+    regions = {"ventricles": head.ventricles, "csf_spaces": head.csf_spaces}
     return SyntheticStudy(
         seed=seed, hu=hu, pixel_spacing=(fine.pixel_spacing, fine.pixel_spacing), slice_spacing=fine.slice_spacing,
         slice_thickness=fine.slice_thickness, masks=masks, brain_mask=f_ic >= 0.5, slice_labels=slice_labels,
-        exam_labels=exam_labels, volumes_ml=volumes, kind=kind, meta=meta, geometry=fine, regions=regions,
+        exam_labels=exam_labels, volumes_ml=volumes, kind=kind, meta=meta, geometry=fine, coarse_regions=regions,
     )
-
-
-def _nearest(m: np.ndarray, f: int) -> np.ndarray:
-    return m if f == 1 else np.repeat(np.repeat(m, f, axis=1), f, axis=2)
 
 
 def _jsonable(d: dict) -> dict:

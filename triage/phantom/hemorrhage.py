@@ -56,7 +56,7 @@ def _side(h: Head, s: float, sl: tuple[slice, ...]) -> np.ndarray:
 
 def epidural(h: Head, rng: np.random.Generator, size: str) -> Lesion | None:
     """Biconvex lens against the inner table, limited in extent (sutures)."""
-    T, rho = {"tiny": (1.6, 5.0), "small": (6.0, 18.0), "medium": (14.0, 30.0), "large": (28.0, 45.0)}[size]
+    T, rho = {"tiny": (2.6, 5.5), "small": (6.0, 18.0), "medium": (14.0, 30.0), "large": (28.0, 45.0)}[size]
     T *= float(rng.uniform(0.8, 1.2))
     rho *= float(rng.uniform(0.85, 1.15))
     c = _surface_point(h, rng)
@@ -75,7 +75,7 @@ def epidural(h: Head, rng: np.random.Generator, size: str) -> Lesion | None:
 
 def subdural(h: Head, rng: np.random.Generator, size: str) -> Lesion | None:
     """Crescent along the convexity, or a layer along the falx."""
-    T, rho = {"tiny": (1.2, 8.0), "small": (4.0, 40.0), "medium": (9.0, 65.0), "large": (18.0, 90.0)}[size]
+    T, rho = {"tiny": (2.6, 7.0), "small": (4.0, 40.0), "medium": (9.0, 65.0), "large": (18.0, 90.0)}[size]
     T *= float(rng.uniform(0.8, 1.2))
     if rng.random() < 0.2 and size in ("tiny", "small", "medium"):
         return _falx_subdural(h, rng, T, rho)
@@ -165,16 +165,16 @@ def intraventricular(h: Head, rng: np.random.Generator, size: str) -> Lesion | N
         frac_all = None
         for s in sides:
             c = h.landmarks["occipital_horn_" + ("l" if s > 0 else "r")]
-            c = (c[0], c[1] + 4, c[2])
-            rad = (14.0, 22.0, 12.0)
+            tip_v = c[1] + 11 * p.b / 84 + 1.5 * p.ventricle_scale  # posterior end of the horn
+            c = (c[0], tip_v - 15, c[2])
+            rad = (14.0, 24.0, 12.0)
             sl = _box(h, c, rad)
             if sl is None:
                 continue
             u, v, w = h.cv.local(sl)
-            depth_mm = {"tiny": 1.2, "small": 4.0, "medium": 8.0, "large": 12.0}[size] * float(rng.uniform(0.8, 1.2))
-            # dependent = posterior (patient supine): blood fills the back of the horn up to a level
-            vmax = F32(c[1] + 14 + 6 * p.ventricle_scale)
-            level = ramp((v - (vmax - F32(depth_mm * 2.5))) / F32(h.cv.geo.pixel_spacing))
+            # dependent = posterior (patient supine): blood fills the back of the horns up to a level
+            fill = {"tiny": 3.0, "small": 8.0, "medium": 16.0, "large": 24.0}[size] * float(rng.uniform(0.8, 1.2))
+            level = ramp((v - F32(tip_v - fill)) / F32(h.cv.geo.pixel_spacing))
             side = ramp(F32(s) * u / F32(2.0))
             frac = h.ventricles[sl] * level * side
             if frac_all is None:
@@ -185,7 +185,7 @@ def intraventricular(h: Head, rng: np.random.Generator, size: str) -> Lesion | N
             return None
         return Lesion("intraventricular", sl_all, frac_all.astype(F32), float(rng.uniform(55, 80)),
                       {"mode": mode, "sides": sides})
-    which = str(rng.choice(["lateral", "third", "fourth", "lateral"]))
+    which = "lateral" if size == "large" or rng.random() < 0.7 else str(rng.choice(["third", "fourth"]))
     if which == "lateral":
         s = float(rng.choice([-1.0, 1.0]))
         c = (s * 16 * p.a / 66, 5.0, p.zc + 4)
