@@ -238,14 +238,18 @@ def compress_with_dcmtk(paths: Sequence[Path], out_dir: Path, tool: str, *option
 
 # --------------------------------------------------------------------------- DCMTK storescp
 class StoreSCP:
-    """DCMTK ``storescp`` on a free port, writing into ``directory`` (extra args for faults)."""
+    """DCMTK ``storescp`` on a free port, writing into ``directory``.
 
-    def __init__(self, directory: Path, aet: str = "STORESCP", *args: str) -> None:
+    Extra ``args`` inject faults (``--refuse``, ``--reject``, ``--abort-after``, ``--sleep-during N``);
+    ``accept_all=False`` makes it accept uncompressed transfer syntaxes only.
+    """
+
+    def __init__(self, directory: Path, aet: str = "STORESCP", *args: str, accept_all: bool = True) -> None:
         if shutil.which("storescp") is None:
             raise RuntimeError("DCMTK storescp is not installed (scripts/setup.sh)")
         self.directory = directory
         self.aet = aet
-        self.args = args
+        self.args = (*(("+xa",) if accept_all else ()), *args)  # +xa: accept every transfer syntax
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -255,7 +259,7 @@ class StoreSCP:
             self.port = free_port()
             self.proc = subprocess.Popen(
                 ["storescp", "--aetitle", self.aet, "--output-directory", str(self.directory),
-                 "+xa", *self.args, str(self.port)],
+                 *self.args, str(self.port)],
                 env=dcmtk_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
             try:

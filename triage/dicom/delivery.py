@@ -60,7 +60,9 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
         ok = is_success(status)
         if not ok:
             error = f"peer answered {status_str}"
-    except (SendError, DeliveryError, OSError) as exc:
+    except DeliveryError as exc:
+        error, status_str = str(exc), "missing-file"
+    except (SendError, OSError) as exc:
         error = str(exc)
         status_str = status_str or "no-association"
     attempt = int(getattr(job, "attempts", 1) or 1)

@@ -110,12 +110,19 @@ def send_files(
     ae.connection_timeout = connection_timeout
     ae.maximum_pdu_size = max_pdu
     ae.requested_contexts = _contexts(infos)
-    handlers = [(evt.EVT_CONN_OPEN, _on_open)]
+    opened: list[bool] = []
+
+    def on_open(event: evt.Event) -> None:
+        opened.append(True)
+        _on_open(event)
+
+    handlers = [(evt.EVT_CONN_OPEN, on_open)]
     tls_args = (ssl_context, destination.host) if ssl_context is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.aet, evt_handlers=handlers,
                          tls_args=tls_args)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "could not connect"
+        why = ("could not connect (refused, unreachable or timed out)" if not opened
+               else "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established")
         raise SendError(f"association with {destination} {why}")
     try:
         accepted = [cx for cx in assoc.accepted_contexts]
@@ -144,7 +151,7 @@ def _send_one(assoc: Any, accepted: Sequence[Any], info: _FileInfo) -> int:
         elif native:
             ds = dcmread(info.path)
             if UID(info.syntax).is_compressed:
-                ds.decompress()
+                ds.decompress(generate_instance_uid=False)  # keep the UID: retries must not duplicate
             ds.file_meta.TransferSyntaxUID = native[0].transfer_syntax[0]
             rsp = assoc.send_c_store(ds)
         else:

@@ -1,0 +1,150 @@
+"""Sending: the C-STORE SCU against DCMTK storescp, and the ``deliver`` job with retries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from storage import audit
+from storage.models import AuditEvent, Delivery, Result, ResultObject, Series, Study
+from tests.peers import SeriesSpec, StoreSCP, free_port, make_ct_series, node_context, running_node, wait_for
+from triage.config import Destination
+from triage.dicom.delivery import DeliveryError, handle_deliver
+from triage.dicom.scu import SendError, send_files
+
+pytestmark = pytest.mark.network
+
+J2K = "1.2.840.10008.1.2.4.90"
+
+
+def test_scu_sends_as_stored_or_decompresses_for_the_peer(tmp_path: Path) -> None:
+    paths = make_ct_series(tmp_path / "src", SeriesSpec(slices=3, size=32), transfer_syntax=J2K)
+    with StoreSCP(tmp_path / "all") as scp:  # accepts JPEG 2000: sent as is
+        results = send_files(Destination("STORESCP", "127.0.0.1", scp.port), paths, "ICHTRIAGE")
+        assert [s for _, s in results] == [0, 0, 0]
+        assert {str(dcmread(f).file_meta.TransferSyntaxUID) for f in scp.files()} == {J2K}
+    with StoreSCP(tmp_path / "plain", accept_all=False) as scp:  # uncompressed only: decompressed
+        results = send_files(Destination("STORESCP", "127.0.0.1", scp.port), paths, "ICHTRIAGE")
+        assert [s for _, s in results] == [0, 0, 0]
+        received = {str(dcmread(f).SOPInstanceUID): dcmread(f) for f in scp.files()}
+        for p in paths:
+            src = dcmread(p)
+            got = received[str(src.SOPInstanceUID)]
+            assert not got.file_meta.TransferSyntaxUID.is_compressed
+            np.testing.assert_array_equal(got.pixel_array, src.pixel_array)
+
+
+def test_scu_raises_when_no_association(tmp_path: Path) -> None:
+    paths = make_ct_series(tmp_path / "src", SeriesSpec(slices=1, size=16))
+    with pytest.raises(SendError, match="could not connect"):
+        send_files(Destination("NOBODY", "127.0.0.1", free_port()), paths, "ICHTRIAGE")
+    with StoreSCP(tmp_path / "r", "STORESCP", "--refuse") as scp, pytest.raises(SendError, match="rejected"):
+        send_files(Destination("STORESCP", "127.0.0.1", scp.port), paths, "ICHTRIAGE")
+
+
+def make_result_object(ctx, tmp_path: Path, name: str = "obj") -> int:  # noqa: ANN001
+    """A stand-in result object (one CT slice) with its study/series/result rows and file."""
+    src = make_ct_series(tmp_path / name, SeriesSpec(slices=1, size=32, accession="ACC-D1"))[0]
+    ds = dcmread(src)
+    data = src.read_bytes()
+    with ctx.sessions.begin() as s:
+        study = Study(study_uid=str(ds.StudyInstanceUID), accession="ACC-D1")
+        s.add(study)
+        s.flush()
+        series = Series(study_id=study.id, series_uid=str(ds.SeriesInstanceUID), modality="CT")
+        s.add(series)
+        s.flush()
+        result = Result(study_id=study.id, series_id=series.id)
+        s.add(result)
+        s.flush()
+        rel = ctx.store.result_rel(study.study_uid, series.series_uid, f"{ds.SOPInstanceUID}.dcm")
+        ctx.store.write_atomic(rel, data)
+        obj = ResultObject(result_id=result.id, kind="sc", sop_class_uid=str(ds.SOPClassUID),
+                           sop_instance_uid=str(ds.SOPInstanceUID), series_uid=series.series_uid, path=rel,
+                           size=len(data))
+        s.add(obj)
+        s.flush()
+        return obj.id
+
+
+def run_deliver_jobs(ctx, until) -> None:  # noqa: ANN001
+    """A minimal worker loop over ``deliver`` jobs (the real one is triage/pipeline/worker.py)."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while not until():
+        assert time.monotonic() < deadline, "deliveries did not settle"
+        job = ctx.queue.claim("test-worker", kinds=["deliver"])
+        if job is None:
+            time.sleep(0.05)
+            continue
+        try:
+            handle_deliver(ctx, job)
+        except DeliveryError as exc:
+            ctx.queue.fail(job.id, "test-worker", str(exc))
+        else:
+            ctx.queue.complete(job.id, "test-worker")
+
+
+def test_deliver_job_retries_a_down_destination_without_blocking_others(tmp_path: Path) -> None:
+    ctx = node_context(tmp_path, max_attempts=3, retry_base_seconds=0.1, retry_max_seconds=0.3)
+    obj_id = make_result_object(ctx, tmp_path)
+    down = Destination("DOWN", "127.0.0.1", free_port())
+    with StoreSCP(tmp_path / "pacs") as scp:
+        up = Destination("STORESCP", "127.0.0.1", scp.port)
+        # The down destination is enqueued first and with higher priority: it must not hold up the other.
+        dead_id = ctx.queue.enqueue("deliver", {"result_object_id": obj_id, "destination": str(down)}, priority=20)
+        ok_id = ctx.queue.enqueue("deliver", {"result_object_id": obj_id, "destination": str(up)})
+
+        def settled() -> bool:
+            a, b = ctx.queue.get(dead_id), ctx.queue.get(ok_id)
+            return a.state == "dead" and b.state == "done"
+
+        run_deliver_jobs(ctx, settled)
+        assert [str(dcmread(f).SOPInstanceUID) for f in scp.files()] == [_sop(ctx, obj_id)]
+    with ctx.sessions() as s:
+        rows = list(s.scalars(select(Delivery).order_by(Delivery.id)))
+        ev = {k: list(s.scalars(select(AuditEvent).where(AuditEvent.event_type == k)))
+              for k in (audit.DELIVERED, audit.DELIVERY_FAILED, audit.DELIVERY_DEAD)}
+    to_down = [r for r in rows if r.destination == str(down)]
+    to_up = [r for r in rows if r.destination == str(up)]
+    assert [(r.attempt, r.ok) for r in to_down] == [(1, False), (2, False), (3, False)]
+    assert all(r.status == "no-association" and "could not connect" in r.error for r in to_down)
+    assert [(r.attempt, r.ok, r.status) for r in to_up] == [(1, True, "0x0000")]
+    assert len(ev[audit.DELIVERED]) == 1 and ev[audit.DELIVERED][0].accession == "ACC-D1"
+    assert len(ev[audit.DELIVERY_FAILED]) == 3
+    assert len(ev[audit.DELIVERY_DEAD]) == 1 and ev[audit.DELIVERY_DEAD][0].details["attempt"] == 3
+
+
+def test_deliver_records_a_peer_failure_status_and_a_missing_file(tmp_path: Path) -> None:
+    ctx = node_context(tmp_path / "node", max_attempts=5)
+    obj_id = make_result_object(ctx, tmp_path)
+    # The peer is another node whose disk is below its floor: it answers 0xA700.
+    peer_ctx = node_context(tmp_path / "peer", disk_floor_mb=10)
+    peer_ctx.store.free_bytes_override = 0
+    with running_node(peer_ctx) as peer:
+        ctx.queue.enqueue("deliver", {"result_object_id": obj_id, "destination": f"ICHTRIAGE@127.0.0.1:{peer.port}"})
+        job = ctx.queue.claim("w", kinds=["deliver"])
+        assert job is not None
+        with pytest.raises(DeliveryError, match="peer answered 0xA700"):
+            handle_deliver(ctx, job)
+        ctx.queue.fail(job.id, "w", "peer full")
+    with ctx.sessions() as s:
+        ctx.store.path(s.get(ResultObject, obj_id).path).unlink()
+    job = wait_for(lambda: ctx.queue.claim("w", kinds=["deliver"]), timeout=60, interval=0.05,
+                   message="the retry to become claimable")
+    with pytest.raises(DeliveryError, match="missing from the file store"):
+        handle_deliver(ctx, job)
+    with ctx.sessions() as s:
+        rows = list(s.scalars(select(Delivery).order_by(Delivery.id)))
+    assert [(r.attempt, r.ok, r.status) for r in rows] == [(1, False, "0xA700"), (2, False, "missing-file")]
+    assert "missing" in rows[1].error
+
+
+def _sop(ctx, obj_id: int) -> str:  # noqa: ANN001
+    with ctx.sessions() as s:
+        return s.get(ResultObject, obj_id).sop_instance_uid
