@@ -1,0 +1,276 @@
+"""Models: preprocessing, networks, tiny training, bundle round trip, thresholds, Grad-CAM, metrics.
+
+Uses a tiny network (32x32 grid) and small toy head volumes built here (a skull ellipse with
+a brain, ventricles and, for positives, a hyperdense blob) so the whole file runs in seconds. The
+shipped bundle and the real CT are tested in test_models_bundle.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from triage.imaging.volume import Volume
+from triage.labels import LABELS, SUBTYPES
+from triage.models import metrics
+from triage.models.bundle import BundleError, read_manifest, save_bundle
+from triage.models.data import Source, Study, cached_studies
+from triage.models.inference import abc2_ml, decide, exam_scores, load_bundle
+from triage.models.network import ICHNet, SequenceHead
+from triage.models.preprocess import PreprocessConfig, intracranial_mask, network_input, prepare
+from triage.models.train import choose_rule_and_thresholds, pick_threshold, train_cnn, train_sequence
+
+N, Z, PX = 96, 12, 2.0
+SMALL = PreprocessConfig(size=32)
+WIDTHS = (4, 8, 16, 16, 24)
+
+
+def toy_study(seed: int | str) -> Study:
+    """A toy head: skull ring (1000 HU), brain (32 HU), ventricles (8 HU), optional IPH blob (70 HU)."""
+    seed = int(seed)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:N, 0:N].astype(np.float32)
+    cy, cx = N / 2 + rng.uniform(-4, 4), N / 2 + rng.uniform(-4, 4)
+    hu = np.full((Z, N, N), -1000.0, np.float32)
+    masks = {s: np.zeros((Z, N, N), bool) for s in SUBTYPES}
+    positive = seed % 2 == 1
+    bz, by, bx = rng.integers(4, Z - 4), cy + rng.uniform(-10, 10), cx + rng.uniform(-12, 0)
+    for z in range(Z):
+        r = 1.0 - abs(z - Z / 2) / Z
+        e = ((yy - cy) / (38 * r)) ** 2 + ((xx - cx) / (32 * r)) ** 2
+        hu[z][e < 1.15] = 1000.0
+        hu[z][e < 1.0] = 32.0
+        hu[z][(((yy - cy) / 8) ** 2 + ((xx - cx - 6) / 3) ** 2) < 1] = 8.0
+        if positive and abs(z - bz) <= 2:
+            blob = ((yy - by) ** 2 + (xx - bx) ** 2) < (5 - abs(z - bz)) ** 2
+            hu[z][blob] = 70.0
+            masks["intraparenchymal"][z] = blob
+    hu += rng.normal(0, 3, hu.shape).astype(np.float32)
+    sl = np.zeros((Z, 6), np.float32)
+    sl[:, 0] = sl[:, 2] = masks["intraparenchymal"].any(axis=(1, 2))
+    return Study(str(seed), hu, (PX, PX), 5.0, masks, sl, sl.max(axis=0), "iph" if positive else "normal")
+
+
+def toy_volume(study: Study) -> Volume:
+    z = study.hu.shape[0]
+    return Volume(hu=study.hu, pixel_spacing=study.pixel_spacing, slice_spacing=study.slice_spacing,
+                  positions=np.stack([np.zeros(z), np.zeros(z), np.arange(z) * 5.0], axis=1))
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory: pytest.TempPathFactory) -> list:
+    src = Source("toy:0-16", [str(i) for i in range(16)], toy_study, "toy")
+    return cached_studies(src, SMALL, tmp_path_factory.mktemp("cache"), workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, toy_cache: list) -> Path:
+    """A tiny model trained briefly on toy studies, saved as a bundle."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    net = ICHNet(SMALL.channels, WIDTHS)
+    hist = train_cnn(net, toy_cache, 4, out, torch.device("cpu"), np.random.default_rng(0), False,
+                     batch_size=8, lr=5e-3, steps_per_epoch=12, progress=False)
+    seq = SequenceHead(net.feat_dim)
+    from triage.models.train import slice_features
+
+    train_sequence(seq, slice_features(net, toy_cache, torch.device("cpu")), 2, np.random.default_rng(0),
+                   progress=False)
+    manifest = {"name": "tiny", "version": "0", "preprocessing": SMALL.to_dict(),
+                "architecture": {"gru_hidden": 48}, "exam_score": "sequence_max",
+                "thresholds": dict.fromkeys(LABELS, 0.5), "training": {"history": hist}}
+    save_bundle(out, net.eval(), seq.eval(), manifest)
+    return out
+
+
+def test_intracranial_mask_inside_skull() -> None:
+    s = toy_study(1)
+    m = intracranial_mask(s.hu, s.pixel_spacing)
+    assert m.shape == s.hu.shape
+    assert m.any()
+    assert not (m & (s.hu > 500)).any(), "bone must be outside the intracranial mask"
+    assert m[s.masks["intraparenchymal"]].all(), "the bleed lies inside the intracranial mask"
+    assert not m[:, 0, :].any() and not m[:, :, 0].any()
+
+
+def test_prepare_shapes_and_channels() -> None:
+    s = toy_study(3)
+    p = prepare(s.hu, s.pixel_spacing, SMALL)
+    assert p.windows.shape == (Z, 3, 32, 32) and p.windows.dtype == np.uint8
+    assert p.brain_small.shape == (Z, 32, 32)
+    y0, y1, x0, x1 = p.box
+    assert 0 <= y0 < y1 <= N and 0 <= x0 < x1 <= N
+    x = network_input(p.windows, SMALL.context)
+    assert x.shape == (Z, SMALL.channels, 32, 32)
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    # neighbour channels: the brain window of slice z-1 and z+1, edges repeated
+    assert torch.equal(x[1:, 3], x[:-1, 0]) and torch.equal(x[0, 3], x[0, 0])
+    assert torch.equal(x[:-1, 4], x[1:, 0])
+    # skull stripped: nothing outside the intracranial mask on the network grid
+    assert not (p.windows[:, 0][~p.brain_small] > 0).any()
+
+
+def test_network_shapes_and_label_order() -> None:
+    net = ICHNet(5, WIDTHS).eval()
+    with torch.no_grad():
+        out = net(torch.rand(3, 5, 32, 32))
+    assert out["seg"].shape == (3, len(SUBTYPES), 32, 32)
+    assert out["slice"].shape == (3, len(LABELS))
+    seq = SequenceHead(net.feat_dim).eval()
+    with torch.no_grad():
+        y = seq(out["feat"][None], out["slice"][None])
+    assert y.shape == (1, 3, 6)
+    # the untrained sequence head starts from the slice network's answer (zero-initialised residual)
+    assert torch.allclose(y[0], out["slice"])
+    assert LABELS[0] == "any" and LABELS[1:] == SUBTYPES
+
+
+def test_tiny_training_lowers_loss(tiny_bundle: Path) -> None:
+    hist = read_manifest(tiny_bundle)["training"]["history"]
+    assert len(hist) == 4
+    assert hist[-1]["loss"] < hist[0]["loss"] * 0.8, hist
+    assert (tiny_bundle / "checkpoints" / "cnn.pt").exists()
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path, toy_cache: list) -> None:
+    out = tmp_path / "b"
+    net = ICHNet(SMALL.channels, WIDTHS)
+    train_cnn(net, toy_cache, 1, out, torch.device("cpu"), np.random.default_rng(1), False,
+              batch_size=4, steps_per_epoch=2, progress=False)
+    net2 = ICHNet(SMALL.channels, WIDTHS)
+    hist = train_cnn(net2, toy_cache, 2, out, torch.device("cpu"), np.random.default_rng(1), True,
+                     batch_size=4, steps_per_epoch=2, progress=False)
+    assert [h["epoch"] for h in hist] == [1, 2]
+
+
+def test_bundle_round_trip_and_sha256(tiny_bundle: Path, tmp_path: Path) -> None:
+    b = load_bundle(tiny_bundle, device="cpu")
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert b.identity.sha256 == manifest["weights"]["sha256"]
+    assert b.identity.name == "tiny" and manifest["labels"] == list(LABELS)
+    vol = toy_volume(toy_study(5))
+    p1 = b.predict(vol)
+    p2 = load_bundle(tiny_bundle, device="cpu").predict(vol)
+    assert p1.exam_probs == p2.exam_probs, "loading twice must give identical outputs"
+    assert np.array_equal(p1.slice_probs, p2.slice_probs)
+    # a tampered weights file is refused
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(bad)
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_predict_fills_every_field_in_volume_geometry(tiny_bundle: Path) -> None:
+    b = load_bundle(tiny_bundle, device="cpu", thresholds_override=dict.fromkeys(LABELS, 0.0))
+    study = toy_study(7)
+    pred = b.predict(toy_volume(study))
+    assert set(pred.exam_probs) == set(LABELS) and set(pred.present) == set(LABELS)
+    assert all(0.0 <= v <= 1.0 for v in pred.exam_probs.values())
+    assert pred.slice_probs.shape == (Z, 6) and pred.slice_probs.dtype == np.float32
+    assert pred.positive
+    for sub, m in pred.masks.items():
+        assert sub in SUBTYPES and m.shape == study.hu.shape and m.dtype == bool
+        assert not (m & ~pred.brain_mask).any()
+    assert set(pred.volumes_ml) == set(SUBTYPES) | {"any"} and set(pred.abc2_ml) == set(SUBTYPES) | {"any"}
+    vox = toy_volume(study).voxel_volume_ml
+    union = np.zeros(study.hu.shape, bool)
+    for m in pred.masks.values():
+        union |= m
+    assert pred.volumes_ml["any"] == pytest.approx(union.sum() * vox)
+    assert set(pred.timings) == {"preprocess", "detection", "segmentation", "gradcam"}
+    assert pred.bundle == b.identity
+    for lab, zs in pred.key_slices.items():
+        assert pred.present[lab] and zs and all(0 <= z < Z for z in zs)
+
+
+def test_thresholds_applied_and_overridden(tiny_bundle: Path) -> None:
+    vol = toy_volume(toy_study(9))
+    hi = load_bundle(tiny_bundle, device="cpu", thresholds_override=dict.fromkeys(LABELS, 1.0)).predict(vol)
+    assert not hi.positive and not any(hi.present.values()) and hi.masks == {} and hi.heatmaps == {}
+    assert hi.volumes_ml["any"] == 0.0 and hi.thresholds["any"] == 1.0
+    lo = load_bundle(tiny_bundle, device="cpu", thresholds_override={"any": 0.0}).predict(vol)
+    assert lo.positive and lo.thresholds["any"] == 0.0 and lo.thresholds["subdural"] == 0.5
+    assert any(lo.present[s] for s in SUBTYPES), "a positive exam names at least one subtype"
+    with pytest.raises(ValueError, match="unknown label"):
+        load_bundle(tiny_bundle, thresholds_override={"bleed": 0.2})
+    with pytest.raises(ValueError, match="within"):
+        load_bundle(tiny_bundle, thresholds_override={"any": 1.5})
+
+
+def test_gradcam_non_empty_inside_intracranial_space(tiny_bundle: Path) -> None:
+    b = load_bundle(tiny_bundle, device="cpu", thresholds_override=dict.fromkeys(LABELS, 0.0))
+    pred = b.predict(toy_volume(toy_study(11)))
+    assert pred.heatmaps, "positive labels get heatmaps"
+    for lab, hm in pred.heatmaps.items():
+        assert hm.shape == (Z, N, N) and hm.dtype == np.float32
+        assert float(hm.max()) == pytest.approx(1.0) and float(hm.min()) >= 0.0
+        assert not (hm[~pred.brain_mask] > 0).any(), "maps are zero outside the intracranial space"
+        assert (hm > 0).any(axis=(1, 2))[pred.key_slices[lab]].any()
+
+
+def test_decide_hierarchy() -> None:
+    thr = dict.fromkeys(LABELS, 0.5)
+    exam = {"any": 0.4, "epidural": 0.9, "intraparenchymal": 0.1, "intraventricular": 0.1,
+            "subarachnoid": 0.1, "subdural": 0.1}
+    assert not any(decide(exam, thr).values())
+    exam["any"] = 0.6
+    exam["epidural"] = 0.3
+    p = decide(exam, thr)
+    assert p["any"] and p["epidural"] and sum(p.values()) == 2
+
+
+def test_exam_score_rules() -> None:
+    sp = np.array([[0.1, 0.2, 0.0, 0.0, 0.0, 0.0], [0.7, 0.1, 0.6, 0.0, 0.0, 0.0]], np.float32)
+    sm = np.array([[0.0, 0.9, 0.0, 0.0, 0.0], [0.2, 0.1, 0.0, 0.0, 0.0]], np.float32)
+    assert exam_scores(sp, sm, "sequence_max").tolist() == pytest.approx([0.7, 0.2, 0.6, 0, 0, 0])
+    assert exam_scores(sp, sm, "segmentation_max").tolist() == pytest.approx([0.9, 0.2, 0.9, 0, 0, 0])
+    assert exam_scores(sp, sm, "mean")[0] == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        exam_scores(sp, sm, "median")
+
+
+def test_abc2_of_an_ellipsoid() -> None:
+    # ellipsoid with semi-axes 20, 10 mm in-plane and 15 mm along z: V = 4/3 pi abc = 12.57 mL
+    z, y, x = np.mgrid[-20:21, -40:41, -40:41].astype(float)
+    m = (x * 0.5 / 20) ** 2 + (y * 0.5 / 10) ** 2 + (z * 1.0 / 15) ** 2 <= 1
+    est = abc2_ml(m, (0.5, 0.5), 1.0)
+    exact = 4 / 3 * math.pi * 20 * 10 * 15 / 1000
+    assert est == pytest.approx(exact, rel=0.1)  # ABC/2 = pi/6 abc ~ the true ellipsoid volume
+    assert abc2_ml(np.zeros((3, 4, 4), bool), (1, 1), 1) == 0.0
+
+
+def test_metrics_known_values() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert metrics.roc_auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert metrics.roc_auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
+    assert math.isnan(metrics.roc_auc(np.zeros(3), np.ones(3)))
+    fpr, tpr, _ = metrics.roc_curve(y, np.array([0.1, 0.4, 0.35, 0.8]))
+    assert fpr[0] == 0 and tpr[-1] == 1 and fpr[-1] == 1
+    assert np.trapezoid(tpr, fpr) == pytest.approx(0.75)
+    assert metrics.sens_spec(y, np.array([0.1, 0.4, 0.35, 0.8]), 0.3) == (1.0, 0.5)
+    ll = metrics.weighted_log_loss(np.array([[1, 0, 0, 0, 0, 0]]), np.full((1, 6), 0.5))
+    assert ll == pytest.approx(math.log(2))
+    assert metrics.dice(np.ones(4, bool), np.array([1, 1, 0, 0], bool)) == pytest.approx(2 / 3)
+
+
+def test_threshold_selection_for_full_sensitivity() -> None:
+    scores = np.array([0.05, 0.2, 0.3, 0.6, 0.9])
+    truth = np.array([0, 0, 1, 1, 1])
+    t = pick_threshold(scores, truth, 1.0)
+    assert t == pytest.approx(0.3) and metrics.sens_spec(truth, scores, t)[0] == 1.0
+    sc = np.tile(scores[:, None], (1, 6))
+    tr = np.tile(truth[:, None], (1, 6))
+    sel = choose_rule_and_thresholds({"sequence_max": sc, "mean": sc * 0.5}, tr)
+    assert sel["rule"] == "sequence_max" and sel["operating_points"]["any"]["sensitivity"] == 1.0

@@ -1,0 +1,348 @@
+"""Inference: load a bundle once, predict on :class:`~triage.imaging.volume.Volume` objects.
+
+``load_bundle(None)`` loads the shipped default bundle. ``Bundle.predict`` fills every field of
+:class:`~triage.models.types.Prediction`, masks and heatmaps in the input volume's geometry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from triage.imaging.volume import Volume
+from triage.labels import LABELS, SUBTYPES
+from triage.logging import get_logger
+from triage.models.bundle import default_bundle_path, load_weights, read_manifest
+from triage.models.gradcam import gradcam_volume
+from triage.models.network import ICHNet, SequenceHead
+from triage.models.preprocess import Prepared, PreprocessConfig, from_network_grid, network_input, prepare
+from triage.models.types import BundleIdentity, Prediction
+
+log = get_logger(__name__)
+
+CHUNK = 32  # slices per forward pass (bounds memory on long series)
+MAX_KEY_SLICES = 5
+
+
+def set_threads() -> None:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_small: np.ndarray,
+                 cfg: PreprocessConfig, device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
+    """Network outputs on the network grid.
+
+    Returns ``slice_probs`` (Z, 6) from the sequence head, ``cnn_slice_probs`` (Z, 6) from the slice
+    network alone, ``seg_probs`` float32 (Z, 5, S, S) zeroed outside the intracranial space and
+    ``seg_max`` (Z, 5) the per-slice maximum of the segmentation probabilities.
+    """
+    x = network_input(windows_u8, cfg.context)
+    segs, logits, feats = [], [], []
+    for i in range(0, x.shape[0], CHUNK):
+        out = net(x[i : i + CHUNK].to(device))
+        segs.append(out["seg"].float().cpu())
+        logits.append(out["slice"].float().cpu())
+        feats.append(out["feat"].float().cpu())
+    seg = torch.sigmoid(torch.cat(segs)) * torch.from_numpy(brain_small)[:, None].float()
+    cnn_logits = torch.cat(logits)
+    seq_logits = seq(torch.cat(feats)[None].to(device), cnn_logits[None].to(device))[0].cpu()
+    return {
+        "slice_probs": torch.sigmoid(seq_logits).numpy().astype(np.float32),
+        "cnn_slice_probs": torch.sigmoid(cnn_logits).numpy().astype(np.float32),
+        "seg_probs": seg.numpy(),
+        "seg_max": seg.flatten(2).amax(dim=2).numpy(),
+    }
+
+
+EXAM_RULES = ("sequence_max", "segmentation_max", "mean")
+
+
+def exam_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: str) -> np.ndarray:
+    """Exam probabilities (6,) from slice probabilities and segmentation evidence.
+
+    ``sequence_max``: max over slices of the sequence-head probabilities (CNN-RNN).
+    ``segmentation_max``: max segmentation probability per subtype, "any" = max over subtypes
+    (PatchFCN's exam score = max). ``mean``: the average of the two.
+    """
+    seq = slice_probs.max(axis=0) if len(slice_probs) else np.zeros(6, np.float32)
+    segm = seg_max.max(axis=0) if len(seg_max) else np.zeros(5, np.float32)
+    seg6 = np.concatenate([[segm.max() if segm.size else 0.0], segm]).astype(np.float32)
+    if rule == "sequence_max":
+        return seq.astype(np.float32)
+    if rule == "segmentation_max":
+        return seg6
+    if rule == "mean":
+        return ((seq + seg6) / 2.0).astype(np.float32)
+    raise ValueError(f"unknown exam score rule {rule!r} (choose from {EXAM_RULES})")
+
+
+def decide(exam: dict[str, float], thresholds: dict[str, float]) -> dict[str, bool]:
+    """Present flags. Subtypes are reported only on an "any"-positive exam; a positive exam whose
+    subtypes all fall under their thresholds reports its most probable subtype, so every positive
+    exam names one."""
+    present = {lab: bool(exam[lab] >= thresholds[lab]) for lab in LABELS}
+    if not present["any"]:
+        return dict.fromkeys(LABELS, False)
+    if not any(present[s] for s in SUBTYPES):
+        present[max(SUBTYPES, key=lambda s: exam[s] / max(thresholds[s], 1e-6))] = True
+    return present
+
+
+def abc2_ml(mask: np.ndarray, pixel_spacing: tuple[float, float], slice_spacing: float) -> float:
+    """ABC/2 (mL): A = longest in-plane diameter on the largest slice, B = the largest extent
+    perpendicular to A on that slice, C = number of slices with the lesion x slice spacing."""
+    areas = mask.sum(axis=(1, 2))
+    if not areas.any():
+        return 0.0
+    z = int(np.argmax(areas))
+    ys, xs = np.nonzero(mask[z])
+    pts = np.stack([ys * float(pixel_spacing[0]), xs * float(pixel_spacing[1])], axis=1)
+    if len(pts) > 2000:  # the diameter lies on the hull; sub-sample the interior for speed
+        pts = pts[np.random.default_rng(0).choice(len(pts), 2000, replace=False)]
+    if len(pts) < 2:
+        a = b = float(np.mean(pixel_spacing))
+    else:
+        d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
+        i, j = np.unravel_index(int(np.argmax(d2)), d2.shape)
+        a = float(np.sqrt(d2[i, j])) + float(np.mean(pixel_spacing))
+        u = (pts[j] - pts[i]) / max(np.sqrt(d2[i, j]), 1e-6)
+        perp = pts @ np.array([-u[1], u[0]])
+        b = float(perp.max() - perp.min()) + float(np.mean(pixel_spacing))
+    c = int((areas > 0).sum()) * float(slice_spacing)
+    return a * b * c / 2.0 / 1000.0
+
+
+def key_slices(slice_probs: np.ndarray, label_index: int, threshold: float) -> list[int]:
+    order = np.argsort(-slice_probs[:, label_index], kind="stable")
+    keys = [int(z) for z in order[:MAX_KEY_SLICES] if slice_probs[z, label_index] >= threshold]
+    return keys or [int(order[0])]
+
+
+@dataclass
+class Bundle:
+    """A loaded model bundle. Thread-unsafe: use one per worker."""
+
+    path: Path
+    manifest: dict[str, Any]
+    net: ICHNet
+    seq: SequenceHead
+    thresholds: dict[str, float]
+    device: torch.device
+    cfg: PreprocessConfig
+
+    @property
+    def identity(self) -> BundleIdentity:
+        return BundleIdentity(self.manifest["name"], str(self.manifest["version"]),
+                              self.manifest["weights"]["sha256"])
+
+    @property
+    def exam_rule(self) -> str:
+        return str(self.manifest.get("exam_score", "sequence_max"))
+
+    @property
+    def refine_hu(self) -> bool:
+        return bool(self.manifest.get("mask_refinement", {}).get("hu_range", True))
+
+    def warm_up(self) -> None:
+        s = self.cfg.size
+        win = np.zeros((2, len(self.cfg.windows), s, s), np.uint8)
+        run_networks(self.net, self.seq, win, np.zeros((2, s, s), bool), self.cfg, self.device)
+
+    def build_masks(self, hu: np.ndarray, prep: Prepared, seg_probs: np.ndarray, present: dict[str, bool],
+                    refine_hu: bool) -> dict[str, np.ndarray]:
+        """Full-resolution masks of the present subtypes: up-sampled probability >= 0.5 inside the
+        intracranial mask and, with ``refine_hu``, within the acute-blood HU range (specks < 3 voxels
+        that the HU gate leaves behind are dropped)."""
+        masks: dict[str, np.ndarray] = {}
+        lo, hi = self.cfg.blood_hu
+        blood = ((hu >= lo) & (hu <= hi)) if refine_hu else None
+        for k, sub in enumerate(SUBTYPES):
+            if not present.get(sub):
+                continue
+            m = (from_network_grid(seg_probs[:, k], prep.box, prep.shape) >= 0.5) & prep.brain_mask
+            if blood is not None:
+                m &= blood
+                lab, n = ndimage.label(m)
+                if n:
+                    m &= (np.bincount(lab.ravel()) >= 3)[lab]
+            masks[sub] = m
+        return masks
+
+    def predict(self, volume: Volume, gradcam: bool = True, keep: dict[str, Any] | None = None) -> Prediction:
+        """Run preprocessing, detection, segmentation and Grad-CAM on one series."""
+        hu = np.asarray(volume.hu, dtype=np.float32)
+        if hu.ndim != 3 or min(hu.shape) < 1:
+            raise ValueError(f"volume must be (Z, Y, X) with at least one slice, got {hu.shape}")
+        torch.manual_seed(0)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prep = prepare(hu, volume.pixel_spacing, self.cfg)
+        timings["preprocess"] = time.perf_counter() - t0
+        if keep is not None:
+            keep["prep"] = prep
+
+        t0 = time.perf_counter()
+        out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device)
+        slice_probs = out["slice_probs"]
+        probs = exam_scores(slice_probs, out["seg_max"], self.exam_rule)
+        exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
+        present = decide(exam, self.thresholds)
+        timings["detection"] = time.perf_counter() - t0
+        if keep is not None:
+            keep["outputs"] = out
+
+        t0 = time.perf_counter()
+        masks = self.build_masks(hu, prep, out["seg_probs"], present, self.refine_hu)
+        union = np.zeros(hu.shape, bool)
+        for m in masks.values():
+            union |= m
+        vox_ml = volume.voxel_volume_ml
+        volumes = {sub: float(masks[sub].sum() * vox_ml) if sub in masks else 0.0 for sub in SUBTYPES}
+        volumes["any"] = float(union.sum() * vox_ml)
+        abc = {sub: abc2_ml(masks[sub], volume.pixel_spacing, volume.slice_spacing) if sub in masks else 0.0
+               for sub in SUBTYPES}
+        abc["any"] = abc2_ml(union, volume.pixel_spacing, volume.slice_spacing) if masks else 0.0
+        timings["segmentation"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        keys = {lab: key_slices(slice_probs, i, self.thresholds[lab])
+                for i, lab in enumerate(LABELS) if present[lab]}
+        heatmaps: dict[str, np.ndarray] = {}
+        if gradcam and keys:
+            x = network_input(prep.windows, self.cfg.context).to(self.device)
+            seg = out["seg_probs"]
+            for lab, zs in keys.items():
+                i = LABELS.index(lab)
+                fb = seg.max(axis=1) if i == 0 else seg[:, i - 1]
+                heatmaps[lab] = gradcam_volume(self.net, x, i, zs, prep.brain_small, prep.brain_mask, prep.box,
+                                               prep.shape, fallback=fb)
+        timings["gradcam"] = time.perf_counter() - t0
+        return Prediction(
+            exam_probs=exam,
+            thresholds=dict(self.thresholds),
+            present=present,
+            slice_probs=slice_probs,
+            masks=masks,
+            volumes_ml=volumes,
+            abc2_ml=abc,
+            heatmaps=heatmaps,
+            key_slices=keys,
+            brain_mask=prep.brain_mask,
+            timings=timings,
+            bundle=self.identity,
+            device=str(self.device),
+        )
+
+
+def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto",
+                thresholds_override: dict[str, float] | None = None) -> Bundle:
+    """Load, verify (sha256) and warm up a bundle; None or "" -> the shipped default bundle."""
+    set_threads()
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    p = Path(path) if path else default_bundle_path()
+    manifest = read_manifest(p)
+    net, seq = load_weights(p, manifest)
+    dev = resolve_device(device)
+    thresholds = {lab: float(manifest["thresholds"][lab]) for lab in LABELS}
+    for lab, value in (thresholds_override or {}).items():
+        if lab not in thresholds:
+            raise ValueError(f"threshold override for unknown label {lab!r} (labels: {', '.join(LABELS)})")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"threshold for {lab!r} must be within [0, 1], got {value}")
+        thresholds[lab] = float(value)
+    bundle = Bundle(p, manifest, net.to(dev), seq.to(dev), thresholds, dev,
+                    PreprocessConfig.from_dict(manifest["preprocessing"]))
+    bundle.warm_up()
+    log.info("bundle_loaded", bundle=str(bundle.identity), device=str(dev))
+    return bundle
+
+
+def load_dicom_folder(path: str | os.PathLike[str]) -> Volume:
+    """A Volume from a folder of DICOM files (the node's assembler when present)."""
+    p = Path(path)
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
+    if not files:
+        raise FileNotFoundError(f"no files under {p}")
+    try:
+        from triage.dicom.assembly import load_volume
+    except ImportError:
+        load_volume = None
+    if load_volume is not None:
+        volume, _ = load_volume(files)
+        return volume
+    return _minimal_load(files)
+
+
+def _minimal_load(files: list[Path]) -> Volume:
+    """Fallback reader: one series, sorted along the slice normal, HU via rescale (no tilt resampling)."""
+    import pydicom
+
+    ds = []
+    for f in files:
+        try:
+            d = pydicom.dcmread(f)
+        except Exception:  # noqa: BLE001 - skip non-DICOM files in the folder
+            continue
+        if "PixelData" in d and "ImagePositionPatient" in d:
+            ds.append(d)
+    if not ds:
+        raise ValueError("no DICOM images with a position in the folder")
+    iop = np.array(ds[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    ds.sort(key=lambda d: float(np.dot(normal, np.array(d.ImagePositionPatient, float))))
+    hu = np.stack([d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0))
+                   for d in ds]).astype(np.float32)
+    pos = np.array([d.ImagePositionPatient for d in ds], float)
+    gaps = np.diff(pos @ normal).tolist()
+    return Volume(hu=hu, pixel_spacing=tuple(float(v) for v in ds[0].PixelSpacing),  # type: ignore[arg-type]
+                  slice_spacing=float(np.median(gaps)) if gaps else float(ds[0].get("SliceThickness", 5.0)),
+                  positions=pos, orientation=tuple(iop.tolist()),  # type: ignore[arg-type]
+                  sop_instance_uids=[str(d.SOPInstanceUID) for d in ds], spacings=gaps,
+                  tilt_deg=float(ds[0].get("GantryDetectorTilt", 0.0) or 0.0))
+
+
+def prediction_summary(pred: Prediction) -> dict[str, Any]:
+    return {
+        "bundle": str(pred.bundle),
+        "positive": pred.positive,
+        "exam_probs": {k: round(v, 4) for k, v in pred.exam_probs.items()},
+        "thresholds": pred.thresholds,
+        "present": pred.present,
+        "volumes_ml": {k: round(v, 2) for k, v in pred.volumes_ml.items()},
+        "abc2_ml": {k: round(v, 2) for k, v in pred.abc2_ml.items()},
+        "key_slices": pred.key_slices,
+        "timings_s": {k: round(v, 3) for k, v in pred.timings.items()},
+    }
+
+
+def cli_infer(args: argparse.Namespace, settings: Any) -> int:
+    """``triage infer PATH``: print the findings for one DICOM series folder as JSON."""
+    try:
+        volume = load_dicom_folder(args.path)
+    except (OSError, ValueError) as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 2
+    bundle = load_bundle(getattr(args, "bundle", "") or settings.bundle_path or None, device=settings.device,
+                         thresholds_override=settings.thresholds or None)
+    pred = bundle.predict(volume)
+    summary = prediction_summary(pred)
+    summary["slices"] = int(volume.hu.shape[0])
+    print(json.dumps(summary, indent=2))
+    return 0

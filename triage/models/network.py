@@ -1,0 +1,107 @@
+"""The networks: a joint 2D segmentation/classification U-Net and a slice-sequence head.
+
+``ICHNet`` (PatchFCN-style): a small U-Net encoder-decoder over one slice plus its neighbours; a
+segmentation head with one sigmoid channel per subtype and a slice head with the six labels, fed by
+global pooling of the bottleneck, of the quarter-resolution decoder stage (the Grad-CAM layer) and
+max-pooled segmentation logits (so the slice decision sees the segmentation evidence).
+
+``SequenceHead`` (CNN-RNN style): a bidirectional GRU over the pooled per-slice features of a whole
+series, giving slice probabilities that use the neighbouring slices; exam scores are the maximum
+over slices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_LABELS = 6
+N_SUBTYPES = 5
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ICHNet(nn.Module):
+    """Joint segmentation (5 subtype channels) and slice classification (6 labels)."""
+
+    def __init__(self, in_ch: int = 5, widths: tuple[int, ...] = (12, 24, 48, 80, 112)) -> None:
+        super().__init__()
+        self.widths = tuple(widths)
+        self.enc = nn.ModuleList()
+        c = in_ch
+        for w in widths:
+            self.enc.append(_block(c, w))
+            c = w
+        self.dec = nn.ModuleList()
+        for w_skip in reversed(widths[:-1]):
+            self.dec.append(_block(c + w_skip, w_skip))
+            c = w_skip
+        self.seg = nn.Conv2d(widths[0], N_SUBTYPES, 1)
+        # Grad-CAM layer: the decoder output at 1/4 resolution (index of self.dec).
+        self.cam_index = len(widths) - 4
+        self.feat_dim = widths[-1] + widths[2] + N_SUBTYPES
+        self.cls = nn.Sequential(nn.Dropout(0.1), nn.Linear(self.feat_dim, N_LABELS))
+
+    def forward(self, x: torch.Tensor, keep_cam: bool = False) -> dict[str, torch.Tensor]:
+        skips = []
+        h = x
+        for i, blk in enumerate(self.enc):
+            if i:
+                h = F.max_pool2d(h, 2)
+            h = blk(h)
+            skips.append(h)
+        bottleneck = h
+        cam = None
+        for j, blk in enumerate(self.dec):
+            skip = skips[-2 - j]
+            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            h = blk(torch.cat([h, skip], dim=1))
+            if j == self.cam_index:
+                cam = h
+                if keep_cam:
+                    cam.retain_grad()
+        seg = self.seg(h)
+        assert cam is not None
+        feat = torch.cat(
+            [bottleneck.mean(dim=(2, 3)), cam.mean(dim=(2, 3)), seg.flatten(2).amax(dim=2)], dim=1
+        )
+        out = {"seg": seg, "slice": self.cls(feat), "feat": feat}
+        if keep_cam:
+            out["cam"] = cam
+        return out
+
+
+class SequenceHead(nn.Module):
+    """Bidirectional GRU across the slices of one series -> per-slice logits (6 labels).
+
+    Input: per-slice features (B, Z, F) and the CNN slice logits (B, Z, 6); the GRU output is added
+    to the CNN logits (residual), so an untrained head starts from the slice network's answer.
+    """
+
+    def __init__(self, feat_dim: int, hidden: int = 48) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(feat_dim + N_LABELS)
+        self.proj = nn.Linear(feat_dim + N_LABELS, hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(2 * hidden, N_LABELS)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feat: torch.Tensor, slice_logits: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.proj(self.norm(torch.cat([feat, slice_logits], dim=-1))))
+        h, _ = self.gru(h)
+        return slice_logits + self.out(h)
+
+
+def count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())

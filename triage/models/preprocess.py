@@ -1,0 +1,191 @@
+"""Preprocessing shared by training and inference.
+
+HU volume -> intracranial mask (threshold + morphology, skull stripping as in PatchFCN) -> square
+crop around the intracranial space -> in-plane resampling to the network size -> multi-window
+channels (brain 40/80, subdural 80/200, soft tissue 40/380 as in the CNN-RNN papers) plus the brain
+window of the neighbouring slices as context (PatchFCN's three-slice input).
+
+Everything outside the (slightly dilated) intracranial space is set to zero in the network input, so
+scalp haematoma, skull-base streaks and the face cannot drive a prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (40.0, 380.0))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Parameters recorded in the bundle manifest so inference reproduces training exactly."""
+
+    size: int = 128
+    windows: tuple[tuple[float, float], ...] = WINDOWS
+    context: int = 1  # neighbour slices on each side (brain window)
+    margin_mm: float = 6.0
+    bone_hu: float = 250.0
+    blood_hu: tuple[float, float] = (40.0, 100.0)
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows) + 2 * self.context
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        d = dict(d)
+        d["windows"] = tuple(tuple(w) for w in d.get("windows", WINDOWS))
+        d["blood_hu"] = tuple(d.get("blood_hu", (40.0, 100.0)))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Prepared:
+    """A volume ready for the network plus what is needed to map outputs back."""
+
+    windows: np.ndarray  # uint8 (Z, W, S, S): windowed, skull-stripped, resampled
+    brain_small: np.ndarray  # bool (Z, S, S) intracranial mask on the network grid
+    brain_mask: np.ndarray  # bool (Z, Y, X) intracranial mask on the original grid
+    box: tuple[int, int, int, int]  # y0, y1, x0, x1 of the crop in the original grid
+    shape: tuple[int, int, int]
+    extra: dict = field(default_factory=dict)
+
+
+def _plane(r: int) -> np.ndarray:
+    """An in-plane disk structuring element of radius r, shape (1, 2r+1, 2r+1)."""
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy * yy + xx * xx <= r * r)[None]
+
+
+def intracranial_mask(hu: np.ndarray, pixel_spacing: tuple[float, float] = (0.5, 0.5),
+                      bone_hu: float = 250.0) -> np.ndarray:
+    """Boolean (Z, Y, X) mask of the space inside the skull (brain, CSF, blood; bone excluded).
+
+    Per slice: bone by threshold, closed to seal sutures and foramina, holes filled to get the
+    cranial cavity, bone and air removed, opened to cut thin bridges; then the largest 3D
+    connected component. Works on a 2x down-sampled grid for speed when the slices are large.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    z, y, x = hu.shape
+    step = 2 if min(y, x) >= 384 else 1
+    h = hu[:, ::step, ::step]
+    px = float(np.mean(pixel_spacing)) * step
+    close_r = max(1, int(round(3.0 / px)))
+    open_r = max(1, int(round(2.0 / px)))
+    bone = h > bone_hu
+    sealed = ndimage.binary_closing(bone, structure=_plane(close_r), border_value=0)
+    plane8 = np.zeros((3, 3, 3), bool)
+    plane8[1] = True
+    cavity = ndimage.binary_fill_holes(sealed, structure=plane8) & ~sealed
+    soft = (h > -100) & (h < 200)
+    inside = ndimage.binary_opening(cavity & soft, structure=_plane(open_r))
+    lab, n = ndimage.label(inside)
+    if n == 0:
+        return np.zeros(hu.shape, bool)
+    sizes = ndimage.sum_labels(inside, lab, index=np.arange(1, n + 1))
+    keep = lab == (int(np.argmax(sizes)) + 1)
+    keep = ndimage.binary_fill_holes(keep, structure=plane8)
+    if step > 1:
+        keep = np.repeat(np.repeat(keep, step, axis=1), step, axis=2)[:, :y, :x]
+    return keep
+
+
+def crop_box(mask: np.ndarray, pixel_spacing: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
+    """Square (in mm) crop around the union of the mask over all slices, clamped to the image."""
+    _, ny, nx = mask.shape
+    proj = mask.any(axis=0)
+    if not proj.any():
+        return 0, ny, 0, nx
+    ys, xs = np.nonzero(proj)
+    sy, sx = float(pixel_spacing[0]), float(pixel_spacing[1])
+    cy, cx = (ys.min() + ys.max() + 1) / 2.0, (xs.min() + xs.max() + 1) / 2.0
+    half_mm = max((ys.max() + 1 - ys.min()) * sy, (xs.max() + 1 - xs.min()) * sx) / 2.0 + margin_mm
+    hy, hx = half_mm / sy, half_mm / sx
+    y0, y1 = int(max(0, np.floor(cy - hy))), int(min(ny, np.ceil(cy + hy)))
+    x0, x1 = int(max(0, np.floor(cx - hx))), int(min(nx, np.ceil(cx + hx)))
+    return y0, y1, x0, x1
+
+
+def resample(arr: np.ndarray | torch.Tensor, size: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """Resample (Z, [C,] H, W) in-plane to ``size``; returns a float32 tensor of the same rank."""
+    t = torch.as_tensor(np.asarray(arr, dtype=np.float32) if isinstance(arr, np.ndarray) else arr).float()
+    squeeze = t.dim() == 3
+    if squeeze:
+        t = t[:, None]
+    if mode == "area" and (t.shape[-2] < size[0] or t.shape[-1] < size[1]):
+        mode = "bilinear"
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    out = F.interpolate(t, size=size, mode=mode, **kw)
+    return out[:, 0] if squeeze else out
+
+
+def window(hu: np.ndarray | torch.Tensor, center: float, width: float) -> torch.Tensor:
+    t = torch.as_tensor(hu)
+    return ((t - (center - width / 2.0)) / width).clamp_(0.0, 1.0)
+
+
+def prepare(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessConfig,
+            brain_mask: np.ndarray | None = None) -> Prepared:
+    """Run the full preprocessing on a (Z, Y, X) HU array."""
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.ndim != 3 or hu.shape[0] < 1:
+        raise ValueError(f"expected a (Z, Y, X) volume, got shape {hu.shape}")
+    if brain_mask is None:
+        brain_mask = intracranial_mask(hu, pixel_spacing, cfg.bone_hu)
+    y0, y1, x0, x1 = crop_box(brain_mask, pixel_spacing, cfg.margin_mm)
+    s = (cfg.size, cfg.size)
+    crop = torch.from_numpy(np.ascontiguousarray(hu[:, y0:y1, x0:x1]))
+    mcrop = torch.from_numpy(np.ascontiguousarray(brain_mask[:, y0:y1, x0:x1])).float()
+    # Skull strip before resampling so bone never leaks into the intracranial border by interpolation
+    # (a bright rim there would look like a subdural crescent).
+    stripped = torch.where(mcrop > 0, crop, torch.full_like(crop, -1000.0))
+    small = resample(stripped, s)
+    frac = resample(mcrop, s)
+    brain_small = frac > 0.5
+    chans = [window(small, c, w) for c, w in cfg.windows]
+    win = torch.stack(chans, dim=1)  # (Z, W, S, S)
+    win = torch.where(frac[:, None] > 0.25, win, torch.zeros_like(win))
+    win_u8 = (win * 255.0).round().to(torch.uint8).numpy()
+    return Prepared(win_u8, brain_small.numpy(), brain_mask, (y0, y1, x0, x1), tuple(hu.shape))
+
+
+def network_input(windows_u8: np.ndarray | torch.Tensor, context: int = 1) -> torch.Tensor:
+    """(Z, W, S, S) uint8 windows -> (Z, W + 2*context, S, S) float input with neighbour slices.
+
+    Neighbours use the brain window (channel 0); edges repeat the first/last slice.
+    """
+    w = torch.as_tensor(windows_u8).float().div_(255.0)
+    z = w.shape[0]
+    chans = [w]
+    for d in range(1, context + 1):
+        below = torch.clamp(torch.arange(z) - d, 0, z - 1)
+        above = torch.clamp(torch.arange(z) + d, 0, z - 1)
+        chans.append(w[below, :1])
+        chans.append(w[above, :1])
+    return torch.cat(chans, dim=1).contiguous()
+
+
+def to_network_grid(mask: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Bool (Z, Y, X) on the original grid -> float32 area fraction (Z, S, S) on the network grid."""
+    y0, y1, x0, x1 = box
+    crop = np.ascontiguousarray(mask[:, y0:y1, x0:x1], dtype=np.float32)
+    return resample(crop, (size, size)).numpy()
+
+
+def from_network_grid(prob: torch.Tensor | np.ndarray, box: tuple[int, int, int, int],
+                      shape: tuple[int, int, int]) -> np.ndarray:
+    """(Z, S, S) probabilities -> float32 (Z, Y, X) on the original grid (zero outside the crop)."""
+    y0, y1, x0, x1 = box
+    t = torch.as_tensor(prob).float()
+    up = F.interpolate(t[:, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[:, 0]
+    out = np.zeros(shape, np.float32)
+    out[:, y0:y1, x0:x1] = up.numpy()
+    return out
