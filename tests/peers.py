@@ -466,3 +466,32 @@ def storescu(port: int, paths: Sequence[Path], *, calling: str = "STORESCU", cal
     """DCMTK ``storescu`` of ``paths`` to 127.0.0.1:``port`` (proposes every syntax the files use)."""
     return dcmtk("storescu", "-aet", calling, "-aec", called, "-R", *extra, "127.0.0.1", str(port), *paths,
                  timeout=timeout, check=check)
+
+
+def make_result_object(ctx: Any, tmp_path: Path, name: str = "obj") -> int:
+    """A stand-in result object (one CT slice, kind ``sc``) with study/series/result rows and its file
+    in the file store; returns the ResultObject id (for ``deliver`` jobs)."""
+    from pydicom import dcmread
+
+    from storage.models import Result, ResultObject, Series, Study
+    src = make_ct_series(tmp_path / name, SeriesSpec(slices=1, size=32, accession="ACC-D1"))[0]
+    ds = dcmread(src)
+    data = src.read_bytes()
+    with ctx.sessions.begin() as s:
+        study = Study(study_uid=str(ds.StudyInstanceUID), accession="ACC-D1")
+        s.add(study)
+        s.flush()
+        series = Series(study_id=study.id, series_uid=str(ds.SeriesInstanceUID), modality="CT")
+        s.add(series)
+        s.flush()
+        result = Result(study_id=study.id, series_id=series.id)
+        s.add(result)
+        s.flush()
+        rel = ctx.store.result_rel(study.study_uid, series.series_uid, f"{ds.SOPInstanceUID}.dcm")
+        ctx.store.write_atomic(rel, data)
+        obj = ResultObject(result_id=result.id, kind="sc", sop_class_uid=str(ds.SOPClassUID),
+                           sop_instance_uid=str(ds.SOPInstanceUID), series_uid=series.series_uid, path=rel,
+                           size=len(data))
+        s.add(obj)
+        s.flush()
+        return obj.id

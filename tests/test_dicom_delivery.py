@@ -10,8 +10,17 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from storage import audit
-from storage.models import AuditEvent, Delivery, Result, ResultObject, Series, Study
-from tests.peers import SeriesSpec, StoreSCP, free_port, make_ct_series, node_context, running_node, wait_for
+from storage.models import AuditEvent, Delivery, ResultObject
+from tests.peers import (
+    SeriesSpec,
+    StoreSCP,
+    free_port,
+    make_ct_series,
+    make_result_object,
+    node_context,
+    running_node,
+    wait_for,
+)
 from triage.config import Destination
 from triage.dicom.delivery import DeliveryError, handle_deliver
 from triage.dicom.scu import SendError, send_files
@@ -44,31 +53,6 @@ def test_scu_raises_when_no_association(tmp_path: Path) -> None:
         send_files(Destination("NOBODY", "127.0.0.1", free_port()), paths, "ICHTRIAGE")
     with StoreSCP(tmp_path / "r", "STORESCP", "--refuse") as scp, pytest.raises(SendError, match="rejected"):
         send_files(Destination("STORESCP", "127.0.0.1", scp.port), paths, "ICHTRIAGE")
-
-
-def make_result_object(ctx, tmp_path: Path, name: str = "obj") -> int:  # noqa: ANN001
-    """A stand-in result object (one CT slice) with its study/series/result rows and file."""
-    src = make_ct_series(tmp_path / name, SeriesSpec(slices=1, size=32, accession="ACC-D1"))[0]
-    ds = dcmread(src)
-    data = src.read_bytes()
-    with ctx.sessions.begin() as s:
-        study = Study(study_uid=str(ds.StudyInstanceUID), accession="ACC-D1")
-        s.add(study)
-        s.flush()
-        series = Series(study_id=study.id, series_uid=str(ds.SeriesInstanceUID), modality="CT")
-        s.add(series)
-        s.flush()
-        result = Result(study_id=study.id, series_id=series.id)
-        s.add(result)
-        s.flush()
-        rel = ctx.store.result_rel(study.study_uid, series.series_uid, f"{ds.SOPInstanceUID}.dcm")
-        ctx.store.write_atomic(rel, data)
-        obj = ResultObject(result_id=result.id, kind="sc", sop_class_uid=str(ds.SOPClassUID),
-                           sop_instance_uid=str(ds.SOPInstanceUID), series_uid=series.series_uid, path=rel,
-                           size=len(data))
-        s.add(obj)
-        s.flush()
-        return obj.id
 
 
 def run_deliver_jobs(ctx, until) -> None:  # noqa: ANN001

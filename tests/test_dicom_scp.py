@@ -18,6 +18,7 @@ from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import func, select
 
 from storage.models import AuditEvent, Instance, Job, Series, Study
+from tests.conftest import REAL_CT
 from tests.peers import (
     STORESCU_PROPOSE,
     SeriesSpec,
@@ -299,3 +300,30 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path) -> None:
             send_files(dest, paths, "PLAIN", acse_timeout=10, network_timeout=10)
         assert echo(node.port) != 0
     assert count(ctx, Instance) == 3
+
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason="real CT sample not present")
+def test_real_tilted_ge_head_is_received_selected_and_assembled(tmp_path: Path) -> None:
+    ctx = node_context(tmp_path, stable_seconds=1)
+    files = sorted(REAL_CT.glob("*.dcm"))
+    with running_node(ctx) as node:
+        r = storescu(node.port, files[::-1])  # sent in reverse order
+        assert r.returncode == 0, r.stderr
+    monitor = SeriesMonitor(ctx)
+    done = wait_for(lambda: monitor.tick(), timeout=60, message="series completion")
+    assert len(done) == 1 and done[0].selected, done
+    with ctx.sessions() as s:
+        series = s.scalars(select(Series)).one()
+        rels = list(s.scalars(select(Instance.path).where(Instance.series_id == series.id)))
+    sel = series.meta["selection"]
+    assert series.state == "selected" and series.meta["completed_early"] is False  # uneven: waits for quiet
+    assert sel["tilt_deg"] == pytest.approx(18.5, abs=0.01) and sel["gantry_tilt_deg"] == pytest.approx(18.5)
+    assert sel["spacing_mm"]["min"] == pytest.approx(1.08, abs=0.01)
+    assert sel["spacing_mm"]["max"] == pytest.approx(6.99, abs=0.01)
+    assert sel["uneven_spacing"] is True
+    vol, headers = load_volume([ctx.store.path(p) for p in rels])
+    assert vol.shape == (len(files), 512, 512)
+    normal = np.cross(np.array(vol.orientation[:3]), np.array(vol.orientation[3:]))
+    assert np.all(np.diff(vol.positions @ normal) > 0)
+    assert [int(h.InstanceNumber) for h in headers] == list(range(1, len(files) + 1))  # this scan: z follows number
+    assert vol.tilt_deg == pytest.approx(18.5, abs=0.01)
