@@ -97,7 +97,7 @@ def test_seg_round_trips_voxel_exact(case: dict) -> None:
     pred = case["prediction"]
     labels = present_segments(pred)
     assert labels == ["intraparenchymal", "intraventricular", "subdural"]
-    assert seg.SegmentationType == "BINARY"
+    assert seg.SegmentationType == "BINARY" and seg.SegmentsOverlap == "NO"
     assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     uids = [str(s.SOPInstanceUID) for s in case["sources"]]
     # Omitted (empty) frames come back as zeros; every source slice is asked for.
@@ -303,3 +303,22 @@ def test_codes_cover_every_label() -> None:
     assert set(rc.FINDING) == set(LABELS)
     assert all(rc.ANATOMY[s].scheme_designator == "SCT" for s in SUBTYPES)
     assert rc.PROCEDURE_CT.value == "25045-6" and rc.PROCEDURE_CT.scheme_designator == "LN"
+
+
+def test_overlapping_segments_round_trip(tmp_path: Path) -> None:
+    """Masks that share voxels (e.g. IPH extending into IVH) keep both segments voxel-exact."""
+    sources, volume = make_series(n_slices=12, size=128, with_pixels=False, seed="overlap")
+    pred = make_prediction(volume, subtypes=("intraparenchymal", "intraventricular"))
+    pred.masks["intraventricular"] = pred.masks["intraventricular"] | pred.masks["intraparenchymal"]
+    seg = build_seg(sources, pred, IDENTITY)
+    seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    assert_valid(tmp_path / "seg.dcm")
+    back = hd.seg.segread(tmp_path / "seg.dcm")
+    assert back.SegmentsOverlap == "YES"
+    arr = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(s.SOPInstanceUID) for s in sources],
+        segment_numbers=[1, 2],
+        ignore_spatial_locations=True,
+    )
+    np.testing.assert_array_equal(arr[..., 0].astype(bool), pred.masks["intraparenchymal"])
+    np.testing.assert_array_equal(arr[..., 1].astype(bool), pred.masks["intraventricular"])

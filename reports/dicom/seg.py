@@ -83,6 +83,23 @@ def segment_descriptions(
     return out
 
 
+def _segment_array(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """What highdicom gets: a (Z, Y, X) label map when the masks do not overlap, else a (Z, Y, X, S) stack.
+
+    Both give the same BINARY SEG; the label map skips highdicom's overlap check, a slow strided
+    sum over the segment axis (about 1.3 s of 2.2 s for 64 x 512 x 512 with 2 segments).
+    """
+    count = np.zeros(masks[0].shape, dtype=np.uint8)
+    labelmap = np.zeros(masks[0].shape, dtype=np.uint8)
+    for number, mask in enumerate(masks, start=1):
+        m = mask.astype(bool, copy=False)
+        count += m
+        labelmap[m] = number
+    if int(count.max()) <= 1:
+        return labelmap
+    return np.stack([m.astype(np.uint8) for m in masks], axis=-1)
+
+
 def build_seg(sources: Sequence[Dataset], prediction: Prediction, identity: BundleIdentity) -> Dataset | None:
     """A BINARY SEG of the subtypes present, or ``None`` when no mask has a voxel.
 
@@ -96,16 +113,14 @@ def build_seg(sources: Sequence[Dataset], prediction: Prediction, identity: Bund
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     if shape[1:] != (rows, cols):
         raise ValueError(f"mask shape {shape} does not match the source images ({rows}x{cols})")
-    stack = np.zeros((*shape, len(labels)), dtype=np.uint8)
-    for i, label in enumerate(labels):
-        m = prediction.masks[label]
-        if m.shape != shape:
-            raise ValueError(f"mask {label!r} has shape {m.shape}, expected {shape}")
-        stack[..., i] = m.astype(bool)
+    for label in labels:
+        if prediction.masks[label].shape != shape:
+            raise ValueError(f"mask {label!r} has shape {prediction.masks[label].shape}, expected {shape}")
+    pixel_array = _segment_array([prediction.masks[lab] for lab in labels])
     series_uid = str(sources[0].SeriesInstanceUID)
     seg = hd.seg.Segmentation(
         source_images=[with_type2(s) for s in sources],
-        pixel_array=stack,
+        pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(labels, identity, series_uid),
         series_instance_uid=object_uid(series_uid, identity.sha256, "seg/series"),
