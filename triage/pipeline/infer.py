@@ -75,7 +75,8 @@ def _png(rgb: Any) -> bytes:
 
 def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
     """Handle one ``infer`` job (payload ``{"series_id", "generation"}``)."""
-    from reports.dicom.sc import build_sc, render_key_images
+    from reports.dicom.keyimages import render_key_images
+    from reports.dicom.sc import build_sc
     from reports.dicom.seg import build_seg
     from reports.dicom.sr import build_sr
     from triage.dicom.assembly import load_volume
@@ -118,7 +119,8 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
     if seg is not None:
         objects.append(("seg", seg))
     objects.append(("sr", build_sr(headers, prediction, ident, seg=seg)))
-    objects.extend(("sc", sc) for sc in build_sc(headers, volume, prediction, ident))
+    key_images = render_key_images(volume, prediction)
+    objects.extend(("sc", sc) for sc in build_sc(headers, volume, prediction, ident, key_images=key_images))
     written: list[tuple[str, Dataset, str, int]] = []
     for kind, ds in objects:
         data = _encode(ds)
@@ -126,7 +128,7 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
         ctx.store.write_atomic(rel, data)
         written.append((kind, ds, rel, len(data)))
     previews = []
-    for k in render_key_images(volume, prediction):
+    for k in key_images:
         base = f"preview-g{generation}-{k.label}-{k.slice_index}"
         plain = ctx.store.result_rel(study_uid, series_uid, f"{base}-plain.png")
         overlay = ctx.store.result_rel(study_uid, series_uid, f"{base}-overlay.png")
