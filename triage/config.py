@@ -20,7 +20,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "TRIAGE_"
-SECRET_KEYS = ("webhook_secret", "secret_key", "database_url", "tls_key_password")
+# Environment variables with the prefix that are not settings: the config file path, the
+# password for `triage user add`, and test hooks (TRIAGE_TEST_*), which are never settings.
+NON_SETTING_VARS = frozenset({"TRIAGE_CONFIG", "TRIAGE_NEW_PASSWORD"})
+TEST_HOOK_PREFIX = "TRIAGE_TEST_"
+SECRET_KEYS = ("webhook_secret", "secret_key", "database_url")
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, max 16
 
 
@@ -179,7 +183,7 @@ class Settings(BaseModel):
     # --- web
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=8080, ge=1, le=65535)
-    secret_key: str = Field(default="", description="Session signing key; empty = generated per data dir")
+    secret_key: str = Field(default="", description="Session signing key; empty = generated once, kept in the database")
     session_https_only: bool = False
     trusted_proxy_header: str = Field(default="", description="e.g. X-Remote-User; empty = off")
     lockout_attempts: int = Field(default=5, ge=1)
@@ -299,7 +303,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
         origin = {k: f"{p}" for k in values}
     fields = Settings.model_fields
     for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in NON_SETTING_VARS or key.startswith(TEST_HOOK_PREFIX):
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in fields:

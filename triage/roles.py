@@ -109,13 +109,23 @@ class Role:
             w = Worker(self.ctx, kinds, name=f"{self.ctx.worker_id}:{suffix}")
             t = threading.Thread(target=_warm_and_run, args=(w,), name=f"worker-{suffix}", daemon=True)
             t.start()
-            self.stoppers.append(w.stop)
+            self.stoppers.append(_stop_and_join(w, t, self.ctx.settings.lease_seconds))
             workers.append(w)
         return workers
 
     def wait(self) -> None:
         while not self.stop_event.wait(0.5):
             pass
+
+
+def _stop_and_join(w: Any, t: threading.Thread, timeout: float) -> Any:
+    """Stop taking jobs and let the current one finish (up to a lease), so it is not re-run."""
+
+    def stop() -> None:
+        w.stop()
+        t.join(timeout=timeout)
+
+    return stop
 
 
 def _warm_and_run(w: Any) -> None:
