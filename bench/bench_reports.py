@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import statistics
 import time
@@ -29,16 +30,18 @@ def _encode(ds) -> int:  # noqa: ANN001
     return buf.tell()
 
 
-def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float, float, object]:
+def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float, float, float, object]:
+    """(first call wall s, median wall s, max wall s, median CPU s of this process, last result)."""
     t0 = time.perf_counter()
     out = fn()
     cold = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return cold, statistics.median(times), max(times), out
+        cpu.append(time.process_time() - c0)
+    return cold, statistics.median(times), max(times), statistics.median(cpu), out
 
 
 def main() -> None:
@@ -52,23 +55,24 @@ def main() -> None:
     for name, subtypes in [("2 segments", ("intraparenchymal", "subdural")), ("5 segments", SUBTYPES)]:
         pred = make_prediction(volume, subtypes=tuple(subtypes))
         nz = sum(int(pred.masks[s][k].any()) for s in subtypes for k in range(args.slices))
-        cold, med, mx, seg = timed(lambda p=pred: build_seg(sources, p, IDENTITY), args.repeat)
-        e_cold, e_med, e_max, size = timed(lambda s=seg: _encode(s), args.repeat)
-        rows.append((f"SEG build, {name} ({nz} non-empty frames)", cold, med, mx, ""))
-        rows.append((f"SEG encode (Explicit VR LE, {size / 1e6:.2f} MB)", e_cold, e_med, e_max, ""))
+        *t, seg = timed(lambda p=pred: build_seg(sources, p, IDENTITY), args.repeat)
+        rows.append((f"SEG build, {name} ({nz} non-empty frames)", *t))
+        *t, size = timed(lambda s=seg: _encode(s), args.repeat)
+        rows.append((f"SEG encode (Explicit VR LE, {size / 1e6:.2f} MB)", *t))
         if name == "2 segments":
-            cold, med, mx, _ = timed(lambda p=pred, s=seg: build_sr(sources, p, IDENTITY, s), args.repeat)
-            rows.append(("SR build (6 groups, with segment refs)", cold, med, mx, ""))
-            cold, med, mx, scs = timed(lambda p=pred: build_sc(sources, volume, p, IDENTITY), args.repeat)
-            rows.append((f"SC build incl. key-image rendering ({len(scs)} images)", cold, med, mx, ""))
+            *t, _ = timed(lambda p=pred, s=seg: build_sr(sources, p, IDENTITY, s), args.repeat)
+            rows.append(("SR build (6 groups, with segment refs)", *t))
+            *t, scs = timed(lambda p=pred: build_sc(sources, volume, p, IDENTITY), args.repeat)
+            rows.append((f"SC build incl. key-image rendering ({len(scs)} images)", *t))
     print(
         f"Series {args.slices} x {args.size} x {args.size}; {platform.processor() or platform.machine()}; "
         f"numpy {np.__version__}; repeat {args.repeat} after warm-up\n"
     )
-    print("| step | first call (s) | median (s) | max (s) |")
-    print("|---|---|---|---|")
-    for label, cold, med, mx, _ in rows:
-        print(f"| {label} | {cold:.3f} | {med:.3f} | {mx:.3f} |")
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+    print("| step | first call (s) | median (s) | max (s) | median CPU (s) |")
+    print("|---|---|---|---|---|")
+    for label, cold, med, mx, cpu in rows:
+        print(f"| {label} | {cold:.3f} | {med:.3f} | {mx:.3f} | {cpu:.3f} |")
 
 
 if __name__ == "__main__":
