@@ -114,7 +114,8 @@ def _row_fields(ev: AuditEvent) -> dict[str, Any]:
     return {name: getattr(ev, name) for name in HASHED_FIELDS}
 
 
-def _lock_chain(session: Session) -> None:
+def lock_chain(session: Session) -> None:
+    """Take the chain lock now (PostgreSQL). Call it before row locks to keep one lock order."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_KEY})
 
@@ -135,7 +136,7 @@ def record(
         raise ValueError(f"unknown audit event type {event_type!r}")
     if outcome not in OUTCOMES:
         raise ValueError(f"audit outcome must be one of {OUTCOMES}, not {outcome!r}")
-    _lock_chain(session)
+    lock_chain(session)
     session.flush()  # pending events of this session first, so the head below includes them
     head = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
     prev_id, prev_hash = (head[0], head[1]) if head else (0, GENESIS)

@@ -210,8 +210,9 @@ class JobQueue:
     def claim(self, worker_id: str, kinds: Iterable[str] | None = None) -> ClaimedJob | None:
         """Lease the most urgent runnable job to ``worker_id``, or return None."""
         kinds = list(kinds) if kinds else None
-        with self.sessions.begin() as s:
-            for _ in range(20):  # skips jobs that turn out to be dead on lease expiry
+        for _ in range(20):  # passes over jobs found dead on lease expiry
+            poisoned: int | None = None
+            with self.sessions.begin() as s:
                 now = utcnow()
                 runnable = or_(
                     and_(Job.state.in_((QUEUED, FAILED)), Job.run_after <= now),
@@ -227,31 +228,49 @@ class JobQueue:
                 if job is None:
                     return None
                 if job.state == RUNNING and job.attempts >= job.max_attempts:
-                    self._bury(s, job, f"lease of {job.lease_owner} expired on the last attempt ({job.attempts})")
-                    continue
-                expired_from = job.lease_owner if job.state == RUNNING else None
-                job.state = RUNNING
-                job.attempts += 1
-                job.lease_owner = worker_id
-                job.lease_expires_at = now + dt.timedelta(seconds=self.lease_seconds)
-                job.heartbeat_at = now
-                job.started_at = now
-                job.finished_at = None
-                if expired_from:
-                    job.last_error = f"lease of {expired_from} expired; taken over"
-                    log.warning("job lease expired, taken over", job_id=job.id, kind=job.kind, previous=expired_from)
-                return ClaimedJob(
-                    id=job.id,
-                    kind=job.kind,
-                    payload=dict(job.payload or {}),
-                    attempts=job.attempts,
-                    priority=job.priority,
-                    study_id=job.study_id,
-                    series_id=job.series_id,
-                    max_attempts=job.max_attempts,
-                    lease_expires_at=job.lease_expires_at,
-                )
+                    poisoned = job.id  # buried below, in its own transaction (audit lock first)
+                else:
+                    return self._lease(job, worker_id, now)
+            self._bury_expired(poisoned)
         return None
+
+    def _lease(self, job: Job, worker_id: str, now: dt.datetime) -> ClaimedJob:
+        expired_from = job.lease_owner if job.state == RUNNING else None
+        job.state = RUNNING
+        job.attempts += 1
+        job.lease_owner = worker_id
+        job.lease_expires_at = now + dt.timedelta(seconds=self.lease_seconds)
+        job.heartbeat_at = now
+        job.started_at = now
+        job.finished_at = None
+        if expired_from:
+            job.last_error = f"lease of {expired_from} expired; taken over"
+            log.warning("job lease expired, taken over", job_id=job.id, kind=job.kind, previous=expired_from)
+        return ClaimedJob(
+            id=job.id,
+            kind=job.kind,
+            payload=dict(job.payload or {}),
+            attempts=job.attempts,
+            priority=job.priority,
+            study_id=job.study_id,
+            series_id=job.series_id,
+            max_attempts=job.max_attempts,
+            lease_expires_at=job.lease_expires_at,
+        )
+
+    def _bury_expired(self, job_id: int) -> None:
+        """A job whose worker died on its last attempt goes dead (not claimed yet again)."""
+        with self.sessions.begin() as s:
+            audit.lock_chain(s)
+            q = select(Job).where(
+                Job.id == job_id, Job.state == RUNNING, Job.lease_expires_at < utcnow(),
+                Job.attempts >= Job.max_attempts,
+            )
+            if self._pg(s):
+                q = q.with_for_update()
+            job = s.scalars(q).first()
+            if job is not None:
+                self._bury(s, job, f"lease of {job.lease_owner} expired on the last attempt ({job.attempts})")
 
     def heartbeat(self, job_id: int, worker_id: str) -> bool:
         """Extend the lease. False when the lease was lost: stop working on the job."""
@@ -285,6 +304,7 @@ class JobQueue:
         """
         error = (error or "error")[:MAX_ERROR_CHARS]
         with self.sessions.begin() as s:
+            audit.lock_chain(s)  # the audit lock before the row lock, as elsewhere: no lock-order deadlock
             q = select(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == worker_id)
             if self._pg(s):
                 q = q.with_for_update()
@@ -350,6 +370,7 @@ class JobQueue:
     def retry_dead(self, job_id: int, *, actor: str = "system") -> bool:
         """Re-queue a dead job with fresh attempts (audit ``job_retried``). False if not dead."""
         with self.sessions.begin() as s:
+            audit.lock_chain(s)
             q = select(Job).where(Job.id == job_id, Job.state == DEAD)
             if self._pg(s):
                 q = q.with_for_update()

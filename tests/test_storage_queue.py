@@ -298,7 +298,7 @@ def _drain_worker(url: str, worker_id: str, ready: mp.Queue, go: mp.Event) -> No
 
 @pytest.mark.slow
 def test_four_worker_processes_drain_each_job_exactly_once(ctx: AppContext) -> None:
-    n_jobs = 2000 if ctx.engine.dialect.name == "postgresql" else 400
+    n_jobs = 2000 if ctx.engine.dialect.name == "postgresql" else 200
     with ctx.sessions.begin() as s:
         s.execute(text("CREATE TABLE completions (job_id INTEGER NOT NULL, worker VARCHAR(64) NOT NULL)"))
         s.execute(
