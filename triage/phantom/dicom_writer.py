@@ -7,6 +7,7 @@ derived from the study seed, so writing the same study twice gives byte-identica
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
-    generate_uid,
 )
 
 from triage.phantom.generator import SyntheticStudy
@@ -34,8 +34,9 @@ IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1455.1"  # fixed, names this writer
 
 
 def uid(seed: int, *parts: object) -> str:
-    """Deterministic UID (2.25 form) from the study seed and a role."""
-    return generate_uid(prefix=None, entropy_srcs=["triage-phantom", str(seed), *map(str, parts)])
+    """Deterministic UID (2.25 form: a 128-bit integer) from the study seed and a role."""
+    digest = hashlib.sha256("|".join(["triage-phantom", str(seed), *map(str, parts)]).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def _base(ident: Identity, study: SyntheticStudy, series_uid: str, number: int, 
     ds.PositionReferenceIndicator = ""
     ds.PatientPosition = "HFS"
     ds.KVP = "120"
+    ds.AcquisitionNumber = 1
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
@@ -122,7 +124,7 @@ def _finish(ds: Dataset, sop_uid: str, pixels: np.ndarray, syntax: str) -> Datas
     stored = np.clip(np.rint(pixels) + 1024, 0, 4095).astype(np.uint16)
     ds.PixelData = stored.tobytes()
     if syntax != ExplicitVRLittleEndian:
-        ds.compress(syntax, stored)
+        ds.compress(syntax, stored, generate_instance_uid=False)
     return ds
 
 
@@ -167,7 +169,6 @@ def axial_series(
         ds.GantryDetectorTilt = round(geo.tilt_deg, 2)
         ds.WindowCenter, ds.WindowWidth = ("500", "2000") if kind == "bone" else ("40", "80")
         ds.WindowCenterWidthExplanation = "BONE" if kind == "bone" else "BRAIN"
-        ds.AcquisitionNumber = 1
         if kind == "contrast":
             ds.ContrastBolusAgent = "IOHEXOL 350"
             ds.StudyDescription = "CT HEAD W CONTRAST"
