@@ -45,12 +45,13 @@ def _worker(url: str, worker_id: str, ready: mp.Queue, go: mp.Event, done: mp.Qu
     q = JobQueue(make_sessionmaker(engine), lease_seconds=300)
     ready.put(worker_id)
     go.wait(120)
+    cpu0 = time.process_time()
     n = 0
     while (job := q.claim(worker_id)) is not None:
         if not q.complete(job.id, worker_id):
             raise RuntimeError(f"lost lease on job {job.id}")
         n += 1
-    done.put((worker_id, n, time.perf_counter()))
+    done.put((worker_id, n, time.perf_counter(), time.process_time() - cpu0))
     engine.dispose()
 
 
@@ -99,9 +100,20 @@ def run_one(backend: str, n_workers: int, n_jobs: int) -> dict[str, float | int 
             with engine.begin() as conn:
                 conn.execute(
                     Job.__table__.insert(),
-                    [{"kind": "noop", "state": QUEUED, "priority": i % 3, "payload": {"i": i}, "attempts": 0,
-                      "max_attempts": 5, "run_after": now, "created_at": now, "last_error": ""}
-                     for i in range(timed, n_jobs)],
+                    [
+                        {
+                            "kind": "noop",
+                            "state": QUEUED,
+                            "priority": i % 3,
+                            "payload": {"i": i},
+                            "attempts": 0,
+                            "max_attempts": 5,
+                            "run_after": now,
+                            "created_at": now,
+                            "last_error": "",
+                        }
+                        for i in range(timed, n_jobs)
+                    ],
                 )
 
         spawn = mp.get_context("spawn")
@@ -118,12 +130,13 @@ def run_one(backend: str, n_workers: int, n_jobs: int) -> dict[str, float | int 
             p.join(60)
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"worker failed: exit codes {[p.exitcode for p in procs]}")
-        elapsed = max(t for _, _, t in finished) - start
+        elapsed = max(f[2] for f in finished) - start
+        worker_cpu = sum(f[3] for f in finished)
         counts = q.counts()
-        if counts != {("noop", DONE): n_jobs} or sum(n for _, n, _ in finished) != n_jobs:
+        if counts != {("noop", DONE): n_jobs} or sum(f[1] for f in finished) != n_jobs:
             raise RuntimeError(f"queue not drained exactly once: {counts}")
         engine.dispose()
-        per_worker = [n for _, n, _ in finished]
+        per_worker = [f[1] for f in finished]
         return {
             "backend": backend,
             "workers": n_workers,
@@ -133,6 +146,7 @@ def run_one(backend: str, n_workers: int, n_jobs: int) -> dict[str, float | int 
             "jobs_per_s": n_jobs / elapsed,
             "spread": f"{min(per_worker)}-{max(per_worker)}" if n_workers > 1 else str(per_worker[0]),
             "stdev": statistics.pstdev(per_worker),
+            "cpu_ms_per_job": 1000 * worker_cpu / n_jobs,
         }
     finally:
         db.close()
@@ -152,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {backend} x{n}: {row['jobs_per_s']:.0f} jobs/s", file=sys.stderr, flush=True)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\nqueue benchmark: {args.jobs} no-op jobs, claim + complete; CPUs {os.cpu_count()}, load average {load}\n")
-    print("| back-end | worker processes | enqueue jobs/s (1 process) | drain s | claimed+completed jobs/s "
-          "| jobs per worker |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| back-end | worker processes | enqueue jobs/s (1 process) | drain s | claimed+completed jobs/s "
+        "| worker CPU ms/job | jobs per worker |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['backend']} | {r['workers']} | {r['enqueue_per_s']:.0f} | {r['seconds']:.2f} "
-            f"| {r['jobs_per_s']:.0f} | {r['spread']} |"
+            f"| {r['jobs_per_s']:.0f} | {r['cpu_ms_per_job']:.2f} | {r['spread']} |"
         )
     return 0
 
