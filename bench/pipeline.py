@@ -1,0 +1,190 @@
+"""Time to result through the whole node: last instance acknowledged → last result object acknowledged.
+
+    .venv/bin/python bench/pipeline.py [--studies 20] [--stable 5] [--size 512]
+
+A real ``triage serve`` process (SQLite, default shipped bundle) receives synthetic head CT studies
+sent one after another by DCMTK ``storescu``; its destination is a pynetdicom storage SCP in this
+process that timestamps every result object it acknowledges. For each study the clock runs from
+``storescu`` returning (its last instance acknowledged by the node) to the last SEG/SR/SC
+acknowledged by the PACS stand-in. Stage shares come from the node's audit trail and results:
+quiet period (stable time), queue wait, read, preprocess, detection, segmentation, Grad-CAM,
+result objects, delivery. Prints a table; p50 and p95 over the studies.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from tests.node_process import NodeProcess  # noqa: E402
+from tests.peers import dcmtk_env, free_port  # noqa: E402
+from triage.phantom.dicom_writer import Identity, write_study  # noqa: E402
+from triage.phantom.generator import PhantomOptions, generate_study  # noqa: E402
+
+
+class PacsStandIn:
+    """A storage SCP that records when each instance was acknowledged, by study UID."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: dict[str, list[float]] = {}
+        self.lock = threading.Lock()
+        ae = AE(ae_title="BENCHPACS")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event: Any) -> int:
+        uid = str(event.dataset.StudyInstanceUID)
+        with self.lock:
+            self.received.setdefault(uid, []).append(time.time())
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", type=int, default=20)
+    ap.add_argument("--stable", type=float, default=5.0, help="stable_seconds (default: the node's default, 5)")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--json", help="also write the raw rows here")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    print(f"generating {args.studies} studies ...", flush=True)
+    studies = []
+    for i in range(args.studies):
+        seed = 880000 + i
+        opts = PhantomOptions(size=args.size, kind="positive" if i % 2 == 0 else "negative")
+        st = generate_study(seed, opts)
+        ident = Identity(index=8000 + i, seed=seed)
+        files = write_study(st, ident, work / f"s{i:03d}")["head"]
+        studies.append({"uid": ident.study_uid, "files": files, "kind": st.kind, "slices": len(files)})
+
+    pacs = PacsStandIn()
+    node = NodeProcess(work / "node", "serve", env={
+        "TRIAGE_STABLE_SECONDS": str(args.stable),
+        "TRIAGE_DESTINATIONS": f"BENCHPACS@127.0.0.1:{pacs.port}",
+        "TRIAGE_LOG_LEVEL": "WARNING",
+    })
+    rows: list[dict[str, Any]] = []
+    try:
+        node.start(timeout=180)
+        time.sleep(5)  # let the worker load and warm the bundle
+        for i, st in enumerate(studies):
+            t0 = time.time()
+            subprocess.run(["storescu", "-aec", "ICHTRIAGE", "-aet", "BENCHSCU", "127.0.0.1", str(node.dicom_port),
+                           *map(str, st["files"])], check=True, env=dcmtk_env(), capture_output=True)
+            acked = time.time()
+            expected = None
+            deadline = acked + 600
+            while time.time() < deadline:
+                expected = expected or _objects_expected(node, st["uid"])
+                got = len(pacs.received.get(st["uid"], []))
+                if expected and got >= expected:
+                    break
+                time.sleep(0.05)
+            else:
+                raise SystemExit(f"study {i} results did not arrive:\n{node.tail()}")
+            last = max(pacs.received[st["uid"]])
+            row = {"study": i, "kind": st["kind"], "slices": st["slices"], "send_s": acked - t0,
+                   "time_to_result_s": last - acked, **_stages(node, st["uid"], acked, last)}
+            rows.append(row)
+            print(f"  study {i:2d} {st['kind']:28s} {st['slices']} slices: {row['time_to_result_s']:.2f} s", flush=True)
+    finally:
+        node.stop()
+        pacs.stop()
+
+    ttr = [r["time_to_result_s"] for r in rows]
+    print()
+    print(f"Time to result, {len(rows)} studies, stable_seconds={args.stable}, {os.cpu_count()} CPUs")
+    print("| figure | p50 (s) | p95 (s) |")
+    print("|---|---|---|")
+    print(f"| last instance acked → last result object acked | {pct(ttr, 50):.2f} | {pct(ttr, 95):.2f} |")
+    stage_names = ["quiet", "queue_wait", "read", "preprocess", "detection", "segmentation", "gradcam", "objects",
+                   "delivery"]
+    total = sum(statistics.fmean([r.get(k, 0.0) for r in rows]) for k in stage_names) or 1.0
+    print()
+    print("| stage | mean (s) | share |")
+    print("|---|---|---|")
+    for k in stage_names:
+        m = statistics.fmean([r.get(k, 0.0) for r in rows])
+        print(f"| {k} | {m:.2f} | {100 * m / total:.0f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _db(node: NodeProcess) -> Any:
+    return create_engine(f"sqlite:///{node.workdir / 'data' / 'triage.sqlite3'}")
+
+
+def _objects_expected(node: NodeProcess, study_uid: str) -> int | None:
+    """How many result objects the node produced for the study (None until inferred)."""
+    eng = _db(node)
+    try:
+        with eng.connect() as c:
+            n = c.execute(text(
+                "select count(*) from result_objects o join results r on r.id = o.result_id "
+                "join studies s on s.id = r.study_id where s.study_uid = :u and r.superseded = 0"), {"u": study_uid}
+            ).scalar()
+        return int(n) or None
+    except Exception:
+        return None
+    finally:
+        eng.dispose()
+
+
+def _stages(node: NodeProcess, study_uid: str, acked: float, last: float) -> dict[str, float]:
+    eng = _db(node)
+    try:
+        with eng.connect() as c:
+            ev = {r[0]: r[1] for r in c.execute(text(
+                "select event_type, min(ts) from audit_events where study_uid = :u group by event_type"),
+                {"u": study_uid})}
+            timings = json.loads(c.execute(text(
+                "select r.timings from results r join studies s on s.id = r.study_id where s.study_uid = :u "
+                "order by r.id desc limit 1"), {"u": study_uid}).scalar() or "{}")
+    finally:
+        eng.dispose()
+
+    def ts(name: str) -> float:
+        import datetime as dt
+
+        v = ev.get(name)
+        if v is None:
+            return float("nan")
+        d = dt.datetime.fromisoformat(str(v))
+        return (d if d.tzinfo else d.replace(tzinfo=dt.UTC)).timestamp()
+
+    out = {"quiet": ts("series_complete") - acked, "queue_wait": ts("processing") - ts("series_complete")}
+    for k in ("read", "preprocess", "detection", "segmentation", "gradcam", "objects"):
+        out[k] = float(timings.get(k, 0.0))
+    out["delivery"] = last - ts("inferred")
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
