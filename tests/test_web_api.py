@@ -102,7 +102,8 @@ def test_responses_match_schema_and_filters(api: dict[str, Any]) -> None:
 
     for path, params in (("/api/v1/studies", {"flagged": "maybe"}), ("/api/v1/studies", {"since": "yesterday"}),
                          ("/api/v1/studies", {"label": "nonsense"}), ("/api/v1/results", {"limit": "0"}),
-                         ("/api/v1/findings", {"offset": "-1"})):
+                         ("/api/v1/findings", {"offset": "-1"}),
+                         ("/api/v1/studies", {"accession": "A\x00B"})):
         r = get(api, path, **params)
         assert r.status_code == 400, (path, params)
         error_v.validate(r.json())
@@ -111,6 +112,7 @@ def test_responses_match_schema_and_filters(api: dict[str, Any]) -> None:
     error_v.validate(r.json())
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_api_requires_a_valid_token(api: dict[str, Any]) -> None:
     base = api["base"]
     r = httpx.get(base + "/api/v1/studies", timeout=30)
@@ -121,6 +123,8 @@ def test_api_requires_a_valid_token(api: dict[str, Any]) -> None:
     assert r.status_code == 401
 
 
+# PostgreSQL only: it is the stricter back-end (e.g. it refuses NUL characters in text).
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_schemathesis_fuzz_finds_no_server_errors(api: dict[str, Any]) -> None:
     """Bounded property-based pass over every operation: no 5xx, responses conform to the schema."""
     import schemathesis
@@ -131,7 +135,7 @@ def test_schemathesis_fuzz_finds_no_server_errors(api: dict[str, Any]) -> None:
     operations = [res.ok() for res in schema.get_all_operations()]
     assert len(operations) == 5
     for op in operations:
-        @settings(max_examples=25, deadline=None, derandomize=True, database=None, phases=[Phase.explicit,
+        @settings(max_examples=20, deadline=None, derandomize=True, database=None, phases=[Phase.explicit,
                   Phase.generate], suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def run(case: Any) -> None:

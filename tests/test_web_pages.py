@@ -191,6 +191,8 @@ def test_study_view_and_previews(app_ctx: AppContext, client: TestClient) -> Non
     for text in ("Subdural hemorrhage", "0.880", "ich-synthetic 0.1.0", "PACS@127.0.0.1:4242", "ARCH@10.0.0.9:104",
                  "out of resources", "inferred", "12.4 mL", "11.8 mL"):
         assert text in page.text, text
+    views = [e for e in events(app_ctx, audit.VIEWED) if e.study_uid == seeded.study_uid]
+    assert [(e.actor, e.details["phi"]) for e in views] == [("rad", False)]
     img = client.get(f"/studies/{seeded.study_id}/preview/0/overlay")
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
     assert img.content.startswith(b"\x89PNG")
@@ -224,6 +226,7 @@ def test_audit_page_filters_csv_and_verification(app_ctx: AppContext, client: Te
     assert "verified" in page.text and "NOT verified" not in page.text
     assert "ACC-AUD" in page.text and "ACC-OTHER" not in page.text
     assert client.get("/audit", params={"since": "garbage"}).status_code == 200
+    assert client.get("/audit", params={"accession": "A\x00B", "actor": "\x00"}).status_code == 200
     r = client.get("/audit.csv", params={"event_type": "received"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(r.text)))
@@ -326,3 +329,47 @@ def test_health_ready_and_metrics(app_ctx: AppContext, client: TestClient) -> No
     assert 'triage_stage_duration_seconds_bucket{le="5.0",stage="predict"} 1.0' in body
     assert 'triage_stage_duration_seconds_count{stage="total"} 1.0' in body
     assert "triage_instances_received_total 1.0" in body
+
+
+def test_cli_user_add_and_token(tmp_path) -> None:
+    """`triage user add` / `triage user token` as a fresh install runs them (subprocess, no stdin)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "TRIAGE_DATA_DIR": str(tmp_path / "node"), "TRIAGE_DISK_FLOOR_MB": "0"}
+    env.pop("TRIAGE_NEW_PASSWORD", None)
+
+    def triage(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "triage.cli", *args], cwd=REPO, env={**env, **extra},
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    r = triage("user", "add", "alice", "--role", "admin")
+    assert r.returncode == 1 and "no password" in r.stderr
+    r = triage("user", "add", "alice", "--role", "admin", "--password", "short")
+    assert r.returncode == 1 and "at least 10" in r.stderr
+    r = triage("user", "add", "alice", "--role", "admin", TRIAGE_NEW_PASSWORD=PASSWORD)
+    assert r.returncode == 0, r.stderr
+    r = triage("user", "add", "alice", "--password", PASSWORD)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    r = triage("user", "token", "nobody")
+    assert r.returncode == 1 and "no user" in r.stderr
+    r = triage("user", "token", "alice")
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.strip()
+    assert len(token) >= 40 and token not in r.stderr
+
+    ctx = AppContext(make_settings(tmp_path / "x", data_dir=str(tmp_path / "node")))
+    try:
+        with session_scope(ctx.sessions) as s:
+            user = s.scalars(select(User).where(User.username == "alice")).one()
+            assert user.role == "admin" and user.password_hash.startswith("$argon2id$")
+            assert user.api_token_hash and token not in user.api_token_hash
+        with TestClient(create_app(ctx)) as c:
+            assert c.get("/api/v1/studies", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert [e.event_type for e in events(ctx, audit.USER_CREATED)] == ["user_created"]
+        assert len(events(ctx, audit.TOKEN_CREATED)) == 1
+    finally:
+        ctx.close()

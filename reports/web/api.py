@@ -7,6 +7,7 @@ browser session. Patient name and ID are masked unless the user is an admin.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 from sqlalchemy import Select, exists, func, select
@@ -24,6 +25,9 @@ from triage.context import AppContext
 from triage.labels import LABELS
 
 MAX_LIMIT = 500
+# C0/C1 control characters are refused in text parameters (PostgreSQL refuses NUL outright).
+NO_CONTROL_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+CONTROL_CHARS = re.compile(r"[\u0000-\u001f\u007f-\u009f]")
 DEFAULT_LIMIT = 100
 
 
@@ -85,6 +89,8 @@ def _accession(value: str | None) -> str | None:
         return None
     if len(value) > 64:
         raise BadParam("accession is at most 64 characters")
+    if CONTROL_CHARS.search(value):
+        raise BadParam("accession contains control characters")
     return value
 
 
@@ -410,7 +416,8 @@ def _param(name: str, schema: dict[str, Any], description: str, where: str = "qu
 
 _BOOL = {"type": "boolean"}
 _P_SINCE = _param("since", {"type": "string", "format": "date-time"}, "Only items at or after this time (ISO 8601)")
-_P_ACC = _param("accession", {"type": "string", "maxLength": 64}, "Exact accession number")
+_P_ACC = _param("accession", {"type": "string", "maxLength": 64, "pattern": NO_CONTROL_PATTERN},
+                "Exact accession number")
 _P_LIMIT = _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
                   "Page size")
 _P_OFFSET = _param("offset", {"type": "integer", "minimum": 0, "maximum": 10_000_000, "default": 0}, "Items to skip")

@@ -275,15 +275,23 @@ def _path_int(request: Request, name: str) -> int:
     return value
 
 
-def _study(ctx: AppContext, study_id: int, phi: bool) -> dict[str, Any] | None:
+def _study(ctx: AppContext, study_id: int, username: str, phi: bool) -> dict[str, Any] | None:
+    """The study view's data; opening it is audited (who looked at which study, with or without PHI)."""
+    with session_scope(ctx.sessions) as s:
+        study = s.get(Study, study_id)
+        if study is None:
+            return None
+        audit_record(s, audit.VIEWED, actor=username, study_uid=study.study_uid, accession=study.accession,
+                     details={"page": "study", "phi": phi})
     with session_scope(ctx.sessions) as s:
         return q.study_detail(s, study_id, phi)
 
 
 @requires()
 async def study_page(request: Request) -> Response:
-    study = await run_in_threadpool(_study, _ctx(request), _path_int(request, "study_id"),
-                                    request.state.user.sees_phi)
+    user = request.state.user
+    study = await run_in_threadpool(_study, _ctx(request), _path_int(request, "study_id"), user.username,
+                                    user.sees_phi)
     if study is None:
         raise HTTPException(404, "No such study.")
     return render(request, "study.html", study=study)
@@ -317,7 +325,9 @@ AUDIT_FILTERS = ("since", "until", "study_uid", "accession", "event_type", "acto
 
 
 def _audit_filters(request: Request) -> tuple[dict[str, str], list[Any], str]:
-    f = {k: request.query_params.get(k, "").strip()[:128] for k in AUDIT_FILTERS}
+    # Control characters (NUL) are dropped: PostgreSQL refuses them in text parameters.
+    f = {k: "".join(c for c in request.query_params.get(k, "") if c.isprintable()).strip()[:128]
+         for k in AUDIT_FILTERS}
     cond: list[Any] = []
     error = ""
     for key, op in (("since", "ge"), ("until", "le")):

@@ -156,7 +156,7 @@ def login(ctx: AppContext, username: str, password: str, ip: str) -> LoginOutcom
     s_ = ctx.settings
     now = utcnow()
     generic = "Invalid user name or password."
-    username = username.strip()[:64]
+    username = "".join(c for c in username if c.isprintable()).strip()[:64]
     with session_scope(ctx.sessions) as s:
         user = s.scalars(select(User).where(User.username == username)).first()
         if user is None or not user.active or not user.password_hash:
