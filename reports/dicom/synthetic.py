@@ -6,7 +6,6 @@ Reference, Equipment, Image Plane and Pixel modules of a CT Image), the pixels a
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 
 import numpy as np
@@ -37,19 +36,20 @@ def make_series(
     study_uid = derive_uid("synthetic", seed, "study")
     series_uid = derive_uid("synthetic", seed, "series")
     for_uid = derive_uid("synthetic", seed, "for")
-    zz, yy, xx = np.mgrid[0:n_slices, 0:size, 0:size]
+    yy, xx = np.ogrid[0:size, 0:size]
     c = (size - 1) / 2
     r = np.hypot((yy - c) / (0.42 * size), (xx - c) / (0.36 * size))
-    hu = np.full((n_slices, size, size), -1000.0, dtype=np.float32)
-    hu[r < 1.0] = 1200.0  # skull
-    hu[r < 0.92] = 32.0  # brain
-    hu[(r < 0.25) & (np.abs(xx - c) > 3)] = 6.0  # ventricles
+    head = np.full((size, size), -1000.0, dtype=np.float32)
+    head[r < 1.0] = 1200.0  # skull
+    head[r < 0.92] = 32.0  # brain
+    head[(r < 0.25) & (np.abs(xx - c) > 3)] = 6.0  # ventricles
+    hu = np.repeat(head[None], n_slices, axis=0)
     positions = []
     sources = []
     origin = np.array([-c * pixel_spacing, -c * pixel_spacing, 0.0])
     for k in range(n_slices):
         # Gantry tilt: slices advance along z (table) while the image plane is tilted.
-        ipp = origin + np.array([0.0, 0.0, k * spacing / max(math.cos(t), 1e-6) if tilt_deg else k * spacing])
+        ipp = origin + np.array([0.0, 0.0, k * spacing / math.cos(t)])
         positions.append(ipp)
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
@@ -114,7 +114,8 @@ def make_series(
         if with_pixels:
             ds.PixelData = (hu[k] + 1024).astype(np.int16).tobytes()
         sources.append(ds)
-    normal_spacing = spacing if not tilt_deg else spacing  # along the normal: dz * cos(t) / cos(t)
+    # With a tilt the table step is spacing / cos(t), so the distance along the normal stays ``spacing``.
+    normal_spacing = spacing
     vol = Volume(
         hu=hu,
         pixel_spacing=(pixel_spacing, pixel_spacing),
@@ -126,7 +127,6 @@ def make_series(
         tilt_deg=tilt_deg,
         spacings=[normal_spacing] * (n_slices - 1),
     )
-    del zz
     return sources, vol
 
 
@@ -135,7 +135,7 @@ def make_prediction(
 ) -> Prediction:
     """A hand-made prediction: blobs for ``subtypes`` when positive, nothing otherwise."""
     z, y, x = volume.shape
-    zz, yy, xx = np.mgrid[0:z, 0:y, 0:x]
+    zz, yy, xx = np.ogrid[0:z, 0:y, 0:x]
     masks: dict[str, np.ndarray] = {}
     heat: dict[str, np.ndarray] = {}
     if positive:
@@ -186,7 +186,3 @@ def make_prediction(
         timings={},
         bundle=IDENTITY,
     )
-
-
-def now_stamp() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
