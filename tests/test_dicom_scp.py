@@ -96,8 +96,11 @@ def test_echo_store_and_record_without_phi_in_logs(tmp_path: Path, capfd: pytest
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == first.sha256
     src = {str(dcmread(p).SOPInstanceUID): p for p in paths}[first.sop_instance_uid]
     assert dcmread(stored).PixelData == dcmread(src).PixelData
-    assert len(audit_events(ctx, "received")) == 20
-    assert audit_events(ctx, "received")[0].accession == "ACC-991"  # identifiers belong in the audit trail
+    received = audit_events(ctx, "received")  # one event per committed group, listing its instances
+    assert sorted(u for e in received for u in e.details["sop_instance_uids"]) == sorted(i.sop_instance_uid
+                                                                                        for i in inst)
+    assert sum(e.details["count"] for e in received) == 20
+    assert received[0].accession == "ACC-991" and received[0].actor == "STORESCU"  # identifiers: audit only
     out = capfd.readouterr()
     for phi in ("Doe^Jane", "PID-77", "ACC-991"):
         assert phi not in out.out + out.err

@@ -17,6 +17,7 @@ import hashlib
 import socket
 import ssl
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,15 +31,12 @@ from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
 
 from storage import audit
 from storage.filestore import DiskFullError, StorePathError
-from storage.models import Instance, Series, Study, utcnow
 from triage.context import AppContext
-from triage.dicom.header import Header, HeaderError, parse_encoded
+from triage.dicom.header import HeaderError, parse_encoded
+from triage.dicom.recorder import WRITE_TIMEOUT, InstanceRecord, Recorder
 from triage.logging import get_logger
 
 log = get_logger(__name__)
@@ -47,6 +45,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_UID_MISMATCH = 0xC213
+RECENT_UIDS = 50_000  # duplicate fast path: UIDs this process recorded lately
 
 NATIVE_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
 COMPRESSED_SYNTAXES = [
@@ -140,6 +139,8 @@ class DicomNode:
         self._host = self.settings.dicom_host if host is None else host
         self._server: Any = None
         self._lock = threading.Lock()
+        self._recent: dict[str, None] = {}  # SOP Instance UIDs recorded lately (insertion-ordered)
+        self.recorder = Recorder(ctx.sessions)
         self.ae = self._make_ae()
 
     # ------------------------------------------------------------------ set-up
@@ -178,6 +179,7 @@ class DicomNode:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        self.recorder.start()
         self._server = self.ae.start_server(
             (self._host, self._port), block=False, evt_handlers=handlers, ssl_context=make_server_ssl_context(s)
         )
@@ -190,6 +192,7 @@ class DicomNode:
             self._server.shutdown()
             self._server = None
         self.ae.shutdown()
+        self.recorder.stop()
 
     def __enter__(self) -> DicomNode:
         self.start()
@@ -282,111 +285,61 @@ class DicomNode:
                                STATUS_UID_MISMATCH, str(exc), sop_class=request_sop_class)
             return StoreOutcome(STATUS_UID_MISMATCH, str(exc))
 
-        if self._known(header.sop_instance_uid):
+        if header.sop_instance_uid in self._recent:
             log.info("duplicate instance ignored", sop_uid=header.sop_instance_uid)
             return StoreOutcome(STATUS_SUCCESS, "duplicate", duplicate=True)
 
+        # The recorder thread gathers this instance into its next group while this thread
+        # writes the file (atomic write + fsync); it records the group once the files are
+        # durable, and the ack waits for that commit. A duplicate this process has not seen lately is rewritten
+        # with the same bytes under the same name and then recognised by the database.
         data: bytes = file_meta_bytes()
+        record = InstanceRecord(header, rel, len(data), hashlib.sha256(data).hexdigest(), transfer_syntax,
+                                calling_aet, peer, written=Future())
         try:
-            size = self.ctx.store.write_atomic(rel, data)
+            self.ctx.store.ensure_space(len(data))
         except DiskFullError as exc:
-            self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
-                               STATUS_OUT_OF_RESOURCES, str(exc), event=audit.DISK_FULL,
-                               sop_class=header.sop_class_uid, accession=header.study.get("accession", ""))
-            log.error("file store below floor: instance refused", free_bytes=self.ctx.store.free_bytes())
-            return StoreOutcome(STATUS_OUT_OF_RESOURCES, str(exc))
+            return self._refuse_full(exc, header, calling_aet, peer)
+        overlap = self.recorder.running  # without the writer thread: write first, then record inline
+        pending = self.recorder.submit(record) if overlap else None
+        try:
+            self.ctx.store.write_atomic(rel, data)
         except OSError as exc:
+            assert record.written is not None
+            record.written.set_exception(exc)
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    pending.result(timeout=WRITE_TIMEOUT)
+            if isinstance(exc, DiskFullError):
+                return self._refuse_full(exc, header, calling_aet, peer)
             self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
                                STATUS_OUT_OF_RESOURCES, f"write failed: {exc}", sop_class=header.sop_class_uid)
             return StoreOutcome(STATUS_OUT_OF_RESOURCES, str(exc))
+        assert record.written is not None
+        record.written.set_result(None)
+        try:
+            duplicate = (pending or self.recorder.submit(record)).result(timeout=WRITE_TIMEOUT)
+        except Exception as exc:
+            reason = f"database error: {getattr(exc, 'orig', None) or exc}"
+            self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
+                               STATUS_PROCESSING_FAILURE, reason, sop_class=header.sop_class_uid)
+            log.error("instance not recorded", error=str(exc)[:300])
+            return StoreOutcome(STATUS_PROCESSING_FAILURE, reason)
+        self._remember(header.sop_instance_uid)
+        return StoreOutcome(STATUS_SUCCESS, "duplicate" if duplicate else "", duplicate=duplicate)
 
-        for attempt in range(5):
-            try:
-                duplicate = self._record(header, rel, size, transfer_syntax, calling_aet, peer, data)
-                return StoreOutcome(STATUS_SUCCESS, "duplicate" if duplicate else "", duplicate=duplicate)
-            except IntegrityError:
-                # A concurrent receiver created the same study/series/instance: look again.
-                continue
-            except OperationalError as exc:
-                if attempt < 4:
-                    continue
-                self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
-                                   STATUS_PROCESSING_FAILURE, f"database error: {exc.orig}",
-                                   sop_class=header.sop_class_uid)
-                return StoreOutcome(STATUS_PROCESSING_FAILURE, "database error")
-        return StoreOutcome(STATUS_PROCESSING_FAILURE, "could not record the instance")
+    def _refuse_full(self, exc: Exception, header: Any, calling_aet: str, peer: str | None) -> StoreOutcome:
+        self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
+                           STATUS_OUT_OF_RESOURCES, str(exc), event=audit.DISK_FULL,
+                           sop_class=header.sop_class_uid, accession=header.study.get("accession", ""))
+        log.error("file store below floor: instance refused", free_bytes=self.ctx.store.free_bytes())
+        return StoreOutcome(STATUS_OUT_OF_RESOURCES, str(exc))
 
-    def _known(self, sop_uid: str) -> bool:
-        with self.ctx.sessions() as session:
-            return session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)) is not None
-
-    def _record(self, h: Header, rel: str, size: int, ts: str, calling: str, peer: str | None, data: bytes) -> bool:
-        """Insert/refresh the rows of one instance in one transaction. True if it was a duplicate."""
-        digest = hashlib.sha256(data).hexdigest()
-        now = utcnow()
-        with self.ctx.sessions.begin() as s:
-            if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == h.sop_instance_uid)) is not None:
-                return True
-            study = s.scalar(select(Study).where(Study.study_uid == h.study_uid))
-            if study is None:
-                study = Study(**h.study, status="receiving", first_received_at=now, last_received_at=now)
-                s.add(study)
-                s.flush()
-            else:
-                study.last_received_at = now
-                for key in ("accession", "patient_id", "patient_name", "study_description"):
-                    if not getattr(study, key) and h.study.get(key):
-                        setattr(study, key, h.study[key])
-            series = self._lock_series(s, h.series_uid)
-            if series is None:
-                series = Series(study_id=study.id, **h.series, state="receiving", first_received_at=now,
-                                last_received_at=now, instance_count=0, generation=0, meta={})
-                s.add(series)
-                s.flush()
-            elif series.state != "receiving":
-                self._reopen(s, series, h)
-            if study.status != "receiving":
-                study.status = "receiving"
-                study.status_reason = ""
-            s.add(Instance(
-                series_id=series.id, sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
-                instance_number=h.instance_number, transfer_syntax=ts, path=rel, size=size, sha256=digest,
-                calling_aet=calling[:16], received_at=now, meta=h.meta,
-            ))
-            s.execute(update(Series).where(Series.id == series.id).values(
-                instance_count=Series.instance_count + 1, last_received_at=now))
-            s.flush()
-            audit.record(s, audit.RECEIVED, actor=calling or "?", study_uid=h.study_uid, series_uid=h.series_uid,
-                         accession=h.study.get("accession", ""),
-                         details={"sop_instance_uid": h.sop_instance_uid, "sop_class_uid": h.sop_class_uid,
-                                  "transfer_syntax": ts, "size": size, "peer": peer,
-                                  "generation": series.generation})
-        return False
-
-    @staticmethod
-    def _lock_series(s: Session, series_uid: str) -> Series | None:
-        """The series row, locked on PostgreSQL so a concurrent completion waits for us (and we
-        see its state if it won)."""
-        q = select(Series).where(Series.series_uid == series_uid)
-        if s.get_bind().dialect.name == "postgresql":
-            q = q.with_for_update()
-        return s.scalar(q)
-
-    @staticmethod
-    def _reopen(s: Session, series: Series, h: Header) -> None:
-        old_state, old_gen = series.state, series.generation
-        res = s.execute(
-            update(Series)
-            .where(Series.id == series.id, Series.state == old_state, Series.generation == old_gen)
-            .values(state="receiving", generation=old_gen + 1, completed_at=None, skip_reason="")
-        )
-        s.refresh(series)
-        if res.rowcount == 1:  # type: ignore[attr-defined]
-            audit.record(s, audit.SERIES_REOPENED, study_uid=h.study_uid, series_uid=h.series_uid,
-                         accession=h.study.get("accession", ""),
-                         details={"previous_state": old_state, "generation": old_gen + 1,
-                                  "sop_instance_uid": h.sop_instance_uid})
-            log.info("series reopened", series_uid=h.series_uid, previous_state=old_state, generation=old_gen + 1)
+    def _remember(self, sop_uid: str) -> None:
+        with self._lock:
+            self._recent[sop_uid] = None
+            while len(self._recent) > RECENT_UIDS:
+                self._recent.pop(next(iter(self._recent)))
 
     def _audit_reject(self, calling: str, peer: str | None, sop_uid: str, study_uid: str, series_uid: str,
                       status: int, reason: str, *, event: str = audit.REJECTED, sop_class: str = "",

@@ -1,0 +1,85 @@
+"""Group commit of instance rows: nothing committed before its file is written, failures isolated."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from storage.models import AuditEvent, Instance
+from tests.peers import SeriesSpec, make_ct_dataset, node_context
+from triage.dicom.header import header_from_dataset
+from triage.dicom.recorder import InstanceRecord, Recorder
+
+
+def records(n: int, spec: SeriesSpec | None = None) -> list[InstanceRecord]:
+    spec = spec or SeriesSpec(slices=n, size=16)
+    out = []
+    for i in range(n):
+        h = header_from_dataset(make_ct_dataset(spec, i, 5.0 * i), True)
+        out.append(InstanceRecord(h, f"instances/x/{h.sop_instance_uid}.dcm", 100, "0" * 64,
+                                  "1.2.840.10008.1.2.1", "MODALITY", "127.0.0.1", written=Future()))
+    return out
+
+
+def instance_count(ctx) -> int:  # noqa: ANN001
+    with ctx.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+@pytest.fixture
+def recorder(tmp_path: Path):  # noqa: ANN201
+    ctx = node_context(tmp_path)
+    rec = Recorder(ctx.sessions)
+    rec.start()
+    yield ctx, rec
+    rec.stop()
+    ctx.close()
+
+
+def test_rows_wait_for_the_file_and_are_committed_in_groups(recorder) -> None:  # noqa: ANN001
+    ctx, rec = recorder
+    recs = records(10)
+    futures = [rec.submit(r) for r in recs]
+    time.sleep(0.5)
+    assert instance_count(ctx) == 0  # files not written yet: nothing committed, nothing acknowledged
+    assert not any(f.done() for f in futures)
+    for r in recs:
+        r.written.set_result(None)
+    assert [f.result(timeout=60) for f in futures] == [False] * 10
+    assert instance_count(ctx) == 10
+    assert rec.batches < 10 and rec.recorded == 10  # queued records shared transactions
+    with ctx.sessions() as s:
+        counts = list(s.scalars(select(AuditEvent.details).where(AuditEvent.event_type == "received")))
+    assert sum(c["count"] for c in counts) == 10
+
+
+def test_a_failed_file_write_drops_only_that_record(recorder) -> None:  # noqa: ANN001
+    ctx, rec = recorder
+    blocker, *recs = records(4)
+    first = rec.submit(blocker)  # holds the writer while the next three queue up as one batch
+    futures = [rec.submit(r) for r in recs]
+    recs[1].written.set_exception(OSError("disk on fire"))
+    for r in (blocker, recs[0], recs[2]):
+        r.written.set_result(None)
+    assert first.result(timeout=60) is False
+    assert futures[0].result(timeout=60) is False and futures[2].result(timeout=60) is False
+    with pytest.raises(OSError, match="disk on fire"):
+        futures[1].result(timeout=60)
+    with ctx.sessions() as s:
+        uids = set(s.scalars(select(Instance.sop_instance_uid)))
+    assert uids == {r.header.sop_instance_uid for r in (blocker, recs[0], recs[2])}
+
+
+def test_duplicates_in_and_across_batches(recorder) -> None:  # noqa: ANN001
+    ctx, rec = recorder
+    (one,) = records(1)
+    again = InstanceRecord(one.header, one.rel, 100, "0" * 64, one.transfer_syntax, "OTHER", None, written=Future())
+    f1, f2 = rec.submit(one), rec.submit(again)
+    one.written.set_result(None)
+    again.written.set_result(None)
+    assert (f1.result(timeout=60), f2.result(timeout=60)) == (False, True)
+    assert instance_count(ctx) == 1

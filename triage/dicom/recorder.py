@@ -1,0 +1,246 @@
+"""Database rows for received instances, committed in groups.
+
+Every association thread hands its instance to one writer thread, writes the file (atomic
+write + fsync) meanwhile, and waits. The writer takes whatever has queued up (up to
+``MAX_BATCH``), waits until the files of that batch are durably written (a record whose file
+failed is dropped from the batch and its thread gets the error), records the rest in *one*
+transaction, and only then releases the waiting threads, which acknowledge with 0x0000. So no
+row is committed before its file is durable and no instance is acknowledged before its rows
+are committed. The transaction starts only after the files are written, so a slow disk never
+holds the database's write lock (SQLite has one for the whole database). With several
+associations sending at once, the per-transaction cost and that lock are shared.
+
+Per batch and series: the study and series rows are created or refreshed, a series that had
+already completed is reopened (generation + 1, audit ``series_reopened``), the instances are
+inserted, and one audit event ``received`` lists the SOP Instance UIDs it recorded.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import audit
+from storage.models import Instance, Series, Study, utcnow
+from triage.dicom.header import Header
+from triage.logging import get_logger
+
+log = get_logger(__name__)
+
+MAX_BATCH = 64
+RETRIES = 5
+
+
+@dataclass
+class InstanceRecord:
+    """One received instance, written to the file store, waiting for its rows."""
+
+    header: Header
+    rel: str
+    size: int
+    sha256: str
+    transfer_syntax: str
+    calling_aet: str
+    peer: str | None
+    #: Set (result ``None`` or an exception) by the thread writing the file.
+    written: Future[None] | None = None
+
+
+WRITE_TIMEOUT = 300.0
+
+
+def _write_error(record: InstanceRecord) -> BaseException | None:
+    """Wait for the record's file; the exception its write raised, if any."""
+    if record.written is None:
+        return None
+    try:
+        return record.written.exception(timeout=WRITE_TIMEOUT)
+    except TimeoutError as exc:
+        return exc
+
+
+def record_batch(sessions: sessionmaker[Session], records: Sequence[InstanceRecord]) -> list[bool]:
+    """Record ``records`` (their files already written) in one transaction; returns per record
+    whether it was a duplicate."""
+    now = utcnow()
+    with sessions.begin() as s:
+        uids = [r.header.sop_instance_uid for r in records]
+        known = set(s.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))))
+        duplicate: list[bool] = []
+        fresh: dict[str, list[InstanceRecord]] = {}
+        seen: set[str] = set()
+        for r in records:
+            uid = r.header.sop_instance_uid
+            dup = uid in known or uid in seen
+            duplicate.append(dup)
+            seen.add(uid)
+            if not dup:
+                fresh.setdefault(r.header.series_uid, []).append(r)
+        for series_uid, group in fresh.items():
+            _record_series(s, series_uid, group, now)
+    return duplicate
+
+
+def _record_series(s: Session, series_uid: str, group: list[InstanceRecord], now: Any) -> None:
+    h = group[0].header
+    study = s.execute(select(Study.id, Study.status).where(Study.study_uid == h.study_uid)).first()
+    if study is None:
+        study_id = s.execute(insert(Study).values(**h.study, status="receiving", first_received_at=now,
+                                                  last_received_at=now).returning(Study.id)).scalar_one()
+    else:
+        study_id = study.id
+        s.execute(update(Study).where(Study.id == study_id)
+                  .values(last_received_at=now, status="receiving", status_reason=""))
+    q = select(Series.id, Series.state, Series.generation).where(Series.series_uid == series_uid)
+    if s.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update()  # a concurrent completion waits for us, or we see the state it set
+    series = s.execute(q).first()
+    if series is None:
+        series_id = s.execute(insert(Series).values(
+            study_id=study_id, **h.series, state="receiving", first_received_at=now, last_received_at=now,
+            instance_count=0, generation=0, meta={}).returning(Series.id)).scalar_one()
+        generation = 0
+    else:
+        series_id, generation = series.id, series.generation
+        if series.state != "receiving":
+            generation = _reopen(s, series_id, series.state, series.generation, h, group[0])
+    s.execute(insert(Instance), [
+        {"series_id": series_id, "sop_instance_uid": r.header.sop_instance_uid,
+         "sop_class_uid": r.header.sop_class_uid, "instance_number": r.header.instance_number,
+         "transfer_syntax": r.transfer_syntax, "path": r.rel, "size": r.size, "sha256": r.sha256,
+         "calling_aet": r.calling_aet[:16], "received_at": now, "meta": r.header.meta}
+        for r in group
+    ])
+    s.execute(update(Series).where(Series.id == series_id)
+              .values(instance_count=Series.instance_count + len(group), last_received_at=now))
+    audit.record(
+        s, audit.RECEIVED, actor=group[0].calling_aet or "?", study_uid=h.study_uid, series_uid=series_uid,
+        accession=h.study.get("accession", ""),
+        details={"count": len(group), "sop_instance_uids": [r.header.sop_instance_uid for r in group],
+                 "sop_classes": sorted({r.header.sop_class_uid for r in group}),
+                 "transfer_syntaxes": sorted({r.transfer_syntax for r in group}),
+                 "bytes": sum(r.size for r in group), "peers": sorted({str(r.peer) for r in group}),
+                 "calling_aets": sorted({r.calling_aet for r in group}), "generation": generation},
+    )
+
+
+def _reopen(s: Session, series_id: int, old_state: str, old_gen: int, h: Header, first: InstanceRecord) -> int:
+    res = s.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state == old_state, Series.generation == old_gen)
+        .values(state="receiving", generation=old_gen + 1, completed_at=None, skip_reason="")
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return int(s.scalar(select(Series.generation).where(Series.id == series_id)) or old_gen)
+    audit.record(s, audit.SERIES_REOPENED, study_uid=h.study_uid, series_uid=h.series_uid,
+                 accession=h.study.get("accession", ""),
+                 details={"previous_state": old_state, "generation": old_gen + 1,
+                          "sop_instance_uid": first.header.sop_instance_uid})
+    log.info("series reopened", series_uid=h.series_uid, previous_state=old_state, generation=old_gen + 1)
+    return old_gen + 1
+
+
+def record_with_retries(sessions: sessionmaker[Session], records: Sequence[InstanceRecord]) -> list[bool]:
+    """:func:`record_batch`, again when a concurrent writer won a race (unique keys) or the
+    database was briefly busy."""
+    for attempt in range(RETRIES):
+        try:
+            return record_batch(sessions, records)
+        except IntegrityError:
+            continue  # another receiver created the same study/series/instance: look again
+        except OperationalError:
+            if attempt == RETRIES - 1:
+                raise
+    raise RuntimeError("could not record the instances (unique-key races did not settle)")
+
+
+class Recorder:
+    """The writer thread that commits instance rows in groups (see the module docstring)."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._queue: queue.Queue[tuple[InstanceRecord, Future[bool]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.recorded = 0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dicom-recorder", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join(timeout=60)
+                self._thread = None
+
+    def submit(self, record: InstanceRecord) -> Future[bool]:
+        """Queue one instance; the future resolves (True for a duplicate) once it is committed,
+        or to the write error of its file."""
+        future: Future[bool] = Future()
+        if self._thread is None:  # not started (used without a server): record in this thread
+            self._commit([(record, future)])
+            return future
+        self._queue.put((record, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[tuple[InstanceRecord, Future[bool]]]) -> None:
+        ready = []
+        for record, future in batch:
+            error = _write_error(record)
+            if error is not None:
+                future.set_exception(error)  # its thread refuses the instance; no row for it
+            else:
+                ready.append((record, future))
+        if not ready:
+            return
+        try:
+            results = record_with_retries(self.sessions, [r for r, _ in ready])
+        except Exception as exc:
+            if len(ready) > 1:
+                for one in ready:  # find the record that makes the group fail; record the others
+                    self._commit([one])
+                return
+            log.error("instance rows not recorded", error=str(exc)[:300])
+            ready[0][1].set_exception(exc)
+            return
+        self.batches += 1
+        self.recorded += len(ready)
+        for (_, future), dup in zip(ready, results, strict=True):
+            future.set_result(dup)
