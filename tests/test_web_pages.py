@@ -328,7 +328,7 @@ def test_health_ready_and_metrics(app_ctx: AppContext, client: TestClient) -> No
     assert 'triage_deliveries_total{channel="dicom",outcome="failed"} 1.0' in body
     assert 'triage_stage_duration_seconds_bucket{le="5.0",stage="predict"} 1.0' in body
     assert 'triage_stage_duration_seconds_count{stage="total"} 1.0' in body
-    assert "triage_instances_received_total 1.0" in body
+    assert "triage_instances_received_total 32.0" in body
 
 
 def test_cli_user_add_and_token(tmp_path) -> None:
@@ -373,3 +373,12 @@ def test_cli_user_add_and_token(tmp_path) -> None:
         assert len(events(ctx, audit.TOKEN_CREATED)) == 1
     finally:
         ctx.close()
+
+
+def test_audit_details_are_summarised_for_tables() -> None:
+    from reports.web.app import fmt_details
+
+    text = fmt_details({"count": 300, "sop_instance_uids": ["1.2.3"] * 300, "note": "x" * 1000})
+    assert '"sop_instance_uids": "[300 items]"' in text and '"count": 300' in text
+    assert len(text) == 400 and text.endswith("…")
+    assert fmt_details({"ids": [1, 2]}) == '{"ids": [1, 2]}'

@@ -103,7 +103,7 @@ def seed_study(
         s.add(series)
         s.flush()
         audit.record(s, audit.RECEIVED, actor="CT_SCANNER", study_uid=study_uid, series_uid=series_uid,
-                     accession=accession, details={"instances": 32})
+                     accession=accession, details={"count": 32})
         if status == "skipped":
             audit.record(s, audit.SKIPPED, study_uid=study_uid, series_uid=series_uid, accession=accession,
                          details={"reason": status_reason})

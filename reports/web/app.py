@@ -145,10 +145,20 @@ def fmt_pct(x: Any) -> str:
     return "—" if x is None else f"{100 * float(x):.1f} %"
 
 
+def fmt_details(details: Any, max_chars: int = 400) -> str:
+    """Audit details for a table cell: long lists summarised (e.g. hundreds of SOP UIDs), text capped."""
+    if not isinstance(details, dict):
+        return str(details)[:max_chars]
+    short = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 5 else v) for k, v in details.items()}
+    text = json.dumps(short, sort_keys=True, default=str)
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
 def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters.update(dt=fmt_dt, duration=fmt_duration, bytes=fmt_bytes, pct=fmt_pct,
+                       details=fmt_details,
                        tojson_compact=lambda v: json.dumps(v, sort_keys=True, default=str))
     env.globals.update(LABELS=LABELS, SHORT=SHORT, DISCLAIMER=DISCLAIMER, VERSION=__version__,
                        POLL_MS=WORKLIST_POLL_MS, FEEDBACK_ACTIONS=q.FEEDBACK_ACTIONS)

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 
+from storage import audit
 from storage.db import session_scope
 from storage.models import AuditEvent, Delivery, Instance, Job, Result, Study, Worker
 from triage.context import AppContext
@@ -55,10 +56,12 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = dt.datetime.now(dt.UTC)
         with session_scope(self.ctx.sessions) as s:
+            # One "received" audit event covers a batch of instances stored together (details.count).
             received = CounterMetricFamily(
-                "triage_instances_received", "DICOM instances received (audit events 'received')")
+                "triage_instances_received", "DICOM instances received (sum of 'received' audit events' counts)")
             received.add_metric([], s.scalar(
-                select(func.count()).select_from(AuditEvent).where(AuditEvent.event_type == "received")) or 0)
+                select(func.coalesce(func.sum(func.coalesce(AuditEvent.details["count"].as_integer(), 1)), 0))
+                .where(AuditEvent.event_type == audit.RECEIVED)) or 0)
             yield received
 
             stored = GaugeMetricFamily("triage_instances_stored", "DICOM instances currently in the file store")
