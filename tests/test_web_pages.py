@@ -378,7 +378,7 @@ def test_cli_user_add_and_token(tmp_path) -> None:
 def test_audit_details_are_summarised_for_tables() -> None:
     from reports.web.app import fmt_details
 
-    text = fmt_details({"count": 300, "sop_instance_uids": ["1.2.3"] * 300, "note": "x" * 1000})
+    text = fmt_details({"count": 300, "sop_instance_uids": ["1.2.3"] * 300, "z_note": "x" * 1000})
     assert '"sop_instance_uids": "[300 items]"' in text and '"count": 300' in text
     assert len(text) == 400 and text.endswith("…")
     assert fmt_details({"ids": [1, 2]}) == '{"ids": [1, 2]}'
