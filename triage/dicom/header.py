@@ -6,6 +6,7 @@ data element) to fill the database rows and to check that the object is complete
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 CT_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
 
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float, Double Float Pixel Data
-_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 class HeaderError(ValueError):
@@ -153,9 +154,10 @@ def header_from_dataset(ds: Dataset, has_pixels: bool) -> Header:
                               ("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)) if not v]
     if missing:
         raise HeaderError(f"dataset lacks {', '.join(missing)}", STATUS_MISSING_UID)
-    for name, uid in (("SOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
-        if len(uid) > 64:
-            raise HeaderError(f"{name} longer than 64 characters", STATUS_MISSING_UID)
+    for name, uid in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
+                      ("SeriesInstanceUID", series_uid)):
+        if len(uid) > 64 or not _UID_RE.match(uid):
+            raise HeaderError(f"{name} is not a valid UID (digits and dots, at most 64)", STATUS_MISSING_UID)
     modality = _str(ds, "Modality").upper()
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     meta: dict[str, Any] = {
@@ -218,9 +220,8 @@ def _check_pixel_element(buf: bytes, pos: int, implicit: bool, little: bool) -> 
             raise HeaderError("dataset truncated in the pixel data element", STATUS_TRUNCATED)
         (length,) = struct.unpack(end + "I", buf[pos + 8:pos + 12])
         start = pos + 12
-    if length == 0xFFFFFFFF:  # encapsulated: must end with a sequence delimiter
-        if not buf.rstrip(b"\x00")[-8:].startswith(_SEQ_DELIMITER[:4]) and not buf.endswith(_SEQ_DELIMITER):
-            raise HeaderError("encapsulated pixel data lacks its sequence delimiter (truncated)", STATUS_TRUNCATED)
+    if length == 0xFFFFFFFF:  # encapsulated: walk the items up to the sequence delimiter
+        _check_fragments(buf, start)
     elif len(buf) < start + length:
         raise HeaderError(
             f"pixel data truncated: {len(buf) - start} of {length} bytes present", STATUS_TRUNCATED
@@ -228,6 +229,22 @@ def _check_pixel_element(buf: bytes, pos: int, implicit: bool, little: bool) -> 
     elif length == 0:
         raise HeaderError("pixel data element is empty", STATUS_NO_PIXELS)
     return length
+
+
+def _check_fragments(buf: bytes, pos: int) -> None:
+    """Encapsulated pixel data: items (FFFE,E000) each complete, then the delimiter (FFFE,E0DD)."""
+    while True:
+        if len(buf) < pos + 8:
+            raise HeaderError("encapsulated pixel data truncated (no sequence delimiter)", STATUS_TRUNCATED)
+        group, elem, length = struct.unpack("<HHI", buf[pos:pos + 8])
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return
+        if (group, elem) != (0xFFFE, 0xE000):
+            raise HeaderError(f"malformed encapsulated pixel data: item tag ({group:04X},{elem:04X})",
+                              STATUS_UNPARSEABLE)
+        pos += 8 + length
+        if pos > len(buf):
+            raise HeaderError("encapsulated pixel data truncated inside a fragment", STATUS_TRUNCATED)
 
 
 def _check_native_length(meta: dict[str, Any], ds: Dataset, length: int) -> None:
