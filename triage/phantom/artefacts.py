@@ -130,17 +130,23 @@ def blur(vol: np.ndarray, ps: float) -> np.ndarray:
 
 
 def reconstruct(hu: np.ndarray, ps: float, slice_thickness: float, rng: np.random.Generator, noise_sd: float) -> None:
-    """Kernel blur (Gaussian MTF) and noise whose power spectrum is ramp x MTF^2, like filtered
-    back-projection of a standard head kernel (in place, slice by slice in frequency space).
-    Noise is stronger in slices through the skull base (photon starvation behind dense bone)."""
+    """Kernel blur (Gaussian MTF) plus noise whose power spectrum is ramp x MTF^2, as filtered
+    back-projection with a standard head kernel gives (in place; one FFT pair per slice).
+
+    The noise is drawn directly in frequency space; slices through the skull base get more of it
+    (photon starvation behind dense bone)."""
     nz, n, _ = hu.shape
     mtf, f = kernel_mtf(n, ps)
     shaped = np.sqrt(f * mtf).astype(F32)
-    white = rng.standard_normal((nz, n, n), dtype=F32)
-    spec = sfft.rfft2(hu, axes=(1, 2), workers=1) * mtf
-    nspec = sfft.rfft2(white, axes=(1, 2), workers=1) * shaped
-    noise = sfft.irfft2(nspec, s=(n, n), axes=(1, 2), workers=1)
-    noise *= F32(noise_sd) / F32(noise.std() + 1e-6)
+    # expected SD of irfft2(white complex spectrum * shaped): sqrt(sum |shaped|^2 over the full grid) / n^2
+    full = np.concatenate([shaped, shaped[:, 1:(n + 1) // 2 if n % 2 else n // 2][:, ::-1]], axis=1)
+    unit_sd = float(np.sqrt((full.astype(np.float64) ** 2).sum())) / (n * n)
     dense = np.clip((hu[:, n // 4: 3 * n // 4: 4, n // 4: 3 * n // 4: 4] > 600).mean(axis=(1, 2)) * 4, 0, 1)
-    noise *= (1 + 0.6 * dense.astype(F32))[:, None, None]
-    hu[:] = sfft.irfft2(spec, s=(n, n), axes=(1, 2), workers=1) + noise
+    gain = (F32(noise_sd / unit_sd) * (1 + 0.6 * dense.astype(F32)))[:, None, None]
+    spec = sfft.rfft2(hu, axes=(1, 2), workers=1)
+    spec *= mtf
+    for k in range(nz):  # slice by slice keeps the temporary arrays small
+        re = rng.standard_normal(shaped.shape, dtype=F32)
+        im = rng.standard_normal(shaped.shape, dtype=F32)
+        spec[k] += (re + 1j * im) * (shaped * gain[k] * F32(np.sqrt(0.5)))
+    hu[:] = sfft.irfft2(spec, s=(n, n), axes=(1, 2), workers=1)

@@ -230,20 +230,21 @@ def generate_study(seed: int, options: PhantomOptions | None = None) -> Syntheti
     if rng.random() < 0.5:
         artefacts.head_holder(head, hu, rng)
         art["head_holder"] = True
+    # how much the kernel blur carries bone / calcium into each voxel (computed on the anatomy grid):
+    # blood voxels next to the inner table that read > +20 HU from that spill do not show blood
+    # density and are left out of the masks
+    spill = artefacts.blur(np.maximum(hu - F32(150.0), F32(0.0)), geo.pixel_spacing) if lesions else None
+
     # --- to the output grid, then the reconstruction kernel and noise there
     f_ic = head.f_ic
     if factor > 1:
         hu = upsample(hu, fine.n)
         f_ic = upsample(f_ic, fine.n)
         frac = {s: (upsample(frac[s], fine.n) if frac[s].any() else None) for s in SUBTYPES}
+        spill = upsample(spill, fine.n) if spill is not None else None
     noise_sd = opts.noise * float(rng.uniform(2.2, 4.2)) * math.sqrt(5.0 / fine.slice_thickness)
     if kind == "hard_negative_artefact":
         noise_sd *= 1.4
-    spill = None
-    if lesions:
-        # how much the kernel blur carries bone / calcium into each voxel: blood voxels next to the
-        # inner table that read > +20 HU from that spill do not show blood density and are not marked
-        spill = artefacts.blur(np.maximum(hu - F32(150.0), F32(0.0)), fine.pixel_spacing)
     artefacts.reconstruct(hu, fine.pixel_spacing, fine.slice_thickness, rng, noise_sd)
     np.clip(np.rint(hu, out=hu), -1024, 3071, out=hu)
 

@@ -143,9 +143,28 @@ def interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
+def _upsample_axis(a: np.ndarray, f: int, axis: int) -> np.ndarray:
+    """Linear interpolation by an integer factor along ``axis`` (pixel centres aligned, edges clamped)."""
+    a = np.moveaxis(a, axis, -1)
+    prev = np.concatenate([a[..., :1], a[..., :-1]], axis=-1)
+    nxt = np.concatenate([a[..., 1:], a[..., -1:]], axis=-1)
+    out = np.empty((*a.shape[:-1], a.shape[-1] * f), dtype=F32)
+    for r in range(f):
+        o = (r + 0.5) / f - 0.5
+        other = prev if o < 0 else nxt
+        out[..., r::f] = a * F32(1 - abs(o)) + other * F32(abs(o))
+    return np.moveaxis(out, -1, axis)
+
+
 def upsample(coarse: np.ndarray, n: int) -> np.ndarray:
-    """Bilinear in-plane upsampling of (Z, m, m) to (Z, n, n) by two matrix products (fast, BLAS)."""
-    z, m, _ = coarse.shape
+    """Bilinear in-plane upsampling of (Z, m, m) to (Z, n, n) (same field of view, pixel centres aligned)."""
+    m = coarse.shape[-1]
+    if n == m:
+        return coarse.astype(F32, copy=False)
+    if n % m == 0:
+        f = n // m
+        return np.ascontiguousarray(_upsample_axis(_upsample_axis(coarse.astype(F32, copy=False), f, 2), f, 1))
+    z = coarse.shape[0]
     a = interp_matrix(n, m)
     t = (np.ascontiguousarray(coarse, dtype=F32).reshape(z * m, m) @ a.T).reshape(z, m, n)
     t = (a @ t.transpose(1, 0, 2).reshape(m, z * n)).reshape(n, z, n)
