@@ -47,6 +47,15 @@ def test_scu_sends_as_stored_or_decompresses_for_the_peer(tmp_path: Path) -> Non
             np.testing.assert_array_equal(got.pixel_array, src.pixel_array)
 
 
+def test_scu_can_be_told_to_send_uncompressed(tmp_path: Path) -> None:
+    paths = make_ct_series(tmp_path / "src", SeriesSpec(slices=2, size=32), transfer_syntax=J2K)
+    with StoreSCP(tmp_path / "all") as scp:  # would accept JPEG 2000
+        results = send_files(Destination("STORESCP", "127.0.0.1", scp.port), paths, "ICHTRIAGE",
+                             allow_compressed=False)
+        assert [s for _, s in results] == [0, 0]
+        assert {dcmread(f).file_meta.TransferSyntaxUID.is_compressed for f in scp.files()} == {False}
+
+
 def test_scu_raises_when_no_association(tmp_path: Path) -> None:
     paths = make_ct_series(tmp_path / "src", SeriesSpec(slices=1, size=16))
     with pytest.raises(SendError, match="could not connect"):

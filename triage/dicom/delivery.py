@@ -54,7 +54,8 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
         if not path.is_file():
             raise DeliveryError(f"result file {obj.path} is missing from the file store")
         results = send_files(destination, [path], s.ae_title, acse_timeout=s.acse_timeout,
-                             dimse_timeout=s.dimse_timeout, network_timeout=s.network_timeout)
+                             dimse_timeout=s.dimse_timeout, network_timeout=s.network_timeout,
+                             allow_compressed=s.send_compressed)
         status = results[0][1] if results else -2
         status_str = status_text(status)
         ok = is_success(status)

@@ -60,13 +60,13 @@ def _read_info(path: Path) -> _FileInfo:
     return _FileInfo(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
 
 
-def _contexts(infos: Sequence[_FileInfo]) -> list[Any]:
+def _contexts(infos: Sequence[_FileInfo], allow_compressed: bool = True) -> list[Any]:
     wanted: list[tuple[str, list[str]]] = []
     seen: set[tuple[str, str]] = set()
     for info in infos:
         for key, syntaxes in (((info.sop_class, info.syntax), [info.syntax]),
                               ((info.sop_class, "native"), UNCOMPRESSED)):
-            if info.syntax in UNCOMPRESSED and key[1] != "native":
+            if key[1] != "native" and (info.syntax in UNCOMPRESSED or not allow_compressed):
                 continue  # the native context covers it
             if key not in seen:
                 seen.add(key)
@@ -87,8 +87,11 @@ def send_files(
     connection_timeout: float | None = 15.0,
     max_pdu: int = 0,
     ssl_context: ssl.SSLContext | None = None,
+    allow_compressed: bool = True,
 ) -> list[tuple[str, int]]:
     """Send ``paths`` over one association; return ``(sop_instance_uid, status)`` per file.
+
+    ``allow_compressed=False`` sends compressed files decompressed (uncompressed contexts only).
 
     Raises :class:`SendError` when no association could be established. Per-file failures are
     statuses (DIMSE failure codes, or the negative local codes of this module).
@@ -109,7 +112,7 @@ def send_files(
     ae.network_timeout = network_timeout
     ae.connection_timeout = connection_timeout
     ae.maximum_pdu_size = max_pdu
-    ae.requested_contexts = _contexts(infos)
+    ae.requested_contexts = _contexts(infos, allow_compressed)
     opened: list[bool] = []
 
     def on_open(event: evt.Event) -> None:
