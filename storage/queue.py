@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +50,41 @@ INFER, DELIVER, NOTIFY = "infer", "deliver", "notify"
 PRIORITY_ROUTINE, PRIORITY_STAT, PRIORITY_POSITIVE = 0, 10, 20
 
 MAX_ERROR_CHARS = 4000
+
+# Hot-path statements, built once (building SQLAlchemy expressions costs more CPU than SQLite's
+# own work for these one-row statements). Bind parameters take their column's type.
+_CLAIM_COLUMNS = (
+    Job.id, Job.kind, Job.payload, Job.attempts, Job.priority, Job.study_id, Job.series_id,
+    Job.max_attempts, Job.state, Job.lease_owner,
+)
+_RUNNABLE = or_(
+    and_(Job.state.in_((QUEUED, FAILED)), Job.run_after <= bindparam("now")),
+    and_(Job.state == RUNNING, Job.lease_expires_at < bindparam("now")),
+)
+_CLAIM_ORDER = (Job.priority.desc(), Job.run_after, Job.id)
+_SELECT_ANY = select(*_CLAIM_COLUMNS).where(_RUNNABLE).order_by(*_CLAIM_ORDER).limit(1)
+_SELECT_KINDS = (
+    select(*_CLAIM_COLUMNS)
+    .where(_RUNNABLE, Job.kind.in_(bindparam("kinds", expanding=True)))
+    .order_by(*_CLAIM_ORDER)
+    .limit(1)
+)
+_SELECT_ANY_PG = _SELECT_ANY.with_for_update(skip_locked=True)
+_SELECT_KINDS_PG = _SELECT_KINDS.with_for_update(skip_locked=True)
+_LEASE_VALUES = {
+    "state": RUNNING,
+    "attempts": Job.attempts + 1,
+    "lease_owner": bindparam("owner"),
+    "lease_expires_at": bindparam("expires"),
+    "heartbeat_at": bindparam("now"),
+    "started_at": bindparam("now"),
+    "finished_at": None,
+}
+_LEASE = update(Job).where(Job.id == bindparam("jid")).values(**_LEASE_VALUES)
+_LEASE_TAKEOVER = update(Job).where(Job.id == bindparam("jid")).values(**_LEASE_VALUES, last_error=bindparam("err"))
+_HELD = and_(Job.id == bindparam("jid"), Job.state == RUNNING, Job.lease_owner == bindparam("owner"))
+_HEARTBEAT = update(Job).where(_HELD).values(lease_expires_at=bindparam("expires"), heartbeat_at=bindparam("now"))
+_COMPLETE = update(Job).where(_HELD).values(state=DONE, finished_at=bindparam("now"), lease_expires_at=None)
 
 
 @dataclass(frozen=True)
@@ -99,9 +134,24 @@ class JobQueue:
         with self.sessions.begin() as s:
             yield s
 
+    @contextmanager
+    def _conn(self, session: Session | None = None) -> Iterator[Connection | Session]:
+        """The caller's session, or a committed transaction on the engine (no ORM overhead)."""
+        if session is not None:
+            yield session
+            return
+        bind = self.sessions.kw.get("bind")
+        if bind is None:
+            with self.sessions.begin() as s:
+                yield s
+            return
+        with bind.begin() as conn:
+            yield conn
+
     @staticmethod
-    def _pg(session: Session) -> bool:
-        return session.get_bind().dialect.name == "postgresql"
+    def _pg(session: Session | Connection) -> bool:
+        bind = session.get_bind() if isinstance(session, Session) else session
+        return bind.dialect.name == "postgresql"
 
     def backoff_seconds(self, attempt: int) -> float:
         """Delay before retry number ``attempt`` (1-based): base * 2**(attempt-1), jittered, capped."""
@@ -212,51 +262,40 @@ class JobQueue:
         kinds = list(kinds) if kinds else None
         for _ in range(20):  # passes over jobs found dead on lease expiry
             poisoned: int | None = None
-            with self.sessions.begin() as s:
+            with self._conn() as c:
                 now = utcnow()
-                runnable = or_(
-                    and_(Job.state.in_((QUEUED, FAILED)), Job.run_after <= now),
-                    and_(Job.state == RUNNING, Job.lease_expires_at < now),
-                )
-                q = select(Job).where(runnable)
+                pg = self._pg(c)
                 if kinds:
-                    q = q.where(Job.kind.in_(kinds))
-                q = q.order_by(Job.priority.desc(), Job.run_after, Job.id).limit(1)
-                if self._pg(s):
-                    q = q.with_for_update(skip_locked=True)
-                job = s.scalars(q).first()
-                if job is None:
-                    return None
-                if job.state == RUNNING and job.attempts >= job.max_attempts:
-                    poisoned = job.id  # buried below, in its own transaction (audit lock first)
+                    row = c.execute(_SELECT_KINDS_PG if pg else _SELECT_KINDS, {"now": now, "kinds": kinds}).first()
                 else:
-                    return self._lease(job, worker_id, now)
+                    row = c.execute(_SELECT_ANY_PG if pg else _SELECT_ANY, {"now": now}).first()
+                if row is None:
+                    return None
+                job_id, kind, payload, attempts, priority, study_id, series_id, max_attempts, state, owner = row
+                if state == RUNNING and attempts >= max_attempts:
+                    poisoned = job_id  # buried below, in its own transaction (audit lock first)
+                else:
+                    expires = now + dt.timedelta(seconds=self.lease_seconds)
+                    params = {"jid": job_id, "owner": worker_id, "expires": expires, "now": now}
+                    if state == RUNNING:  # the previous holder's lease ran out
+                        params["err"] = f"lease of {owner} expired; taken over"
+                        c.execute(_LEASE_TAKEOVER, params)
+                        log.warning("job lease expired, taken over", job_id=job_id, kind=kind, previous=owner)
+                    else:
+                        c.execute(_LEASE, params)
+                    return ClaimedJob(
+                        id=job_id,
+                        kind=kind,
+                        payload=dict(payload or {}),
+                        attempts=attempts + 1,
+                        priority=priority,
+                        study_id=study_id,
+                        series_id=series_id,
+                        max_attempts=max_attempts,
+                        lease_expires_at=expires,
+                    )
             self._bury_expired(poisoned)
         return None
-
-    def _lease(self, job: Job, worker_id: str, now: dt.datetime) -> ClaimedJob:
-        expired_from = job.lease_owner if job.state == RUNNING else None
-        job.state = RUNNING
-        job.attempts += 1
-        job.lease_owner = worker_id
-        job.lease_expires_at = now + dt.timedelta(seconds=self.lease_seconds)
-        job.heartbeat_at = now
-        job.started_at = now
-        job.finished_at = None
-        if expired_from:
-            job.last_error = f"lease of {expired_from} expired; taken over"
-            log.warning("job lease expired, taken over", job_id=job.id, kind=job.kind, previous=expired_from)
-        return ClaimedJob(
-            id=job.id,
-            kind=job.kind,
-            payload=dict(job.payload or {}),
-            attempts=job.attempts,
-            priority=job.priority,
-            study_id=job.study_id,
-            series_id=job.series_id,
-            max_attempts=job.max_attempts,
-            lease_expires_at=job.lease_expires_at,
-        )
 
     def _bury_expired(self, job_id: int) -> None:
         """A job whose worker died on its last attempt goes dead (not claimed yet again)."""
@@ -275,12 +314,9 @@ class JobQueue:
     def heartbeat(self, job_id: int, worker_id: str) -> bool:
         """Extend the lease. False when the lease was lost: stop working on the job."""
         now = utcnow()
-        with self.sessions.begin() as s:
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == worker_id)
-                .values(lease_expires_at=now + dt.timedelta(seconds=self.lease_seconds), heartbeat_at=now)
-            )
+        expires = now + dt.timedelta(seconds=self.lease_seconds)
+        with self._conn() as c:
+            res = c.execute(_HEARTBEAT, {"jid": job_id, "owner": worker_id, "expires": expires, "now": now})
             return res.rowcount == 1
 
     def complete(self, job_id: int, worker_id: str, *, session: Session | None = None) -> bool:
@@ -288,12 +324,8 @@ class JobQueue:
 
         Pass ``session`` to complete inside the transaction that stores the job's results.
         """
-        with self._tx(session) as s:
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == worker_id)
-                .values(state=DONE, finished_at=utcnow(), lease_expires_at=None)
-            )
+        with self._conn(session) as c:
+            res = c.execute(_COMPLETE, {"jid": job_id, "owner": worker_id, "now": utcnow()})
             return res.rowcount == 1
 
     def fail(self, job_id: int, worker_id: str, error: str, retry: bool = True) -> bool:
