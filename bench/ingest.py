@@ -55,26 +55,62 @@ def send(port: int, aet: str, paths: list[Path], associations: int) -> float:
     return time.perf_counter() - start
 
 
-def run_storescp(paths: list[Path], associations: int, work: Path) -> float:
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_storescp(paths: list[Path], associations: int, work: Path) -> tuple[float, float]:
+    """(wall seconds, receiver CPU seconds)."""
     out = work / "storescp"
     shutil.rmtree(out, ignore_errors=True)
     with StoreSCP(out, "STORESCP") as scp:
+        assert scp.proc is not None
+        cpu0 = proc_cpu_seconds(scp.proc.pid)
         seconds = send(scp.port, "STORESCP", paths, associations)
+        cpu = proc_cpu_seconds(scp.proc.pid) - cpu0
         if len(scp.files()) != len(paths):
             raise RuntimeError(f"storescp wrote {len(scp.files())} of {len(paths)} files")
-    return seconds
+    return seconds, cpu
 
 
-def run_node(paths: list[Path], associations: int, work: Path, database_url: str | None, run: int) -> float:
+def fsync_latency_ms(directory: Path, n: int = 20) -> float:
+    """Median time to write 512 KiB, fsync it, rename it and fsync the directory (the floor per
+    durable instance on this disk)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(512 * 1024)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        tmp, target = directory / f".t{i}", directory / f"f{i}"
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        fd = os.open(directory, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        times.append(time.perf_counter() - t)
+    shutil.rmtree(directory, ignore_errors=True)
+    return statistics.median(times) * 1000
+
+
+def run_node(paths: list[Path], associations: int, work: Path, database_url: str | None, run: int,
+             fsync: bool = True) -> tuple[float, float]:
+    """(wall seconds, receiver CPU seconds: this process, which runs only the node meanwhile)."""
     from sqlalchemy import func, select
 
     from storage.models import Instance
 
     d = work / f"node-{associations}-{run}"
-    ctx = node_context(d, database_url=database_url, fsync="true", log_level="WARNING")
+    ctx = node_context(d, database_url=database_url, fsync=str(fsync).lower(), log_level="WARNING")
     try:
         with running_node(ctx) as node:
+            cpu0 = time.process_time()
             seconds = send(node.port, "ICHTRIAGE", paths, associations)
+            cpu = time.process_time() - cpu0
         with ctx.sessions() as s:
             n = s.scalar(select(func.count()).select_from(Instance))
         if n != len(paths):
@@ -82,7 +118,7 @@ def run_node(paths: list[Path], associations: int, work: Path, database_url: str
     finally:
         ctx.close()
         shutil.rmtree(d, ignore_errors=True)
-    return seconds
+    return seconds, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--database-url", default=None, help="default: SQLite in the node's data dir")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory")
+    ap.add_argument("--compare-fsync", action="store_true",
+                    help="also run the node with fsync off (separates disk latency from software cost)")
     args = ap.parse_args(argv)
 
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
@@ -103,25 +141,34 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_ct_series(work / "series", SeriesSpec(slices=args.slices, size=args.size))
         mb = sum(p.stat().st_size for p in paths) / 1e6
         rows = []
+
+        def med(runs: list[tuple[float, float]]) -> tuple[float, float]:
+            return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
         for associations in (1, 4):
-            ref, node = [], []
-            for run in range(args.repeat):  # interleaved, so both see the same machine load
+            ref: list[tuple[float, float]] = []
+            node: list[tuple[float, float]] = []
+            nosync: list[tuple[float, float]] = []
+            for run in range(args.repeat):  # interleaved, so all see the same machine load
                 ref.append(run_storescp(paths, associations, work))
                 node.append(run_node(paths, associations, work, args.database_url, run))
-            rows.append((associations, statistics.median(ref), statistics.median(node)))
+                if args.compare_fsync:
+                    nosync.append(run_node(paths, associations, work, args.database_url, run, fsync=False))
+            rows.append((associations, "DCMTK storescp (no fsync)", *med(ref), None))
+            rows.append((associations, "node (fsync on)", *med(node), med(ref)[0]))
+            if nosync:
+                rows.append((associations, "node (fsync off)", *med(nosync), med(ref)[0]))
         db = "PostgreSQL" if args.database_url and "postgres" in args.database_url else "SQLite"
-        print(
-            f"\n{args.slices} slices {args.size}x{args.size} ({mb:.0f} MB), median of {args.repeat}, "
-            f"node: fsync on, {db}, {os.cpu_count()} CPUs\n"
-        )
-        print("| associations | receiver | seconds | images/s | MB/s | node/DCMTK |")
-        print("|---|---|---|---|---|---|")
-        for associations, ref_s, node_s in rows:
-            print(f"| {associations} | DCMTK storescp | {ref_s:.2f} | {args.slices / ref_s:.0f} | {mb / ref_s:.0f} | |")
-            print(
-                f"| {associations} | node | {node_s:.2f} | {args.slices / node_s:.0f} | {mb / node_s:.0f} | "
-                f"{ref_s / node_s:.2f} |"
-            )
+        load = os.getloadavg()[0]
+        print(f"\n{args.slices} slices {args.size}x{args.size} ({mb:.0f} MB), median of {args.repeat}, "
+              f"database {db}, {os.cpu_count()} CPUs, load average {load:.1f}, "
+              f"write+fsync of 512 KiB here: {fsync_latency_ms(work / 'fsync-probe'):.1f} ms\n")
+        print("| associations | receiver | seconds | images/s | MB/s | receiver CPU ms/image | node/DCMTK (images/s) |")
+        print("|---|---|---|---|---|---|---|")
+        for associations, name, secs, cpu, ref_s in rows:
+            ratio = f"{ref_s / secs:.2f}" if ref_s else ""
+            print(f"| {associations} | {name} | {secs:.2f} | {args.slices / secs:.0f} | {mb / secs:.0f} | "
+                  f"{cpu / args.slices * 1000:.1f} | {ratio} |")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
