@@ -85,6 +85,7 @@ class Head:
     csf_spaces: np.ndarray  # sulci, cisterns, fissures (fraction)
     cerebellum: np.ndarray  # fraction
     sulci_field: np.ndarray  # the random field whose level sets are sulci
+    petrous: np.ndarray | None = None  # (1, n, n) closeness to the petrous ridges (1 on the ridge)
     landmarks: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     vessels: list[tuple[tuple[float, float, float], float]] = field(default_factory=list)
 
@@ -180,8 +181,8 @@ def build_head(cv: Canvas, p: HeadParams, rng: np.random.Generator) -> Head:
     cb_occ = ramp((tent - w) / F32(math.hypot(ps, th))) * (1 / (1 + np.exp(-(side - 2.0) / 2.0))).astype(F32)
     cb_occ *= ramp((v - 0.05 * b) / ps).astype(F32)
     folia = smooth_field(rng, nz, m, 1.3 / cps, 0.6, n)
-    cb_hu = F32(0.5 * (p.gm + p.wm) + 2.0) + F32(4.0) * np.cos(folia * F32(2.4))
-    cb_csf = ramp((F32(0.18) - np.abs(folia)) / F32(0.15)) * ramp((F32(10.0) - depth) / F32(3.0))
+    cb_hu = F32(0.5 * (p.gm + p.wm) + 2.0) + F32(2.0) * np.cos(folia * F32(2.4))
+    cb_csf = ramp((F32(0.10) - np.abs(folia)) / F32(0.12)) * ramp((F32(8.0) - depth) / F32(3.0))
     cb_hu += cb_csf * (F32(p.csf) - cb_hu)
     brain += cb_occ * (cb_hu - brain)
     csf_spaces = np.maximum(csf_spaces, cb_occ * cb_csf)
@@ -195,6 +196,7 @@ def build_head(cv: Canvas, p: HeadParams, rng: np.random.Generator) -> Head:
         cv=cv, p=p, depth=depth, edge=edge, f_ic=f_ic, floor=floor, brain=brain,
         ventricles=np.zeros(cv.shape, F32), csf_spaces=csf_spaces, cerebellum=cb_occ, sulci_field=fld,
     )
+    head.petrous = np.exp(-((base["petrous_distance"] / F32(8.0)) ** 2)).astype(F32)
     _deep_structures(head, rng)
     return head
 
@@ -317,8 +319,10 @@ def compose(h: Head, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # bone thickness: thinner over the temporal squama, thicker under the floor
     temporal = np.exp(-(((w - p.zc + 8) / 22.0) ** 2)) * np.clip((np.abs(u) / p.a - 0.6) / 0.3, 0, 1)
     tb = F32(p.skull) * (1 - F32(0.45) * temporal)
-    floor_part = h.depth < (w - h.floor + 0.01)  # vault-limited voxels
-    tb = np.where(floor_part, tb, F32(p.skull * 1.6))
+    vault_part = h.depth < (w - h.floor + 0.01)  # voxels whose nearest boundary is the vault
+    # skull base: thin plates (orbital roofs, fossa floors), thick dense petrous bone
+    pet = h.petrous if h.petrous is not None else F32(0)
+    tb = np.where(vault_part, tb, F32(2.5) + F32(10.0) * pet)
     f_skull = ramp((h.depth + tb) / h.edge)
     # outer head surface: the vault ellipsoid grown by bone + scalp, continued downwards as face/neck
     a_eff = p.a * (1 + 0.07 * v / p.b)
@@ -332,13 +336,13 @@ def compose(h: Head, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     pores = smooth_field(rng, nz, m, 0.9, 0.6, n)
     pos = np.clip(-h.depth / tb, 0, 1)
     dip = np.exp(-(((pos - 0.5) / 0.2) ** 2)) * F32(p.diploe)
-    bone = F32(1750.0) - dip * (F32(950.0) + F32(250.0) * pores)
+    bone = F32(1750.0) - dip * (F32(950.0) + F32(250.0) * pores) * (1 - pet) + F32(350.0) * pet * (1 - dip)
     # extracranial deep tissue at the skull base (muscle), scalp fat under the skin, orbits
     soft = F32(38.0) + F32(3.0) * pores
     scalp_fat = ramp((F32(p.scalp * 0.3) - np.abs(d_out - F32(p.scalp * 0.45))) / F32(ps)) * F32(0.6)
     soft += scalp_fat * (F32(-90.0) - soft)
     soft = _orbits(h, soft)
-    air_cells = _air_cells(h, rng)
+    air_cells = _air_cells(h, rng, pores)
     hu = f_head * (soft + f_skull * (bone - soft)) + (1 - f_head) * F32(-1000.0)
     hu += h.f_ic * (brain - hu)
     hu += air_cells * (1 - h.f_ic) * (F32(-900.0) - hu)
@@ -369,20 +373,22 @@ def _orbits(h: Head, soft: np.ndarray) -> np.ndarray:
     return soft
 
 
-def _air_cells(h: Head, rng: np.random.Generator) -> np.ndarray:
+def _air_cells(h: Head, rng: np.random.Generator, pores: np.ndarray) -> np.ndarray:
     """Sphenoid sinus, mastoid air cells, nasopharynx, orbits' surroundings: air below the skull base."""
     cv, p = h.cv, h.p
     air = np.zeros(cv.shape, F32)
     b = p.b
-    blobs = [((0.0, -0.30 * b, 18.0), (11.0, 10.0, 9.0))]  # sphenoid sinus
+    blobs = [((0.0, -0.30 * b, 18.0), (11.0, 10.0, 9.0), False)]  # sphenoid sinus
     for s in (-1.0, 1.0):
-        blobs.append(((s * 0.80 * p.a, 0.16 * b, 10.0), (9.0, 11.0, 10.0)))  # mastoid
-        blobs.append(((s * 0.30 * p.a, -0.95 * b, 24.0), (9.0, 6.0, 9.0)))  # frontal/ethmoid
-    blobs.append(((0.0, -0.08 * b, -8.0), (12.0, 8.0, 10.0)))  # nasopharynx
-    for c, r in blobs:
+        blobs.append(((s * 0.80 * p.a, 0.16 * b, 10.0), (10.0, 12.0, 11.0), True))  # mastoid air cells
+        blobs.append(((s * 0.22 * p.a, -0.97 * b, 26.0), (8.0, 6.0, 9.0), True))  # ethmoid cells
+    blobs.append(((0.0, -0.08 * b, -8.0), (12.0, 8.0, 10.0), False))  # nasopharynx
+    for c, r, cells in blobs:
         got = cv.occupancy(ellipsoid(c, r), c, r)
         if got is None:
             continue
         sl, occ = got
+        if cells:  # honeycomb of small cells with bony septa
+            occ = occ * ramp((pores[sl] - F32(0.2)) / F32(0.25))
         np.maximum(air[sl], occ, out=air[sl])
     return air

@@ -86,7 +86,7 @@ def streaks(h: Head, hu: np.ndarray, rng: np.random.Generator, strength: float) 
         for ang, a0 in zip(angles, amps, strict=True):  # thin streaks through the centre
             ang = ang + float(rng.normal(0, 0.05))
             d = u * F32(math.sin(ang)) - (v - F32(vb)) * F32(math.cos(ang))
-            hu[k] += amp * F32(a0 * 12.0) * np.exp(-((d / F32(ps * 1.5)) ** 2))
+            hu[k] += amp * F32(a0 * 7.0) * np.exp(-((d / F32(ps * 1.2)) ** 2))
         hits += 1
     return {"streak_slices": hits, "strength": round(strength, 2)}
 
