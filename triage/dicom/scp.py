@@ -3,7 +3,12 @@
 An instance is acknowledged with 0x0000 only after its encoded bytes are durably in the file
 store (atomic write, fsync) *and* its rows (study, series, instance, audit ``received``) are
 committed. Pixel data is never decoded here: the header is parsed up to the pixel data element
-(:mod:`triage.dicom.header`) and the bytes received are written as they came.
+(:mod:`triage.dicom.header`) and the bytes received are written as they came. Rows are
+committed in groups by one writer thread (:mod:`triage.dicom.recorder`), which several
+associations share.
+
+Access control happens at association time (:class:`_NodeACSE`): calling AE title (optionally
+bound to a host or network), called AE title; a refusal is an A-ASSOCIATE-RJ plus an audit event.
 
 Failure statuses: 0xA700 file store below its free-space floor; 0xC210 unparseable dataset;
 0xC211 truncated pixel data; 0xC212 image without pixel data; 0xC213 missing/invalid UIDs;
