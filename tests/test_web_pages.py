@@ -382,3 +382,15 @@ def test_audit_details_are_summarised_for_tables() -> None:
     assert '"sop_instance_uids": "[300 items]"' in text and '"count": 300' in text
     assert len(text) == 400 and text.endswith("…")
     assert fmt_details({"ids": [1, 2]}) == '{"ids": [1, 2]}'
+
+
+def test_timeline_collapses_received_batches() -> None:
+    from reports.web.queries import collapse_received
+
+    ev = [{"ts": f"t{i}", "event_type": "received", "actor": "CT", "outcome": "success", "series_uid": "1",
+           "details": {"count": 10, "sop_instance_uids": ["x"] * 10}} for i in range(3)]
+    ev.append({"ts": "t9", "event_type": "inferred", "actor": "w", "outcome": "success", "series_uid": "1",
+               "details": {"positive": True}})
+    out = collapse_received(ev)
+    assert [e["event_type"] for e in out] == ["received", "inferred"]
+    assert out[0]["details"] == {"count": 30, "batches": 3} and out[0]["ts_last"] == "t2"

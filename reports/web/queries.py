@@ -209,16 +209,34 @@ def study_detail(s: Session, study_id: int, phi: bool) -> dict[str, Any] | None:
             .where(Feedback.study_id == study.id).order_by(Feedback.created_at, Feedback.id)
         )
     ]
-    row["timeline"] = [
+    row["timeline"] = collapse_received([
         {"ts": iso(ev.ts), "event_type": ev.event_type, "actor": ev.actor, "outcome": ev.outcome,
          "series_uid": ev.series_uid, "details": ev.details or {}}
         for ev in s.scalars(
             select(AuditEvent).where(AuditEvent.study_uid == study.study_uid)
-            .order_by(AuditEvent.ts, AuditEvent.id).limit(500)
+            .order_by(AuditEvent.ts, AuditEvent.id).limit(2000)
         )
-    ]
+    ])
     row["deliveries"] = deliveries_by_destination(s, study.id)
     return row
+
+
+def collapse_received(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge runs of ``received`` events of one series and sender into one timeline row (count summed)."""
+    out: list[dict[str, Any]] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if (prev is not None and ev["event_type"] == "received" == prev["event_type"]
+                and ev["series_uid"] == prev["series_uid"] and ev["actor"] == prev["actor"]
+                and ev["outcome"] == prev["outcome"]):
+            d = prev["details"]
+            d["count"] = int(d.get("count", 1)) + int(ev["details"].get("count", 1))
+            d["batches"] = int(d.get("batches", 1)) + 1
+            prev["ts_last"] = ev["ts"]
+            continue
+        out.append({**ev, "details": {"count": ev["details"].get("count", 1), "batches": 1}
+                    if ev["event_type"] == "received" else ev["details"]})
+    return out
 
 
 def preview_path(s: Session, study_id: int, index: int, kind: str) -> str | None:
