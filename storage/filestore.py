@@ -144,12 +144,15 @@ class FileStore:
             self._fsync_dir(d.parent)
 
     @contextmanager
-    def open_atomic(self, rel: str, expected_size: int = 0) -> Iterator[BinaryIO]:
+    def open_atomic(self, rel: str, expected_size: int = 0, *, enforce_floor: bool = True) -> Iterator[BinaryIO]:
         """A binary file object; on a clean exit its content replaces ``rel`` atomically.
 
-        On an exception the temporary file is removed and ``rel`` is left as it was.
+        On an exception the temporary file is removed and ``rel`` is left as it was. With
+        ``enforce_floor=False`` (result objects of studies already stored) the write may use the
+        space below the floor, so processing goes on at the floor; only a really full disk stops it.
         """
-        self.ensure_space(expected_size)
+        if enforce_floor:
+            self.ensure_space(expected_size)
         target = self.path(rel)
         self._makedirs(target.parent)
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=".part")
@@ -171,9 +174,9 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def write_atomic(self, rel: str, data: bytes) -> int:
+    def write_atomic(self, rel: str, data: bytes, *, enforce_floor: bool = True) -> int:
         """Write ``data`` to ``rel`` atomically; return the number of bytes written."""
-        with self.open_atomic(rel, expected_size=len(data)) as fh:
+        with self.open_atomic(rel, expected_size=len(data), enforce_floor=enforce_floor) as fh:
             fh.write(data)
         return len(data)
 

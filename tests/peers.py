@@ -107,6 +107,7 @@ class SeriesSpec:
     images_in_acquisition: bool = True
     study_uid: str = field(default_factory=generate_uid)
     series_uid: str = field(default_factory=generate_uid)
+    frame_of_reference_uid: str = field(default_factory=generate_uid)  # one per series (highdicom checks)
     patient_id: str = "TEST0001"
     patient_name: str = "Test^Patient"
     accession: str = "ACC0001"
@@ -173,7 +174,7 @@ def make_ct_dataset(spec: SeriesSpec, index: int, offset: float) -> Dataset:
     ds.InstanceNumber = index + 1
     ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
     ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
-    ds.FrameOfReferenceUID = spec.study_uid + ".1" if len(spec.study_uid) < 60 else generate_uid()
+    ds.FrameOfReferenceUID = spec.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     if spec.images_in_acquisition:
         ds.ImagesInAcquisition = spec.slices

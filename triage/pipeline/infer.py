@@ -125,15 +125,15 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
     for kind, ds in objects:
         data = _encode(ds)
         rel = ctx.store.result_rel(study_uid, series_uid, f"{kind}-{ds.SOPInstanceUID}.dcm")
-        ctx.store.write_atomic(rel, data)
+        ctx.store.write_atomic(rel, data, enforce_floor=False)  # processing goes on at the floor
         written.append((kind, ds, rel, len(data)))
     previews = []
     for k in key_images:
         base = f"preview-g{generation}-{k.label}-{k.slice_index}"
         plain = ctx.store.result_rel(study_uid, series_uid, f"{base}-plain.png")
         overlay = ctx.store.result_rel(study_uid, series_uid, f"{base}-overlay.png")
-        ctx.store.write_atomic(plain, _png(k.plain_rgb))
-        ctx.store.write_atomic(overlay, _png(k.overlay_rgb))
+        ctx.store.write_atomic(plain, _png(k.plain_rgb), enforce_floor=False)
+        ctx.store.write_atomic(overlay, _png(k.overlay_rgb), enforce_floor=False)
         previews.append({"label": k.label, "slice": int(k.slice_index), "plain": plain, "overlay": overlay})
     timings["objects"] = time.perf_counter() - t1
 
