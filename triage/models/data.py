@@ -16,14 +16,14 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from triage.labels import LABELS, SUBTYPES
-from triage.models.preprocess import PreprocessConfig, prepare, to_network_grid
+from triage.models.preprocess import PreprocessConfig, downsize, prepare, to_network_grid
 
 TRAIN_SEEDS = (0, 100000)
 VAL_SEEDS = (100000, 200000)
@@ -154,19 +154,23 @@ class Cached:
 
 
 def cache_key(source_name: str, key: str, cfg: PreprocessConfig) -> str:
+    d = cfg.to_dict()
+    d["size"] = d.pop("base_size")  # the cache holds the base grid, whatever the network size
     h = hashlib.sha1(json.dumps([source_name.split(":")[0], source_name.partition(":")[2].partition(":")[2],
-                                 key, cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+                                 key, d], sort_keys=True).encode()).hexdigest()[:16]
     return f"{key}-{h}.npz"
 
 
 def preprocess_study(study: Study, cfg: PreprocessConfig) -> Cached:
-    prep = prepare(study.hu, study.pixel_spacing, cfg, brain_mask=study.brain_mask)
+    """Preprocess on the base grid (``cfg.base_size``); :func:`cached_studies` downsizes on load."""
+    base = replace(cfg, size=cfg.base_size)
+    prep = prepare(study.hu, study.pixel_spacing, base, brain_mask=study.brain_mask)
     z = study.hu.shape[0]
-    target = np.zeros((z, len(SUBTYPES), cfg.size, cfg.size), np.uint8)
+    target = np.zeros((z, len(SUBTYPES), base.size, base.size), np.uint8)
     for k, sub in enumerate(SUBTYPES):
         m = study.masks.get(sub)
         if m is not None and m.any():
-            target[:, k] = np.round(to_network_grid(m, prep.box, cfg.size) * 255).astype(np.uint8)
+            target[:, k] = np.round(to_network_grid(m, prep.box, base.size) * 255).astype(np.uint8)
     meta = {"kind": study.kind, "volumes_ml": study.volumes_ml, "shape": list(study.hu.shape),
             "pixel_spacing": list(study.pixel_spacing), "slice_spacing": study.slice_spacing,
             "box": list(prep.box)}
@@ -219,7 +223,12 @@ def cached_studies(source: Source, cfg: PreprocessConfig, cache_dir: Path, worke
                 _build_one(item)
                 bar.update()
         bar.close()
-    return [_load(p, k) for k, p in paths.items()]
+    out = []
+    for k, p in paths.items():
+        c = _load(p, k)
+        c.windows, c.brain_small, c.target = downsize(c.windows, c.brain_small, c.target, cfg.size)
+        out.append(c)
+    return out
 
 
 def iter_studies(source: Source) -> Iterator[Study]:
@@ -234,3 +243,58 @@ def label_vector(names: list[str]) -> np.ndarray:
     if v[1:].any():
         v[0] = 1
     return v
+
+
+def _study_path(cache_dir: Path, source_name: str, key: str) -> Path:
+    opts = source_name.partition(":")[2].partition(":")[2]
+    h = hashlib.sha1(json.dumps([source_name.split(":")[0], opts, key]).encode()).hexdigest()[:16]
+    return cache_dir / f"study-{key.rpartition('|')[2]}-{h}.npz"
+
+
+def save_study(path: Path, s: Study) -> None:
+    """Store a full-resolution study compactly (HU as int16, masks bit-packed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    masks = {f"mask_{k}": np.packbits(v.ravel()) for k, v in s.masks.items() if v.any()}
+    meta = {"key": s.key, "pixel_spacing": list(s.pixel_spacing), "slice_spacing": s.slice_spacing,
+            "kind": s.kind, "volumes_ml": s.volumes_ml, "shape": list(s.hu.shape)}
+    np.savez_compressed(tmp, hu=np.clip(np.rint(s.hu), -32768, 32767).astype(np.int16),
+                        slice_labels=s.slice_labels, exam_labels=s.exam_labels,
+                        meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **masks)
+    os.replace(tmp, path)
+
+
+def read_study(path: Path) -> Study:
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        shape = tuple(meta["shape"])
+        n = int(np.prod(shape))
+        masks = {k[5:]: np.unpackbits(z[k])[:n].reshape(shape).astype(bool) for k in z.files if k.startswith("mask_")}
+        return Study(meta["key"], z["hu"].astype(np.float32), tuple(meta["pixel_spacing"]),
+                     float(meta["slice_spacing"]), masks, z["slice_labels"].astype(np.float32),
+                     z["exam_labels"].astype(np.float32), meta["kind"], meta["volumes_ml"])
+
+
+def _store_one(args: tuple[Source, str, str]) -> str:
+    source, key, path = args
+    save_study(Path(path), source.load(key))
+    return key
+
+
+def stored_studies(source: Source, cache_dir: Path | None, workers: int = 1, progress: bool = True) -> Iterator[Study]:
+    """Yield the source's studies, generating/loading them through a full-resolution cache when given."""
+    if cache_dir is None:
+        yield from iter_studies(source)
+        return
+    paths = {k: _study_path(cache_dir, source.name, k) for k in source.keys}
+    todo = [(source, k, str(p)) for k, p in paths.items() if not p.exists()]
+    if todo and workers > 1:
+        from tqdm import tqdm
+
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in tqdm(pool.map(_store_one, todo), total=len(todo), desc="generate", disable=not progress):
+                pass
+    for k, p in paths.items():
+        if not p.exists():
+            _store_one((source, k, str(p)))
+        yield read_study(p)

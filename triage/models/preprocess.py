@@ -25,7 +25,8 @@ WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (40.0, 
 class PreprocessConfig:
     """Parameters recorded in the bundle manifest so inference reproduces training exactly."""
 
-    size: int = 128
+    size: int = 96  # network grid
+    base_size: int = 128  # grid of the windowing step (then area-resampled to ``size``)
     windows: tuple[tuple[float, float], ...] = WINDOWS
     context: int = 1  # neighbour slices on each side (brain window)
     margin_mm: float = 6.0
@@ -141,7 +142,7 @@ def prepare(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessC
     if brain_mask is None:
         brain_mask = intracranial_mask(hu, pixel_spacing, cfg.bone_hu)
     y0, y1, x0, x1 = crop_box(brain_mask, pixel_spacing, cfg.margin_mm)
-    s = (cfg.size, cfg.size)
+    s = (cfg.base_size, cfg.base_size)
     crop = torch.from_numpy(np.ascontiguousarray(hu[:, y0:y1, x0:x1]))
     mcrop = torch.from_numpy(np.ascontiguousarray(brain_mask[:, y0:y1, x0:x1])).float()
     # Skull strip before resampling so bone never leaks into the intracranial border by interpolation
@@ -154,7 +155,29 @@ def prepare(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessC
     win = torch.stack(chans, dim=1)  # (Z, W, S, S)
     win = torch.where(frac[:, None] > 0.25, win, torch.zeros_like(win))
     win_u8 = (win * 255.0).round().to(torch.uint8).numpy()
-    return Prepared(win_u8, brain_small.numpy(), brain_mask, (y0, y1, x0, x1), tuple(hu.shape))
+    win_u8, small_mask, _ = downsize(win_u8, brain_small.numpy(), None, cfg.size)
+    return Prepared(win_u8, small_mask, brain_mask, (y0, y1, x0, x1), tuple(hu.shape))
+
+
+def downsize(windows_u8: np.ndarray, brain_small: np.ndarray, target_u8: np.ndarray | None,
+             size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Area-resample base-grid arrays (windows, intracranial mask, soft targets) to the network grid.
+
+    Training caches hold the base grid; inference goes through this same function, so both see
+    identical inputs.
+    """
+    if windows_u8.shape[-1] == size:
+        return windows_u8, brain_small, target_u8
+    z, w = windows_u8.shape[:2]
+    win = resample(torch.from_numpy(windows_u8).float().reshape(z * w, 1, *windows_u8.shape[-2:])[:, 0], (size, size))
+    win_u8 = win.round().clamp_(0, 255).to(torch.uint8).reshape(z, w, size, size).numpy()
+    mask = (resample(brain_small.astype(np.float32), (size, size)) > 0.5).numpy()
+    tgt = None
+    if target_u8 is not None:
+        k = target_u8.shape[1]
+        t = resample(torch.from_numpy(target_u8).float().reshape(z * k, *target_u8.shape[-2:]), (size, size))
+        tgt = t.round().clamp_(0, 255).to(torch.uint8).reshape(z, k, size, size).numpy()
+    return win_u8, mask, tgt
 
 
 def network_input(windows_u8: np.ndarray | torch.Tensor, context: int = 1) -> torch.Tensor:
@@ -174,7 +197,7 @@ def network_input(windows_u8: np.ndarray | torch.Tensor, context: int = 1) -> to
 
 
 def to_network_grid(mask: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """Bool (Z, Y, X) on the original grid -> float32 area fraction (Z, S, S) on the network grid."""
+    """Bool (Z, Y, X) on the original grid -> float32 area fraction (Z, S, S) on a ``size`` grid."""
     y0, y1, x0, x1 = box
     crop = np.ascontiguousarray(mask[:, y0:y1, x0:x1], dtype=np.float32)
     return resample(crop, (size, size)).numpy()

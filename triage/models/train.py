@@ -39,6 +39,7 @@ POS_FRACTION = 0.4
 POS_PIXEL_WEIGHT = 3.0
 ANY_SENSITIVITY = 1.0
 SUBTYPE_SENSITIVITY = 0.95
+WIDTHS = (12, 24, 48, 64, 96)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -118,7 +119,8 @@ def train_cnn(net: ICHNet, studies: list[Cached], epochs: int, out: Path, device
     sampler = SliceSampler(studies, rng)
     steps = steps_per_epoch or max(1, len(sampler) // batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps,
+                                                pct_start=min(0.3, max(0.1, 2.5 / (epochs * steps))))
     ckpt = out / "checkpoints" / "cnn.pt"
     start, history = 0, []
     if resume and ckpt.exists():
@@ -247,12 +249,12 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     rng = seed_everything(int(args.seed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = PreprocessConfig(size=int(os.environ.get("TRIAGE_TRAIN_SIZE", "128")))
-    cache = Path(os.environ.get("TRIAGE_TRAIN_CACHE", "") or (Path(settings.data_dir) / "cache" / "models"))
-    workers = int(os.environ.get("TRIAGE_TRAIN_WORKERS", "1"))
-    steps = int(os.environ["TRIAGE_TRAIN_STEPS"]) if os.environ.get("TRIAGE_TRAIN_STEPS") else None
-    widths = tuple(int(w) for w in os.environ.get("TRIAGE_TRAIN_WIDTHS", "16,32,64,96,128").split(","))
-    seq_epochs = int(os.environ.get("TRIAGE_TRAIN_SEQ_EPOCHS", "15"))
+    cfg = PreprocessConfig(size=int(getattr(args, "size", 96) or 96))
+    cache = Path(getattr(args, "cache", "") or (Path(settings.data_dir) / "cache" / "models"))
+    workers = int(getattr(args, "workers", 1) or 1)
+    steps = int(getattr(args, "steps_per_epoch", 0) or 0) or None
+    widths = WIDTHS
+    seq_epochs = int(getattr(args, "seq_epochs", 15))
     t_start = time.time()
 
     train_src = open_source(args.dataset, args.format)
@@ -297,8 +299,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "thresholds": selection["thresholds"],
         "mask_refinement": {"probability": 0.5, "hu_range": True, "intracranial": True},
         "training": {
-            "command": f"triage train {args.dataset} --val {args.val} --out {args.out} --epochs {args.epochs} "
-                       f"--seed {args.seed}",
+            "command": f"triage train '{args.dataset}' --val '{args.val}' --out {args.out} --epochs {args.epochs} "
+                       f"--seed {args.seed} --size {cfg.size} --steps-per-epoch {steps or 0} --seq-epochs {seq_epochs}",
             "data": train_src.description,
             "validation": val_src.description if val_src else None,
             "studies": len(train),
