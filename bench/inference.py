@@ -63,7 +63,8 @@ def main() -> int:
         rows.append((n, vol.shape, med, float(np.median([r[1] for r in runs])),
                      float(np.median([r[2] for r in runs])), runs[0][3]))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(f"\n| slices | shape | read+preprocess | detection | segmentation | Grad-CAM | total wall | total CPU | positive |")
+    print("\n| slices | shape | read+preprocess | detection | segmentation | Grad-CAM | total wall "
+          "| total CPU | positive |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, shape, med, wall, cpu, positive in rows:
         print(f"| {n} | {'x'.join(map(str, shape))} | {med['preprocess']:.2f} | {med['detection']:.2f} | "
