@@ -53,7 +53,12 @@ class PacsStandIn:
                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
 
     def _on_store(self, event: Any) -> int:
-        uid = str(event.dataset.StudyInstanceUID)
+        import io
+
+        import pydicom
+
+        raw = event.encoded_dataset()  # file meta + dataset as received; no decoding of the objects
+        uid = str(pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=True).StudyInstanceUID)
         with self.lock:
             self.received.setdefault(uid, []).append(time.time())
         return 0x0000
