@@ -6,6 +6,7 @@ as a safety net, :func:`scrub_phi` drops any event key that names a PHI attribut
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any
@@ -60,9 +61,25 @@ def configure_logging(settings: Settings | None = None, *, fmt: str | None = Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_StderrLogger.factory,
         cache_logger_on_first_use=False,
     )
+
+
+class _StderrLogger:
+    """Writes each line to the *current* ``sys.stderr`` (not the one at configure time), so a
+    replaced or closed stream (test capture, daemonising) never breaks logging."""
+
+    @staticmethod
+    def factory(*_args: Any) -> _StderrLogger:
+        return _StderrLogger()
+
+    def msg(self, message: str) -> None:
+        # A closed stream drops the line rather than failing the caller.
+        with contextlib.suppress(ValueError, OSError):
+            print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
 def get_logger(name: str | None = None) -> Any:
