@@ -46,7 +46,7 @@ class Worker:
             return self._bundle
 
     def warm_up(self) -> None:
-        """Load the bundle and build one of each result object so the first study is fast."""
+        """Load the bundle at start so the first study does not pay for it (highdicom is still cold)."""
         if "infer" not in self.kinds:
             return
         try:
