@@ -277,3 +277,34 @@ def test_threshold_selection_for_full_sensitivity() -> None:
     tr = np.tile(truth[:, None], (1, 6))
     sel = choose_rule_and_thresholds({"sequence_max": sc, "mean": sc * 0.5}, tr)
     assert sel["rule"] == "sequence_max" and sel["operating_points"]["any"]["sensitivity"] == 1.0
+
+
+def test_intensity_augment_stays_inside_and_rim_hugs_the_edge() -> None:
+    from triage.models.train import _intensity_augment, _rim_field
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    inside = torch.from_numpy((((yy - 32) ** 2 + (xx - 32) ** 2) < 26**2).astype(np.float32))[None, None]
+    inside = inside.repeat(8, 1, 1, 1)
+    rim = _rim_field(inside, np.random.default_rng(3))
+    assert rim.min() >= 0 and float(rim.max()) <= 70.0
+    assert float((rim * (1 - inside)).abs().max()) == 0.0, "the rim never leaves the intracranial space"
+    centre = ((yy - 32) ** 2 + (xx - 32) ** 2) < 18**2  # deeper than RIM_DEPTH pixels from the edge
+    assert float(rim[:, :, torch.from_numpy(centre)].abs().max()) == 0.0
+    assert all(float(r.max()) > 10.0 for r in rim), "every sample gets an arc of bright rim"
+    x = torch.rand(8, 5, 64, 64) * 0.6 * inside
+    y = _intensity_augment(x.clone(), np.random.default_rng(4))
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert float((y * (1 - inside)).abs().max()) == 0.0, "outside the skull stays black"
+    assert float((y - x).abs().max()) > 0.05
+
+
+def test_init_from_bundle_loads_its_weights(tiny_bundle: Path) -> None:
+    from triage.models.train import init_from_bundle
+
+    net, seq = init_from_bundle(tiny_bundle, SMALL)
+    assert net.training and seq.training
+    ref = load_bundle(tiny_bundle, device="cpu")
+    for (k, a), (_, b) in zip(net.state_dict().items(), ref.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(SystemExit, match="preprocessing"):
+        init_from_bundle(tiny_bundle, PreprocessConfig(size=48))

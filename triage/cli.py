@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--size", type=int, default=96, help="Network grid size (pixels)")
     tr.add_argument("--workers", type=int, default=1, help="Processes for preprocessing the studies")
     tr.add_argument("--seq-epochs", type=int, default=15, help="Epochs for the sequence (GRU) head")
+    tr.add_argument("--init", default="", help="Start from this bundle's weights (fine-tuning)")
     ev = add("evaluate", "triage.models.evaluate:main", "Evaluate a bundle on a dataset")
     ev.add_argument("dataset")
     ev.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from triage.labels import LABELS
 from triage.logging import get_logger
-from triage.models.bundle import save_bundle
+from triage.models.bundle import load_weights, read_manifest, save_bundle
 from triage.models.data import Cached, cached_studies, open_source
 from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks, set_threads
 from triage.models.metrics import roc_auc
@@ -66,7 +66,50 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tupl
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     noise = torch.from_numpy(rng.normal(0, 0.01, x.shape[:2])).float()[:, :, None, None]
-    return (x + noise * (x > 0)).clamp_(0, 1), y
+    x = (x + noise * (x > 0)).clamp_(0, 1)
+    return _intensity_augment(x, rng), y
+
+
+# window widths (HU) of the input channels: the windows, then the brain window of each neighbour slice
+_W = [float(w) for _, w in PreprocessConfig().windows]
+CHANNEL_WIDTHS = torch.tensor(_W + [_W[0]] * (2 * PreprocessConfig().context))
+RIM_PROBABILITY = 0.5
+RIM_DEPTH = 4  # pixels of the network grid (~1.5-2 mm each)
+
+
+def _rim_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """HU added along an arc of the intracranial edge: the inner-table partial volume and
+    beam-hardening rim that thick, tilted slices show under the skull (strongest at the edge,
+    decaying over 1-3 pixels). The phantom draws only a faint rim; real scanners show more."""
+    n, _, h, w = inside.shape
+    layers, prev = [], inside
+    for _ in range(RIM_DEPTH):
+        eroded = -F.max_pool2d(-prev, 3, 1, 1)
+        layers.append(prev - eroded)
+        prev = eroded
+    amp = torch.from_numpy(rng.uniform(15, 70, n)).float()[:, None, None, None]
+    lam = torch.from_numpy(rng.uniform(0.5, 1.5, n)).float()[:, None, None, None]
+    rim = sum(layer * torch.exp(-k / lam) for k, layer in enumerate(layers)) * amp
+    # restrict to an arc around the brain's centre, with soft ends
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    theta = torch.atan2(yy, xx)[None, None]
+    centre = torch.from_numpy(rng.uniform(-math.pi, math.pi, n)).float()[:, None, None, None]
+    half = torch.from_numpy(rng.uniform(0.5, math.pi, n)).float()[:, None, None, None]
+    gap = torch.remainder(theta - centre + math.pi, 2 * math.pi) - math.pi
+    arc = ((half - gap.abs()) / 0.3).clamp(0, 1)
+    return rim * arc
+
+
+def _intensity_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Scanner variation the labels do not change: a global HU offset of the brain (calibration,
+    +-4 HU) on every sample and, on about half of them, a bright partial-volume rim under the skull."""
+    n = x.shape[0]
+    inside = (x[:, 2:3] > 0.01).float()  # skull-stripped input: zero outside the intracranial space
+    hu = torch.from_numpy(rng.normal(0, 2.0, n)).float()[:, None, None, None] * inside
+    use = torch.from_numpy(rng.random(n) < RIM_PROBABILITY).float()[:, None, None, None]
+    hu = hu + _rim_field(inside, rng) * use
+    width = CHANNEL_WIDTHS[: x.shape[1]].view(1, -1, 1, 1)
+    return (x + hu / width * inside).clamp_(0, 1)
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -243,6 +286,18 @@ def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray)
     return {"rule": best, "rules": table, "thresholds": thresholds, "operating_points": stats}
 
 
+def init_from_bundle(path: str | Path, cfg: PreprocessConfig) -> tuple[ICHNet, SequenceHead]:
+    """The networks of an existing bundle, in training mode, to fine-tune from; its preprocessing must
+    match ``cfg`` (same grid, windows and context), or the weights would see different inputs."""
+    manifest = read_manifest(path)
+    theirs = PreprocessConfig.from_dict(manifest["preprocessing"])
+    if theirs != cfg:
+        raise SystemExit(f"--init bundle {path}: its preprocessing {theirs.to_dict()} differs from {cfg.to_dict()}")
+    net, seq = load_weights(path, manifest)
+    log.info("initialised", bundle=str(path), sha256=manifest["weights"]["sha256"][:12])
+    return net.train(), seq.train()
+
+
 def main(args: argparse.Namespace, settings: Any) -> int:
     set_threads()
     device = resolve_device(getattr(args, "device", "auto"))
@@ -268,6 +323,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
 
     net = ICHNet(cfg.channels, widths)
     seq = SequenceHead(net.feat_dim)
+    init = getattr(args, "init", "") or ""
+    if init:  # fine-tune: start from a bundle's weights (e.g. the synthetic bundle before real data)
+        net, seq = init_from_bundle(init, cfg)
     log.info("training", studies=len(train), val=len(val), params=count_params(net) + count_params(seq),
              device=str(device))
     t0 = time.time()
@@ -300,7 +358,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "mask_refinement": {"probability": 0.5, "hu_range": True, "intracranial": True},
         "training": {
             "command": f"triage train '{args.dataset}' --val '{args.val}' --out {args.out} --epochs {args.epochs} "
-                       f"--seed {args.seed} --size {cfg.size} --steps-per-epoch {steps or 0} --seq-epochs {seq_epochs}",
+                       f"--seed {args.seed} --size {cfg.size} --steps-per-epoch {steps or 0} --seq-epochs {seq_epochs}"
+                       + (f" --init {init}" if init else ""),
+            "initialised_from": init or None,
             "data": train_src.description,
             "validation": val_src.description if val_src else None,
             "studies": len(train),
