@@ -152,6 +152,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_claim", "state", "kind", "priority", "run_after"),
+        Index("ix_jobs_lane", "lane", "state"),
         UniqueConstraint("dedupe_key", name="uq_jobs_dedupe_key"),
     )
 
@@ -173,6 +174,20 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     last_error: Mapped[str] = mapped_column(Text, default="")
+    #: Jobs of one lane (e.g. deliveries to one destination) run one at a time, in order (storage/queue.py).
+    lane: Mapped[str | None] = mapped_column(String(255), default=None)
+
+
+class JobLane(Base):
+    """Back-off state of a lane (a destination): set when it is down, cleared when it answers."""
+
+    __tablename__ = "job_lanes"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # consecutive "lane down" failures
+    blocked_until: Mapped[dt.datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class Worker(Base):

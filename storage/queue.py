@@ -15,6 +15,16 @@ keep their clocks in sync (NTP), as the lease lengths are seconds to minutes.
 
 Only the lease holder may change a running job: :meth:`heartbeat`, :meth:`complete` and
 :meth:`fail` return ``False`` (and change nothing) when another worker has taken the job over.
+
+Lanes (``jobs.lane``, e.g. ``dicom:PACS@host:104`` for the deliveries to one destination) keep
+order after an outage. Within a lane only the head job may be claimed: the first of the lane's
+runnable or running jobs by (priority desc, id asc), so a positive/STAT result still goes ahead of
+routine ones queued behind it, and otherwise the oldest goes first. At most one job of a lane is in
+flight at a time. A failure that says the lane itself is down (:class:`LaneDown`, e.g. no
+association) backs off the whole lane (table ``job_lanes``: a destination-level back-off that grows
+with its consecutive failures; the failed job keeps its place at the head). Any other failure
+(the peer refused that one object) backs off only that job, and the lane goes on without it. A
+lane that is blocked never holds up other lanes or jobs without a lane (inference).
 """
 
 from __future__ import annotations
@@ -29,12 +39,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from storage import audit
-from storage.models import Job, Study, Worker, utcnow
+from storage.models import Job, JobLane, Study, Worker, utcnow
 from triage.config import Settings
 from triage.logging import get_logger
 
@@ -51,15 +61,47 @@ PRIORITY_ROUTINE, PRIORITY_STAT, PRIORITY_POSITIVE = 0, 10, 20
 
 MAX_ERROR_CHARS = 4000
 
+
+class LaneDown(RuntimeError):
+    """Raised by a handler when the job's lane (its destination) is unreachable: back off the lane."""
+
+
+def delivery_lane(destination: object) -> str:
+    """The lane of DICOM deliveries to ``destination`` (``AET@host:port``)."""
+    return f"dicom:{destination}"[:255]
+
 # Hot-path statements, built once (building SQLAlchemy expressions costs more CPU than SQLite's
 # own work for these one-row statements). Bind parameters take their column's type.
 _CLAIM_COLUMNS = (
     Job.id, Job.kind, Job.payload, Job.attempts, Job.priority, Job.study_id, Job.series_id,
-    Job.max_attempts, Job.state, Job.lease_owner,
+    Job.max_attempts, Job.state, Job.lease_owner, Job.lane,
 )
-_RUNNABLE = or_(
-    and_(Job.state.in_((QUEUED, FAILED)), Job.run_after <= bindparam("now")),
-    and_(Job.state == RUNNING, Job.lease_expires_at < bindparam("now")),
+_Other = aliased(Job, name="other")
+# A laned job may run when its lane is not backed off, no other job of the lane is in flight, and
+# no other job of the lane that could run now is ahead of it (priority desc, id asc).
+_LANE_FREE = or_(
+    Job.lane.is_(None),
+    and_(
+        ~exists().where(JobLane.key == Job.lane, JobLane.blocked_until > bindparam("now")),
+        ~exists().where(
+            _Other.lane == Job.lane, _Other.id != Job.id,
+            or_(
+                and_(_Other.state == RUNNING, _Other.lease_expires_at >= bindparam("now")),
+                and_(
+                    or_(_Other.state == RUNNING,
+                        and_(_Other.state.in_((QUEUED, FAILED)), _Other.run_after <= bindparam("now"))),
+                    or_(_Other.priority > Job.priority, and_(_Other.priority == Job.priority, _Other.id < Job.id)),
+                ),
+            ),
+        ),
+    ),
+)
+_RUNNABLE = and_(
+    or_(
+        and_(Job.state.in_((QUEUED, FAILED)), Job.run_after <= bindparam("now")),
+        and_(Job.state == RUNNING, Job.lease_expires_at < bindparam("now")),
+    ),
+    _LANE_FREE,
 )
 _CLAIM_ORDER = (Job.priority.desc(), Job.run_after, Job.id)
 _SELECT_ANY = select(*_CLAIM_COLUMNS).where(_RUNNABLE).order_by(*_CLAIM_ORDER).limit(1)
@@ -85,6 +127,11 @@ _LEASE_TAKEOVER = update(Job).where(Job.id == bindparam("jid")).values(**_LEASE_
 _HELD = and_(Job.id == bindparam("jid"), Job.state == RUNNING, Job.lease_owner == bindparam("owner"))
 _HEARTBEAT = update(Job).where(_HELD).values(lease_expires_at=bindparam("expires"), heartbeat_at=bindparam("now"))
 _COMPLETE = update(Job).where(_HELD).values(state=DONE, finished_at=bindparam("now"), lease_expires_at=None)
+_LANE_RESET = (
+    update(JobLane)
+    .where(JobLane.key == bindparam("lane"), or_(JobLane.failures > 0, JobLane.blocked_until.is_not(None)))
+    .values(failures=0, blocked_until=None, updated_at=bindparam("now"))
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +147,7 @@ class ClaimedJob:
     series_id: int | None
     max_attempts: int = 5
     lease_expires_at: dt.datetime | None = None
+    lane: str | None = None
 
 
 class JobQueue:
@@ -170,9 +218,10 @@ class JobQueue:
         series_id: int | None = None,
         run_after: dt.datetime | None = None,
         max_attempts: int | None = None,
+        lane: str | None = None,
         session: Session | None = None,
     ) -> int:
-        """Add a job and return its id.
+        """Add a job and return its id. Jobs with the same ``lane`` run one at a time, in order.
 
         With ``dedupe_key``: if a job with that key is still queued, running or waiting for a
         retry, its id is returned instead (and its priority raised to ``priority`` if higher).
@@ -195,6 +244,7 @@ class JobQueue:
             "max_attempts": int(max_attempts or self.max_attempts),
             "run_after": run_after or utcnow(),
             "created_at": utcnow(),
+            "lane": lane[:255] if lane else None,
         }
         with self._tx(session) as s:
             for _ in range(5):
@@ -271,7 +321,7 @@ class JobQueue:
                     row = c.execute(_SELECT_ANY_PG if pg else _SELECT_ANY, {"now": now}).first()
                 if row is None:
                     return None
-                job_id, kind, payload, attempts, priority, study_id, series_id, max_attempts, state, owner = row
+                job_id, kind, payload, attempts, priority, study_id, series_id, max_attempts, state, owner, lane = row
                 if state == RUNNING and attempts >= max_attempts:
                     poisoned = job_id  # buried below, in its own transaction (audit lock first)
                 else:
@@ -293,6 +343,7 @@ class JobQueue:
                         series_id=series_id,
                         max_attempts=max_attempts,
                         lease_expires_at=expires,
+                        lane=lane,
                     )
             self._bury_expired(poisoned)
         return None
@@ -319,20 +370,29 @@ class JobQueue:
             res = c.execute(_HEARTBEAT, {"jid": job_id, "owner": worker_id, "expires": expires, "now": now})
             return res.rowcount == 1
 
-    def complete(self, job_id: int, worker_id: str, *, session: Session | None = None) -> bool:
+    def complete(self, job_id: int, worker_id: str, *, session: Session | None = None,
+                 lane: str | None = None) -> bool:
         """Mark done. False (nothing changed) when ``worker_id`` no longer holds the lease.
 
-        Pass ``session`` to complete inside the transaction that stores the job's results.
+        Pass ``session`` to complete inside the transaction that stores the job's results, and
+        the job's ``lane`` to clear that lane's back-off (its destination answered).
         """
+        now = utcnow()
         with self._conn(session) as c:
-            res = c.execute(_COMPLETE, {"jid": job_id, "owner": worker_id, "now": utcnow()})
+            res = c.execute(_COMPLETE, {"jid": job_id, "owner": worker_id, "now": now})
+            if lane and res.rowcount == 1:
+                c.execute(_LANE_RESET, {"lane": lane, "now": now})
             return res.rowcount == 1
 
-    def fail(self, job_id: int, worker_id: str, error: str, retry: bool = True) -> bool:
+    def fail(self, job_id: int, worker_id: str, error: str, retry: bool = True, *, lane_down: bool = False) -> bool:
         """Record a failed attempt: back to ``failed`` with a back-off, or ``dead``.
 
         ``retry=False`` (a permanent error) or no attempts left sends the job to ``dead``. Writes
         a ``job_failed`` or ``job_dead`` audit event. False when the lease was lost.
+
+        For a job with a lane, ``lane_down=True`` (its destination is unreachable) backs off the
+        whole lane by the lane's own count of consecutive failures, and the job retries when the
+        lane opens again, still at its head; otherwise the lane's back-off is cleared.
         """
         error = (error or "error")[:MAX_ERROR_CHARS]
         with self.sessions.begin() as s:
@@ -343,17 +403,59 @@ class JobQueue:
             job = s.scalars(q).first()
             if job is None:
                 return False
+            lane_until = self._lane_failed(s, job.lane, error, lane_down) if job.lane else None
             if retry and job.attempts < job.max_attempts:
-                delay = self.backoff_seconds(job.attempts)
+                now = utcnow()
+                if lane_until is not None:  # retried exactly when the lane opens again, still at its head
+                    delay = max(0.0, (lane_until - now).total_seconds())
+                    job.run_after = lane_until
+                else:
+                    delay = self.backoff_seconds(job.attempts)
+                    job.run_after = now + dt.timedelta(seconds=delay)
                 job.state = FAILED
-                job.run_after = utcnow() + dt.timedelta(seconds=delay)
                 job.lease_expires_at = None
                 job.last_error = error
-                self._audit(s, job, audit.JOB_FAILED, {"error": error[:500], "retry_in_s": round(delay, 3)})
+                extra = {"lane": job.lane, "lane_down": True} if lane_until is not None else {}
+                self._audit(s, job, audit.JOB_FAILED, {"error": error[:500], "retry_in_s": round(delay, 3), **extra})
                 log.info("job failed, will retry", job_id=job.id, kind=job.kind, attempt=job.attempts, delay_s=delay)
             else:
                 self._bury(s, job, error)
             return True
+
+    def _lane_failed(self, s: Session, key: str, error: str, down: bool) -> dt.datetime | None:
+        """Update the lane's back-off after a failure; return when the lane opens when it is down."""
+        now = utcnow()
+        q = select(JobLane).where(JobLane.key == key)
+        if self._pg(s):
+            q = q.with_for_update()
+        lane = s.scalars(q).first()
+        if lane is None:
+            if not down:
+                return None
+            try:
+                with s.begin_nested():
+                    s.add(JobLane(key=key, failures=0, last_error="", updated_at=now))
+                    s.flush()
+            except IntegrityError:  # created by another worker meanwhile
+                pass
+            lane = s.scalars(q).one()
+        if not down:
+            lane.failures, lane.blocked_until, lane.updated_at = 0, None, now
+            return None
+        lane.failures = (lane.failures or 0) + 1
+        delay = self.backoff_seconds(lane.failures)
+        lane.blocked_until = now + dt.timedelta(seconds=delay)
+        lane.last_error = error[:MAX_ERROR_CHARS]
+        lane.updated_at = now
+        log.warning("lane down, backing off", lane=key, failures=lane.failures, delay_s=round(delay, 3))
+        return lane.blocked_until
+
+    def lanes(self) -> list[JobLane]:
+        """Every lane's back-off state (operations page), detached."""
+        with self.sessions() as s:
+            rows = list(s.scalars(select(JobLane).order_by(JobLane.key)).all())
+            s.expunge_all()
+        return rows
 
     def _bury(self, s: Session, job: Job, error: str) -> None:
         job.state = DEAD
@@ -392,9 +494,9 @@ class JobQueue:
             try:
                 handler(job)
             except Exception as exc:  # noqa: BLE001 - any handler error is a failed attempt
-                self.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}")
+                self.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}", lane_down=isinstance(exc, LaneDown))
             else:
-                self.complete(job.id, worker_id)
+                self.complete(job.id, worker_id, lane=job.lane)
             ran += 1
         return ran
 

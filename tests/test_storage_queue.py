@@ -17,8 +17,8 @@ from sqlalchemy import select, text
 
 from storage import audit
 from storage.db import make_engine, make_sessionmaker
-from storage.models import AuditEvent, Job, Study, utcnow
-from storage.queue import DEAD, DONE, FAILED, QUEUED, RUNNING, JobQueue
+from storage.models import AuditEvent, Job, JobLane, Study, utcnow
+from storage.queue import DEAD, DONE, FAILED, QUEUED, RUNNING, JobQueue, LaneDown
 from triage.context import AppContext
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,6 +275,161 @@ def test_cli_status_and_retry(ctx: AppContext, tmp_path: Path) -> None:
     out = subprocess.run([*run, "queue", "retry", str(job_id)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "re-queued" in out.stdout, out.stdout + out.stderr
     assert job_row(ctx, job_id).state == QUEUED
+
+
+# ------------------------------------------------------------------------------ lanes (per-destination FIFO)
+def lane_row(ctx: AppContext, key: str) -> JobLane | None:
+    with ctx.sessions() as s:
+        return s.get(JobLane, key)
+
+
+def test_lane_runs_one_at_a_time_in_order_and_backs_off_as_a_whole(ctx: AppContext) -> None:
+    q = make_queue(ctx, max_attempts=5, retry_base_seconds=0.4, retry_max_seconds=0.8)
+    a1, a2, a3 = (q.enqueue("deliver", {"n": n}, lane="dicom:A") for n in ("a1", "a2", "a3"))
+    b1 = q.enqueue("deliver", {"n": "b1"}, lane="dicom:B")
+    i1 = q.enqueue("infer", {"n": "i1"})
+
+    head = q.claim("w1")
+    assert head.id == a1 and head.lane == "dicom:A"
+    # a1 is in flight: the rest of lane A waits; lane B and inference do not.
+    assert [q.claim("w2").id, q.claim("w3").id] == [b1, i1]
+    assert q.claim("w4") is None
+    assert q.complete(b1, "w2", lane="dicom:B") and q.complete(i1, "w3")
+
+    # The destination is down: the whole lane backs off, a1 stays at the head.
+    assert q.fail(a1, "w1", "no association", lane_down=True) is True
+    lane = lane_row(ctx, "dicom:A")
+    assert lane is not None and lane.failures == 1 and lane.blocked_until is not None
+    row = job_row(ctx, a1)
+    assert row.state == FAILED and row.run_after == lane.blocked_until
+    assert q.claim("w2") is None  # a2 and a3 are not attempted while a1 waits for its retry
+    assert (job_row(ctx, a2).attempts, job_row(ctx, a3).attempts) == (0, 0)
+    with ctx.sessions() as s:
+        ev = audit.events(s, limit=1)[0]
+        assert ev.event_type == audit.JOB_FAILED and ev.details["lane_down"] is True
+
+    # Down again on the retry: the lane's own back-off doubles (0.4 s, then 0.8 s).
+    again = wait_for(lambda: q.claim("w2"), timeout=10)
+    assert again.id == a1 and again.attempts == 2
+    t0 = utcnow()
+    q.fail(a1, "w2", "no association", lane_down=True)
+    lane = lane_row(ctx, "dicom:A")
+    assert lane.failures == 2 and lane.blocked_until >= t0 + dt.timedelta(seconds=0.8)
+
+    # The destination is back: a1, a2, a3 in order, and the lane's back-off is cleared.
+    order = []
+    for _ in range(3):
+        job = wait_for(lambda: q.claim("w3"), timeout=10)
+        assert q.claim("w4") is None  # never two of one lane in flight
+        order.append(job.id)
+        assert q.complete(job.id, "w3", lane=job.lane)
+        lane = lane_row(ctx, "dicom:A")
+        assert (lane.failures, lane.blocked_until) == (0, None)
+    assert order == [a1, a2, a3]
+
+
+def test_lane_priority_goes_first_and_object_failure_does_not_block(ctx: AppContext) -> None:
+    q = make_queue(ctx, max_attempts=3, retry_base_seconds=60)
+    r1 = q.enqueue("deliver", {"n": "r1"}, lane="dicom:A")
+    r2 = q.enqueue("deliver", {"n": "r2"}, lane="dicom:A")
+    p1 = q.enqueue("deliver", {"n": "p1"}, lane="dicom:A", priority=20)
+    assert q.claim("w").id == p1  # a positive result goes ahead of routine ones waiting
+    q.complete(p1, "w", lane="dicom:A")
+    assert q.claim("w").id == r1
+    # The peer refused this one object (not the destination): only r1 backs off, r2 goes on.
+    assert q.fail(r1, "w", "peer answered 0xA700", lane_down=False) is True
+    assert lane_row(ctx, "dicom:A") is None
+    assert job_row(ctx, r1).run_after > utcnow() + dt.timedelta(seconds=50)
+    assert q.claim("w").id == r2
+
+
+def test_lane_head_dead_after_max_attempts_lets_the_next_go_after_the_lane_back_off(ctx: AppContext) -> None:
+    q = make_queue(ctx, max_attempts=1, retry_base_seconds=0.3, retry_max_seconds=5)
+    a1 = q.enqueue("deliver", {}, lane="dicom:A")
+    a2 = q.enqueue("deliver", {}, lane="dicom:A")
+    q.claim("w")
+    q.fail(a1, "w", "no association", lane_down=True)
+    assert job_row(ctx, a1).state == DEAD
+    assert q.claim("w") is None  # the destination is still backing off
+    nxt = wait_for(lambda: q.claim("w"), timeout=10)
+    assert nxt.id == a2
+    q.fail(a2, "w", "no association", lane_down=True)
+    assert lane_row(ctx, "dicom:A").failures == 2  # destination-level count, across jobs
+
+
+def test_drain_maps_lane_down_exception(ctx: AppContext) -> None:
+    q = make_queue(ctx, retry_base_seconds=30)
+    a1 = q.enqueue("deliver", {}, lane="dicom:A")
+    q.enqueue("deliver", {}, lane="dicom:A")
+
+    def handler(job) -> None:  # noqa: ANN001
+        raise LaneDown("destination unreachable")
+
+    assert q.drain("w", handler) == 1  # the second is held behind the first
+    assert job_row(ctx, a1).state == FAILED and lane_row(ctx, "dicom:A").failures == 1
+
+
+def _lane_worker(url: str, worker_id: str, ready: mp.Queue, go: mp.Event) -> None:  # type: ignore[type-arg]
+    """Worker process: claim until empty; record start and end of each job (a short 'send')."""
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    q = JobQueue(sessions, lease_seconds=120)
+    ready.put(worker_id)
+    go.wait(60)
+    while True:
+        job = q.claim(worker_id)
+        if job is None:
+            break
+        started = time.time()
+        time.sleep(0.005)
+        with sessions.begin() as s:
+            s.execute(text("INSERT INTO lane_log (job_id, lane, t0, t1) VALUES (:j, :l, :a, :b)"),
+                      {"j": job.id, "l": job.lane or "", "a": started, "b": time.time()})
+            if not q.complete(job.id, worker_id, session=s, lane=job.lane):
+                raise RuntimeError(f"lost lease on {job.id}")
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_four_processes_keep_each_lane_serial_and_in_order(ctx: AppContext) -> None:
+    lanes = ("dicom:A", "dicom:B", "dicom:C")
+    with ctx.sessions.begin() as s:
+        s.execute(text("CREATE TABLE lane_log (job_id INTEGER NOT NULL, lane VARCHAR(64) NOT NULL, "
+                       "t0 FLOAT NOT NULL, t1 FLOAT NOT NULL)"))
+    for i in range(40):
+        q = make_queue(ctx)
+        q.enqueue("deliver", {"i": i}, lane=lanes[i % 3])
+        if i % 4 == 0:
+            q.enqueue("infer", {"i": i})
+    url = ctx.engine.url.render_as_string(hide_password=False)
+    spawn = mp.get_context("spawn")
+    ready, go = spawn.Queue(), spawn.Event()
+    procs = [spawn.Process(target=_lane_worker, args=(url, f"w{i}", ready, go)) for i in range(4)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=120)
+        go.set()
+        for p in procs:
+            p.join(timeout=240)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    with ctx.sessions() as s:
+        rows = s.execute(text("SELECT job_id, lane, t0, t1 FROM lane_log ORDER BY t0")).all()
+        states = dict(s.execute(text("SELECT state, COUNT(*) FROM jobs GROUP BY state")).all())
+    assert states == {DONE: 50} and len(rows) == 50
+    for lane in lanes:
+        mine = [r for r in rows if r.lane == lane]
+        assert [r.job_id for r in mine] == sorted(r.job_id for r in mine), lane  # FIFO
+        assert all(a.t1 <= b.t0 for a, b in zip(mine, mine[1:], strict=False)), lane  # one at a time
+    # Different lanes did overlap in time: a lane never serializes the others.
+    spans = {lane: (min(r.t0 for r in rows if r.lane == lane), max(r.t1 for r in rows if r.lane == lane))
+             for lane in lanes}
+    assert spans["dicom:A"][0] < spans["dicom:B"][1] and spans["dicom:B"][0] < spans["dicom:A"][1]
 
 
 # ------------------------------------------------------------------------------ real processes

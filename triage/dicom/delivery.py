@@ -3,8 +3,12 @@
 Each attempt writes a :class:`~storage.models.Delivery` row and an audit event (``delivered``
 or ``delivery_failed``; ``delivery_dead`` as well when it was the last attempt). A failure
 raises :class:`DeliveryError`, so the queue retries with back-off and dead-letters after
-``max_attempts``. Each destination is its own job: a destination that is down never holds up
-the others.
+``max_attempts``. Each destination is its own lane (storage/queue.py): its deliveries go out one
+at a time, in order (positive/STAT results first among those waiting). When the destination cannot
+be reached (no association, or it was lost mid-send) the handler raises
+:class:`DestinationDown`, which backs off the whole destination, so later deliveries wait behind
+the failed one instead of overtaking it. A destination that is down never holds up the others
+or inference.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from typing import Any
 
 from storage import audit
 from storage.models import Delivery, ResultObject, Series, Study, utcnow
+from storage.queue import LaneDown
 from triage.config import Destination, parse_destination
 from triage.context import AppContext
-from triage.dicom.scu import SendError, is_success, send_files, status_text
+from triage.dicom.scu import SEND_FAILED, SendError, is_success, send_files, status_text
 from triage.logging import get_logger
 
 log = get_logger(__name__)
@@ -23,6 +28,10 @@ log = get_logger(__name__)
 
 class DeliveryError(RuntimeError):
     """The result object did not reach the destination (the job is retried)."""
+
+
+class DestinationDown(DeliveryError, LaneDown):
+    """The destination could not be reached: the whole destination backs off (the job is retried)."""
 
 
 def _destination(value: Any) -> Destination:
@@ -49,7 +58,7 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
         accession = study.accession if study else ""
         series_uid = series.series_uid if series else ""
     started = utcnow()
-    status_str, error, ok = "", "", False
+    status_str, error, ok, down = "", "", False, False
     try:
         if not path.is_file():
             raise DeliveryError(f"result file {obj.path} is missing from the file store")
@@ -59,13 +68,15 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
         status = results[0][1] if results else -2
         status_str = status_text(status)
         ok = is_success(status)
+        down = status == SEND_FAILED  # the association broke: the destination, not this object
         if not ok:
-            error = f"peer answered {status_str}"
+            error = f"peer answered {status_str}" if not down else f"association lost ({status_str})"
     except DeliveryError as exc:
         error, status_str = str(exc), "missing-file"
     except (SendError, OSError) as exc:
         error = str(exc)
         status_str = status_str or "no-association"
+        down = True
     attempt = int(getattr(job, "attempts", 1) or 1)
     last = attempt >= int(getattr(job, "max_attempts", s.max_attempts) or s.max_attempts)
     with ctx.sessions.begin() as session:
@@ -88,5 +99,6 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
     if ok:
         log.info("result delivered", destination=str(destination), kind=kind, sop_uid=sop_uid, attempt=attempt)
         return
-    log.warning("delivery failed", destination=str(destination), kind=kind, attempt=attempt, error=error[:200])
-    raise DeliveryError(f"delivery of {kind} {sop_uid} to {destination} failed: {error}")
+    log.warning("delivery failed", destination=str(destination), kind=kind, attempt=attempt, error=error[:200],
+                destination_down=down)
+    raise (DestinationDown if down else DeliveryError)(f"delivery of {kind} {sop_uid} to {destination} failed: {error}")

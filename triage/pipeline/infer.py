@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 
 from storage import audit
 from storage.models import Finding, Instance, ModelVersion, Result, ResultObject, Series, Study, utcnow
+from storage.queue import delivery_lane
 from triage.context import AppContext
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
@@ -226,6 +227,7 @@ def _queue_outbound(ctx: AppContext, result_id: int, object_ids: list[int], writ
             ctx.queue.enqueue(
                 "deliver", {"result_object_id": oid, "destination": str(dest)}, priority=priority,
                 dedupe_key=f"deliver:{ds.SOPInstanceUID}:{dest}", study_id=study_id, series_id=series_id,
+                lane=delivery_lane(dest),  # one destination's deliveries go out in order (storage/queue.py)
             )
             queued += 1
     channels = []

@@ -104,7 +104,7 @@ class Worker:
             done.set()
             if lost.is_set():
                 log.warning("lease lost before completion", job_id=job.id, kind=job.kind)
-            q.complete(job.id, self.name)
+            q.complete(job.id, self.name, lane=getattr(job, "lane", None))
             log.info("job done", job_id=job.id, kind=job.kind, seconds=round(time.perf_counter() - started, 3))
         finally:
             done.set()
@@ -112,6 +112,7 @@ class Worker:
             self.processed += 1
 
     def _on_failure(self, job: Any, exc: Exception) -> None:
+        from storage.queue import LaneDown
         from triage.pipeline.infer import StaleJob
 
         q = self.ctx.queue
@@ -122,7 +123,8 @@ class Worker:
         error = f"{type(exc).__name__}: {exc}"[:2000]
         log.warning("job failed", job_id=job.id, kind=job.kind, attempt=job.attempts, error=error[:300])
         try:
-            q.fail(job.id, self.name, error, retry=True)  # audits job_failed / job_dead itself
+            # audits job_failed / job_dead itself; LaneDown backs off the whole destination
+            q.fail(job.id, self.name, error, retry=True, lane_down=isinstance(exc, LaneDown))
             row = q.get(job.id)
             if row is not None and row.state == "dead" and job.kind == "infer":
                 with self.ctx.sessions.begin() as s:
