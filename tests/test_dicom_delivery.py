@@ -56,6 +56,44 @@ def test_scu_can_be_told_to_send_uncompressed(tmp_path: Path) -> None:
         assert {dcmread(f).file_meta.TransferSyntaxUID.is_compressed for f in scp.files()} == {False}
 
 
+def test_scu_sends_explicit_as_read_to_an_implicit_preferring_peer_or_re_encodes(tmp_path: Path) -> None:
+    """pynetdicom SCPs pick Implicit VR for a context that offers both: the file's own context
+    still carries it unchanged; a peer that accepts Implicit VR only gets it re-encoded."""
+    import threading
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    paths = make_ct_series(tmp_path / "src", SeriesSpec(slices=2, size=32))  # Explicit VR Little Endian
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def on_store(event) -> int:  # noqa: ANN001
+        with lock:
+            got.append(str(event.context.transfer_syntax))
+        return 0x0000
+
+    ae = AE(ae_title="PYSCP")
+    ae.supported_contexts = AllStoragePresentationContexts  # Implicit VR Little Endian first
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        results = send_files(Destination("PYSCP", "127.0.0.1", port), paths, "ICHTRIAGE")
+    finally:
+        server.shutdown()
+    assert [s for _, s in results] == [0, 0]
+    assert got == ["1.2.840.10008.1.2.1"] * 2, "sent in its own syntax, without re-encoding"
+    with StoreSCP(tmp_path / "implicit", "STORESCP", "+xi", accept_all=False) as scp:
+        results = send_files(Destination("STORESCP", "127.0.0.1", scp.port), paths, "ICHTRIAGE")
+        assert [s for _, s in results] == [0, 0]
+        received = {str(dcmread(f).SOPInstanceUID): dcmread(f) for f in scp.files()}
+    for p in paths:
+        src = dcmread(p)
+        out = received[str(src.SOPInstanceUID)]
+        assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+        np.testing.assert_array_equal(out.pixel_array, src.pixel_array)
+        assert out.PatientName == src.PatientName and out.ImagePositionPatient == src.ImagePositionPatient
+
+
 def test_scu_raises_when_no_association(tmp_path: Path) -> None:
     paths = make_ct_series(tmp_path / "src", SeriesSpec(slices=1, size=16))
     with pytest.raises(SendError, match="could not connect"):

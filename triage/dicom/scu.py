@@ -2,7 +2,9 @@
 
 For every (SOP class, transfer syntax) of the files one presentation context is proposed with
 that syntax alone, plus one per SOP class with the uncompressed syntaxes as a fallback. A file
-whose own syntax the peer refused is decompressed and sent in an uncompressed one it accepted.
+whose own syntax the peer accepted goes out as read, without decoding (also when the peer picked
+Implicit VR for the fallback context, as pynetdicom SCPs do); one whose own syntax it refused is
+decompressed or re-encoded in an uncompressed syntax it accepted.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ def _contexts(infos: Sequence[_FileInfo], allow_compressed: bool = True) -> list
     for info in infos:
         for key, syntaxes in (((info.sop_class, info.syntax), [info.syntax]),
                               ((info.sop_class, "native"), UNCOMPRESSED)):
-            if key[1] != "native" and (info.syntax in UNCOMPRESSED or not allow_compressed):
-                continue  # the native context covers it
+            if key[1] != "native" and UID(info.syntax).is_compressed and not allow_compressed:
+                continue  # sent decompressed through the native context
             if key not in seen:
                 seen.add(key)
                 wanted.append((info.sop_class, list(syntaxes)))
@@ -155,7 +157,10 @@ def _send_one(assoc: Any, accepted: Sequence[Any], info: _FileInfo) -> int:
             ds = dcmread(info.path)
             if UID(info.syntax).is_compressed:
                 ds.decompress(generate_instance_uid=False)  # keep the UID: retries must not duplicate
-            ds.file_meta.TransferSyntaxUID = native[0].transfer_syntax[0]
+            target = UID(native[0].transfer_syntax[0])
+            ds.file_meta.TransferSyntaxUID = target
+            # re-encode in the accepted syntax (pynetdicom refuses a dataset read as another one)
+            ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian, ds.original_character_set)
             rsp = assoc.send_c_store(ds)
         else:
             log.warning("no presentation context accepted", sop_class=info.sop_class, syntax=info.syntax)
