@@ -206,13 +206,23 @@ class FileStore:
 
     def sweep_temp(self, older_than_seconds: float = 3600.0) -> int:
         """Delete temporary files left by interrupted writes; return how many."""
+        return self.sweep_temp_report(older_than_seconds)[0]
+
+    def sweep_temp_report(self, older_than_seconds: float = 3600.0) -> tuple[int, int]:
+        """Delete temporary files older than ``older_than_seconds``; return (files, bytes).
+
+        Every write holds its temporary file for well under a second (the data is in memory), so
+        any age above a minute is safe with other processes writing to the same store.
+        """
         cutoff = time.time() - older_than_seconds
-        removed = 0
+        removed = size = 0
         for p in self.root.rglob(f"{TEMP_PREFIX}*"):
             try:
-                if p.is_file() and p.stat().st_mtime < cutoff:
+                st = p.stat()
+                if p.is_file() and st.st_mtime < cutoff:
                     p.unlink()
                     removed += 1
+                    size += st.st_size
             except FileNotFoundError:
                 continue
-        return removed
+        return removed, size

@@ -2,12 +2,15 @@
 
 Every role migrates the database at start (idempotent), registers itself in the ``workers``
 table with a heartbeat, and keeps no state that another role needs: the database and the file
-store are the only things they share, so the roles can run on different hosts.
+store are the only things they share, so the roles can run on different hosts. The roles that
+write to the file store (serve, receiver, worker) sweep temporary files left by a crash at start
+and every ``TEMP_SWEEP_INTERVAL_S`` (audited ``temp_swept`` when any were removed).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import signal
 import threading
 from contextlib import suppress
@@ -19,6 +22,13 @@ from triage.context import AppContext
 from triage.logging import get_logger
 
 log = get_logger(__name__)
+
+#: Roles that write to the file store (and so sweep its temporary files).
+WRITER_ROLES = ("serve", "receiver", "worker")
+#: A temporary file older than this is a crash's leftover: writes hold one for well under a second,
+#: so this is safe while other processes (other hosts) write to the same store.
+TEMP_SWEEP_AGE_S = 60.0
+TEMP_SWEEP_INTERVAL_S = 600.0
 
 
 class Role:
@@ -44,10 +54,28 @@ class Role:
             audit.record(sess, "node_start", actor=self.ctx.worker_id,
                          details={"role": self.role, "ae_title": s.ae_title, "dicom_port": s.dicom_port,
                                   "web_port": s.web_port, "database": _backend(s)})
+        if self.role in WRITER_ROLES:
+            self.sweep_temp(at_start=True)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(self._heartbeat, "interval", seconds=s.heartbeat_seconds, id="registry",
                                max_instances=1, coalesce=True)
+        if self.role in WRITER_ROLES:
+            # The first pass soon after start catches what a crash just before it left behind.
+            self.scheduler.add_job(_safe(self.sweep_temp), "interval", seconds=TEMP_SWEEP_INTERVAL_S,
+                                   id="temp-sweep", max_instances=1, coalesce=True,
+                                   next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=TEMP_SWEEP_AGE_S + 5))
         self.scheduler.start()
+
+    def sweep_temp(self, at_start: bool = False) -> int:
+        """Remove temporary files left by interrupted writes; log it, and audit it when any were removed."""
+        files, size = self.ctx.store.sweep_temp_report(TEMP_SWEEP_AGE_S)
+        log.info("temporary files swept", files=files, bytes=size, at_start=at_start, older_than_s=TEMP_SWEEP_AGE_S)
+        if files:
+            with self.ctx.sessions.begin() as sess:
+                audit.record(sess, audit.TEMP_SWEPT, actor=self.ctx.worker_id,
+                             details={"files": files, "bytes": size, "at_start": at_start, "role": self.role,
+                                      "older_than_s": TEMP_SWEEP_AGE_S})
+        return files
 
     def _register(self) -> None:
         self.ctx.queue.register_worker(self.ctx.worker_id, role=self.role)
