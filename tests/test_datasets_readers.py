@@ -4,7 +4,6 @@ at test time (no real data is committed)."""
 from __future__ import annotations
 
 import csv
-import random
 from pathlib import Path
 
 import nibabel as nib
@@ -12,9 +11,10 @@ import numpy as np
 import pytest
 
 from triage.datasets import DatasetError, detect_format, open_dataset
-from triage.labels import LABELS, SUBTYPES
-from triage.phantom.dicom_writer import Identity, axial_series, write_study
+from triage.labels import SUBTYPES
 from triage.phantom.generator import PhantomOptions, SyntheticStudy, generate_study
+
+from .dataset_fixtures import write_cq500, write_ctich, write_rsna
 
 SIZE = 128
 
@@ -54,21 +54,7 @@ def test_phantom_reader(tmp_path: Path) -> None:
 
 
 def test_rsna_reader_groups_sorts_and_labels(tmp_path: Path, studies: list[SyntheticStudy]) -> None:
-    images = tmp_path / "stage_2_train"
-    images.mkdir()
-    rows: list[tuple[str, int]] = []
-    for i, st in enumerate(studies):
-        files = axial_series(st, Identity(index=i + 1, seed=st.seed), tmp_path / "tmp" / str(i))
-        for k, f in enumerate(files):
-            image_id = f"ID_{i:02d}{k:03d}{random.Random(k).randrange(16**4):04x}"
-            f.rename(images / f"{image_id}.dcm")
-            for j, label in enumerate(LABELS):
-                rows.append((f"{image_id}_{label}", int(st.slice_labels[k, j])))
-    random.Random(0).shuffle(rows)
-    with (tmp_path / "stage_2_train.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["ID", "Label"])
-        w.writerows(rows)
+    write_rsna(tmp_path, studies)
     assert detect_format(tmp_path) == "rsna"
     ds = open_dataset(tmp_path)
     assert len(ds) == 2
@@ -92,23 +78,7 @@ def test_rsna_reader_rejects_bad_ids(tmp_path: Path) -> None:
 
 
 def test_cq500_reader_majority_and_series_choice(tmp_path: Path, studies: list[SyntheticStudy]) -> None:
-    reads = []
-    for n, st in zip((7, 12), studies, strict=True):
-        pdir = tmp_path / f"CQ500CT{n} CQ500CT{n}" / "Unknown Study"
-        write_study(st, Identity(index=n, seed=st.seed), pdir, series=("head", "bone", "localizer"))
-        (pdir / "head").rename(pdir / "CT PLAIN THICK")
-        (pdir / "bone").rename(pdir / "CT BONE")
-        row: dict[str, object] = {"name": f"CQ500-CT-{n}", "Category": "B1"}
-        for r in (1, 2, 3):
-            for col, label in (("ICH", "any"), ("IPH", "intraparenchymal"), ("IVH", "intraventricular"),
-                               ("SDH", "subdural"), ("EDH", "epidural"), ("SAH", "subarachnoid")):
-                truth = int(st.exam_labels[LABELS.index(label)])
-                row[f"R{r}:{col}"] = truth if r != 3 else 1 - truth  # reader 3 always disagrees
-        reads.append(row)
-    with (tmp_path / "reads.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(reads[0]))
-        w.writeheader()
-        w.writerows(reads)
+    write_cq500(tmp_path, studies, (7, 12))
     assert detect_format(tmp_path) == "cq500"
     ds = open_dataset(tmp_path)
     assert ds.ids() == ["CQ500-CT-7", "CQ500-CT-12"]
@@ -122,27 +92,7 @@ def test_cq500_reader_majority_and_series_choice(tmp_path: Path, studies: list[S
 
 
 def test_ctich_reader_reorients_and_reads_masks(tmp_path: Path, studies: list[SyntheticStudy]) -> None:
-    from triage.phantom.dicom_writer import nifti_affine
-
-    (tmp_path / "ct_scans").mkdir()
-    (tmp_path / "masks").mkdir()
-    rows = []
-    for num, st in zip((49, 50), studies, strict=True):
-        aff = nifti_affine(st)
-        ct = nib.Nifti1Image(st.hu.transpose(2, 1, 0).astype(np.int16), aff)
-        nib.save(ct, tmp_path / "ct_scans" / f"{num:03d}.nii")
-        m = (_union(st) * 255).astype(np.uint8).transpose(2, 1, 0)
-        nib.save(nib.Nifti1Image(m, aff), tmp_path / "masks" / f"{num:03d}.nii")
-        for k in range(st.hu.shape[0]):
-            lab = st.slice_labels[k]
-            rows.append({"PatientNumber": num, "SliceNumber": k + 1,
-                         "Intraventricular": lab[3], "Intraparenchymal": lab[2], "Subarachnoid": lab[4],
-                         "Epidural": lab[1], "Subdural": lab[5], "No_Hemorrhage": int(not lab[0]),
-                         "Fracture_Yes_No": 0})
-    with (tmp_path / "hemorrhage_diagnosis_raw_ct.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_ctich(tmp_path, studies, (49, 50))
     assert detect_format(tmp_path) == "ctich"
     ds = open_dataset(tmp_path)
     assert ds.ids() == ["049", "050"]

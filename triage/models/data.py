@@ -44,6 +44,23 @@ class Study:
     kind: str = ""
     volumes_ml: dict[str, float] = field(default_factory=dict)
     brain_mask: np.ndarray | None = None
+    # What the source really labels (None = everything, as for phantoms). ``label_known`` (Z,): the
+    # slice's labels are known; ``seg_known`` (Z,): its subtype masks are complete (a slice known to be
+    # negative has known, empty masks). ``mask_any``: a blood mask without subtypes (CT-ICH).
+    label_known: np.ndarray | None = None
+    seg_known: np.ndarray | None = None
+    mask_any: np.ndarray | None = None
+
+    @property
+    def has_volume_truth(self) -> bool:
+        """Voxel ground truth for all the blood (phantoms, CT-ICH), so Dice and volumes can be scored."""
+        return self.mask_any is not None or (self.seg_known is None or bool(self.seg_known.all()))
+
+    def truth_any(self) -> np.ndarray:
+        out = np.zeros(self.hu.shape, bool) if self.mask_any is None else self.mask_any.copy()
+        for m in self.masks.values():
+            out |= m
+        return out
 
 
 @dataclass
@@ -122,22 +139,55 @@ class JoinedLoader:
 
 
 def _dataset_source(spec: str, ds: Any) -> Source:
-    """Adapter for ``triage.datasets`` (cases with .key, .load() -> object with volume + labels)."""
-    cases = {str(c.key): c for c in ds}
+    """Adapter for :mod:`triage.datasets` (``ds.ids()``, ``ds.load(id)`` -> ``Sample``)."""
+    return Source(spec, [str(i) for i in ds.ids()], DatasetLoader(ds), f"dataset {spec} ({ds.format}, {len(ds)} exams)")
 
-    def load(key: str) -> Study:
-        c = cases[key].load()
-        vol = c.volume
-        z = vol.hu.shape[0]
-        masks = {k: np.asarray(v, bool) for k, v in (getattr(c, "masks", None) or {}).items() if k in SUBTYPES}
-        sl = getattr(c, "slice_labels", None)
-        ex = np.asarray(c.exam_labels, np.float32)
-        return Study(key=key, hu=np.asarray(vol.hu, np.float32), pixel_spacing=tuple(vol.pixel_spacing),
-                     slice_spacing=float(vol.slice_spacing), masks=masks,
-                     slice_labels=np.asarray(sl, np.float32) if sl is not None else np.tile(ex, (z, 1)),
-                     exam_labels=ex, kind=str(getattr(c, "kind", "")))
 
-    return Source(spec, list(cases), load, f"dataset {spec}")
+class DatasetLoader:
+    """Turns a real dataset's :class:`~triage.datasets.base.Sample` into a training :class:`Study`,
+    saying what is known: RSNA has slice labels but no masks, CQ500 exam labels only, CT-ICH slice
+    labels and one blood mask without subtypes. Unknown targets are masked out of the losses
+    instead of being read as "no blood"."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __call__(self, key: str) -> Study:
+        smp = self.ds.load(key)
+        z = smp.hu.shape[0]
+        if smp.slice_labels is not None:
+            sl = np.asarray(smp.slice_labels, np.float32)
+            label_known = np.ones(z, bool)
+        else:
+            sl = np.zeros((z, len(LABELS)), np.float32)
+            label_known = np.zeros(z, bool)
+        if smp.exam_labels is not None:
+            ex = np.asarray(smp.exam_labels, np.float32)
+        elif smp.slice_labels is not None:
+            ex = sl.max(axis=0)
+        else:
+            raise ValueError(f"{key}: the dataset gives neither exam nor slice labels")
+        if not ex[0]:  # a negative exam: every slice is known to be negative
+            label_known[:] = True
+            sl[:] = 0
+        seg_known = label_known & (sl[:, 0] == 0)
+        given = smp.masks or {}
+        masks = {k: np.asarray(v, bool) for k, v in given.items() if k in SUBTYPES}
+        mask_any = np.asarray(given["any"], bool) if "any" in given else None
+        if masks:
+            seg_known[:] = True
+        elif mask_any is not None:
+            # one subtype on a slice: the blood mask is that subtype's mask there
+            for zi in np.nonzero(label_known & (sl[:, 0] > 0))[0]:
+                present = [k for k, sub in enumerate(SUBTYPES) if sl[zi, LABELS.index(sub)] > 0]
+                if len(present) == 1:
+                    sub = SUBTYPES[present[0]]
+                    masks.setdefault(sub, np.zeros(smp.hu.shape, bool))[zi] = mask_any[zi]
+                    seg_known[zi] = True
+        return Study(key=key, hu=np.asarray(smp.hu, np.float32), pixel_spacing=tuple(smp.pixel_spacing),
+                     slice_spacing=float(smp.slice_spacing), masks=masks, slice_labels=sl, exam_labels=ex,
+                     kind=str(smp.meta.get("kind", "positive" if ex[0] else "negative")),
+                     label_known=label_known, seg_known=seg_known, mask_any=mask_any)
 
 
 @dataclass
@@ -151,6 +201,8 @@ class Cached:
     slice_labels: np.ndarray  # float32 (Z, 6)
     exam_labels: np.ndarray  # float32 (6,)
     meta: dict[str, Any]
+    label_known: np.ndarray | None = None  # bool (Z,); None = all known
+    seg_known: np.ndarray | None = None  # bool (Z,); None = all known
 
 
 def cache_key(source_name: str, key: str, cfg: PreprocessConfig) -> str:
@@ -175,21 +227,24 @@ def preprocess_study(study: Study, cfg: PreprocessConfig) -> Cached:
             "pixel_spacing": list(study.pixel_spacing), "slice_spacing": study.slice_spacing,
             "box": list(prep.box)}
     return Cached(study.key, prep.windows, prep.brain_small, target, study.slice_labels.astype(np.float32),
-                  study.exam_labels.astype(np.float32), meta)
+                  study.exam_labels.astype(np.float32), meta, study.label_known, study.seg_known)
 
 
 def _save(path: Path, c: Cached) -> None:
     tmp = path.with_suffix(".tmp.npz")
+    known = {k: v for k, v in (("label_known", c.label_known), ("seg_known", c.seg_known)) if v is not None}
     np.savez_compressed(tmp, windows=c.windows, brain_small=c.brain_small, target=c.target,
                         slice_labels=c.slice_labels, exam_labels=c.exam_labels,
-                        meta=np.frombuffer(json.dumps(c.meta).encode(), np.uint8))
+                        meta=np.frombuffer(json.dumps(c.meta).encode(), np.uint8), **known)
     os.replace(tmp, path)
 
 
 def _load(path: Path, key: str) -> Cached:
     with np.load(path) as z:
         return Cached(key, z["windows"], z["brain_small"], z["target"], z["slice_labels"], z["exam_labels"],
-                      json.loads(bytes(z["meta"]).decode()))
+                      json.loads(bytes(z["meta"]).decode()),
+                      z["label_known"] if "label_known" in z.files else None,
+                      z["seg_known"] if "seg_known" in z.files else None)
 
 
 def _build_one(args: tuple[Source, str, PreprocessConfig, str]) -> str:
@@ -256,11 +311,14 @@ def save_study(path: Path, s: Study) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     masks = {f"mask_{k}": np.packbits(v.ravel()) for k, v in s.masks.items() if v.any()}
+    extra = {k: v for k, v in (("label_known", s.label_known), ("seg_known", s.seg_known)) if v is not None}
+    if s.mask_any is not None:
+        extra["any_mask"] = np.packbits(s.mask_any.ravel())
     meta = {"key": s.key, "pixel_spacing": list(s.pixel_spacing), "slice_spacing": s.slice_spacing,
             "kind": s.kind, "volumes_ml": s.volumes_ml, "shape": list(s.hu.shape)}
     np.savez_compressed(tmp, hu=np.clip(np.rint(s.hu), -32768, 32767).astype(np.int16),
                         slice_labels=s.slice_labels, exam_labels=s.exam_labels,
-                        meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **masks)
+                        meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **masks, **extra)
     os.replace(tmp, path)
 
 
@@ -269,10 +327,16 @@ def read_study(path: Path) -> Study:
         meta = json.loads(bytes(z["meta"]).decode())
         shape = tuple(meta["shape"])
         n = int(np.prod(shape))
-        masks = {k[5:]: np.unpackbits(z[k])[:n].reshape(shape).astype(bool) for k in z.files if k.startswith("mask_")}
+        def bits(name: str) -> np.ndarray:
+            return np.unpackbits(z[name])[:n].reshape(shape).astype(bool)
+
+        masks = {k[5:]: bits(k) for k in z.files if k.startswith("mask_")}
         return Study(meta["key"], z["hu"].astype(np.float32), tuple(meta["pixel_spacing"]),
                      float(meta["slice_spacing"]), masks, z["slice_labels"].astype(np.float32),
-                     z["exam_labels"].astype(np.float32), meta["kind"], meta["volumes_ml"])
+                     z["exam_labels"].astype(np.float32), meta["kind"], meta["volumes_ml"],
+                     label_known=z["label_known"] if "label_known" in z.files else None,
+                     seg_known=z["seg_known"] if "seg_known" in z.files else None,
+                     mask_any=bits("any_mask") if "any_mask" in z.files else None)
 
 
 def _store_one(args: tuple[Source, str, str]) -> str:

@@ -50,9 +50,8 @@ def evaluate_study(bundle: Bundle, s: Study) -> dict[str, Any]:
     keep: dict[str, Any] = {}
     pred = bundle.predict(vol, gradcam=False, keep=keep)
     vox = vol.voxel_volume_ml
-    truth_any = np.zeros(s.hu.shape, bool)
-    for m in s.masks.values():
-        truth_any |= m
+    truth_any = s.truth_any()
+    scored = s.has_volume_truth  # RSNA / CQ500 give labels but no masks: no Dice, no volume error
     pred_any = np.zeros(s.hu.shape, bool)
     for m in pred.masks.values():
         pred_any |= m
@@ -66,14 +65,17 @@ def evaluate_study(bundle: Bundle, s: Study) -> dict[str, Any]:
         "truth": [int(v) for v in s.exam_labels],
         "probs": [pred.exam_probs[lab] for lab in LABELS],
         "present": [int(pred.present[lab]) for lab in LABELS],
-        "volume_true": float(truth_any.sum() * vox),
+        "volume_true": float(truth_any.sum() * vox) if scored else None,
         "volume_pred": pred.volumes_ml["any"],
         "abc2_pred": pred.abc2_ml["any"],
-        "dice_any": metrics.dice(pred_any, truth_any),
-        "dice_any_raw": metrics.dice(raw_any, truth_any),
+        "dice_any": metrics.dice(pred_any, truth_any) if scored else None,
+        "dice_any_raw": metrics.dice(raw_any, truth_any) if scored else None,
         "timings": pred.timings,
     }
+    subtype_truth = scored and s.mask_any is None  # CT-ICH's one blood mask has no subtypes
     for sub in SUBTYPES:
+        if not subtype_truth:
+            break
         t = s.masks.get(sub)
         tv = float(t.sum() * vox) if t is not None else 0.0
         row[f"volume_true_{sub}"] = tv
@@ -102,8 +104,8 @@ def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[
             "specificity": _fmt(float(1 - present[neg, i].mean()) if neg.any() else None),
         }
     sub_aucs = [per_label[s]["auc"] for s in SUBTYPES if per_label[s]["auc"] is not None]
-    ge1 = [r for r in rows if r["volume_true"] >= 1.0]
-    positives = [r for r in rows if r["truth"][0]]
+    ge1 = [r for r in rows if r["volume_true"] is not None and r["volume_true"] >= 1.0]
+    positives = [r for r in rows if r["truth"][0] and r["volume_true"] is not None]
     vol_err = np.array([r["volume_pred"] - r["volume_true"] for r in positives]) if positives else np.zeros(0)
     abc_err = np.array([r["abc2_pred"] - r["volume_true"] for r in positives]) if positives else np.zeros(0)
     dice_sub = {}
@@ -187,7 +189,7 @@ def plots(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> lis
     plt.close(fig)
     files.append("roc.png")
 
-    pos = [r for r in rows if r["truth"][0]]
+    pos = [r for r in rows if r["truth"][0] and r["volume_true"] is not None]  # sources with masks only
     if pos:
         t = np.array([r["volume_true"] for r in pos])
         p = np.array([r["volume_pred"] for r in pos])

@@ -112,10 +112,22 @@ def _intensity_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tenso
     return (x + hu / width * inside).clamp_(0, 1)
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE with positive pixels weighted (PatchFCN) + soft Dice over the batch per subtype."""
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE with positive pixels weighted (PatchFCN) + soft Dice over the batch per subtype.
+
+    ``known`` (N,) weights samples whose masks are known (1) or unknown (0: no segmentation loss).
+    """
     w = 1.0 + (POS_PIXEL_WEIGHT - 1.0) * (target > 0.5).float()
-    bce = F.binary_cross_entropy_with_logits(logits, target, weight=w)
+    if known is None or bool((known > 0).all()):
+        bce = F.binary_cross_entropy_with_logits(logits, target, weight=w)
+    else:
+        k = known.float()[:, None, None, None]
+        if not bool(k.any()):
+            return logits.sum() * 0
+        elem = F.binary_cross_entropy_with_logits(logits, target, weight=w * k, reduction="sum")
+        bce = elem / (k.sum() * logits[0].numel())
+        logits = logits[known > 0]
+        target = target[known > 0]
     p = torch.sigmoid(logits)
     inter = (p * target).sum(dim=(0, 2, 3))
     denom = p.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))
@@ -125,15 +137,25 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + 0.5 * dice_term
 
 
+def _known(flags: np.ndarray | None, n: int) -> np.ndarray:
+    return np.ones(n, bool) if flags is None else np.asarray(flags, bool)
+
+
 class SliceSampler:
-    """Draws (study, slice) pairs with positive slices over-sampled."""
+    """Draws (study, slice) pairs with positive slices over-sampled; slices with neither labels nor
+    masks known (CQ500 positives) are left to the sequence head's exam-level loss."""
 
     def __init__(self, studies: list[Cached], rng: np.random.Generator) -> None:
         self.studies = studies
         self.rng = rng
-        idx = [(i, z) for i, s in enumerate(studies) for z in range(s.windows.shape[0])]
+        self.label_known = [_known(s.label_known, s.windows.shape[0]) for s in studies]
+        self.seg_known = [_known(s.seg_known, s.windows.shape[0]) for s in studies]
+        idx = [(i, z) for i, s in enumerate(studies) for z in range(s.windows.shape[0])
+               if self.label_known[i][z] or self.seg_known[i][z]]
+        if not idx:
+            raise ValueError("no slice of the training set has known labels or masks")
         self.index = np.array(idx, dtype=np.int64)
-        pos = np.array([studies[i].slice_labels[z, 0] > 0 for i, z in idx])
+        pos = np.array([self.label_known[i][z] and studies[i].slice_labels[z, 0] > 0 for i, z in idx])
         self.pos = self.index[pos]
         self.neg = self.index[~pos]
         # the whole series input per study, built once (float16 to keep memory modest)
@@ -153,7 +175,9 @@ class SliceSampler:
         x = torch.stack([self.inputs[i][z].float() for i, z in sel])
         y = torch.stack([torch.from_numpy(self.studies[i].target[z]).float() / 255.0 for i, z in sel])
         lab = torch.stack([torch.from_numpy(self.studies[i].slice_labels[z]) for i, z in sel])
-        return x, y, lab
+        seg_w = torch.tensor([float(self.seg_known[i][z]) for i, z in sel])
+        cls_w = torch.tensor([float(self.label_known[i][z]) for i, z in sel])
+        return x, y, lab, seg_w, cls_w
 
 
 def train_cnn(net: ICHNet, studies: list[Cached], epochs: int, out: Path, device: torch.device,
@@ -182,14 +206,15 @@ def train_cnn(net: ICHNet, studies: list[Cached], epochs: int, out: Path, device
         tot = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
         bar = tqdm(range(steps), desc=f"cnn epoch {epoch + 1}/{epochs}", disable=not progress, unit="batch")
         for _ in bar:
-            x, y, lab = sampler.batch(batch_size)
+            x, y, lab, seg_w, cls_w = sampler.batch(batch_size)
             x, y = _augment(x, y, rng)
-            x, y, lab = x.to(device), y.to(device), lab.to(device)
+            x, y, lab, seg_w, cls_w = x.to(device), y.to(device), lab.to(device), seg_w.to(device), cls_w.to(device)
             out_ = net(x)
-            ls = seg_loss(out_["seg"], y)
+            ls = seg_loss(out_["seg"], y, seg_w)
             w = torch.ones(len(LABELS), device=device)
             w[0] = 2.0  # "any" counts double, as in the RSNA challenge metric
-            lc = (F.binary_cross_entropy_with_logits(out_["slice"], lab, reduction="none") * w).mean()
+            elem = F.binary_cross_entropy_with_logits(out_["slice"], lab, reduction="none") * w * cls_w[:, None]
+            lc = elem.sum() / (cls_w.sum().clamp(min=1.0) * len(LABELS))
             loss = ls + lc
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -216,7 +241,9 @@ def slice_features(net: ICHNet, studies: list[Cached], device: torch.device) -> 
     for s in studies:
         x = network_input(s.windows, 1).to(device)
         out = net(x)
-        feats.append((out["feat"].cpu(), out["slice"].cpu(), torch.from_numpy(s.slice_labels)))
+        known = torch.from_numpy(_known(s.label_known, s.windows.shape[0]))
+        feats.append((out["feat"].cpu(), out["slice"].cpu(), torch.from_numpy(s.slice_labels), known,
+                      torch.from_numpy(s.exam_labels)))
     return feats
 
 
@@ -230,10 +257,16 @@ def train_sequence(seq: SequenceHead, feats: list[tuple[torch.Tensor, ...]], epo
     for _ in tqdm(range(epochs), desc="sequence head", disable=not progress, unit="epoch"):
         tot = 0.0
         for i in rng.permutation(len(feats)):
-            f, logit, lab = feats[i]
+            f, logit, lab, known, exam = feats[i]
             f = f + torch.randn_like(f) * 0.05  # features from the training set are over-confident
             pred = seq(f[None], logit[None])[0]
-            loss = (F.binary_cross_entropy_with_logits(pred, lab, reduction="none") * w).mean()
+            if bool(known.all()):
+                loss = (F.binary_cross_entropy_with_logits(pred, lab, reduction="none") * w).mean()
+            else:  # exam labels only (CQ500): multiple-instance loss on the most suspicious slice
+                loss = (F.binary_cross_entropy_with_logits(pred.max(dim=0).values, exam, reduction="none") * w).mean()
+                if bool(known.any()):
+                    loss = loss + (F.binary_cross_entropy_with_logits(pred[known], lab[known], reduction="none")
+                                   * w).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
