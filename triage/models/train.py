@@ -186,17 +186,19 @@ def train_cnn(net: ICHNet, studies: list[Cached], epochs: int, out: Path, device
     sampler = SliceSampler(studies, rng)
     steps = steps_per_epoch or max(1, len(sampler) // batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps,
-                                                pct_start=min(0.3, max(0.1, 2.5 / (epochs * steps))))
+    pct = min(0.3, max(0.1, 2.5 / (epochs * steps)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps, pct_start=pct)
     ckpt = out / "checkpoints" / "cnn.pt"
     start, history = 0, []
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        sched.total_steps = epochs * steps  # allows extending a finished run with more epochs
         start, history = state["epoch"], state["history"]
+        # the schedule is rebuilt for the (possibly changed) number of epochs, positioned after the
+        # steps already done, so a run can be shortened or extended on resume
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(epochs, start + 1) * steps,
+                                                    pct_start=pct, last_epoch=start * steps - 1)
         rng.bit_generator.state = state["rng"]
         log.info("resumed", epoch=start)
     net.to(device)
