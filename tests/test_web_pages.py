@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy import text as sql
 from starlette.testclient import TestClient
 
 from reports.web.app import create_app
@@ -302,22 +303,50 @@ def test_trusted_proxy_header(tmp_path, sqlite_ctx: AppContext) -> None:
 
 def test_health_ready_and_metrics(app_ctx: AppContext, client: TestClient) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
+    # Readiness is about this process: no worker anywhere is reported, not a reason to be unready.
     r = client.get("/readyz")
-    assert r.status_code == 503 and r.json()["checks"]["worker"]["ok"] is False
-    assert r.json()["checks"]["database"]["ok"] is True
+    checks = r.json()["checks"]
+    assert r.status_code == 200, r.json()
+    assert checks["worker"]["ok"] is False and checks["worker"]["required"] is False
+    assert checks["database"]["ok"] is True and checks["migrations"]["ok"] is True
     heartbeat(app_ctx)
     r = client.get("/readyz")
     assert r.status_code == 200 and all(c["ok"] for c in r.json()["checks"].values())
     heartbeat(app_ctx, age_s=3600)
-    assert client.get("/readyz").status_code == 503
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"]["worker"]["ok"] is False
+    # The disk floor: reported for a web process; required where the process writes the store.
     app_ctx.store.free_bytes_override = 0
-    ctx_floor = app_ctx.store.floor_bytes
+    ctx_floor, ctx_role = app_ctx.store.floor_bytes, app_ctx.role
     app_ctx.store.floor_bytes = 1
     try:
-        assert client.get("/readyz").json()["checks"]["disk"]["ok"] is False
+        app_ctx.role = "web"
+        r = client.get("/readyz")
+        assert r.status_code == 200 and r.json()["checks"]["disk"] == {**r.json()["checks"]["disk"], "ok": False,
+                                                                          "required": False}
+        app_ctx.role = "serve"
+        assert client.get("/readyz").status_code == 503
     finally:
         app_ctx.store.free_bytes_override = None
         app_ctx.store.floor_bytes = ctx_floor
+        app_ctx.role = ctx_role
+    # The schema behind the code's head revision: not ready.
+    with app_ctx.engine.begin() as conn:
+        head = conn.execute(sql("SELECT version_num FROM alembic_version")).scalar_one()
+        conn.execute(sql("UPDATE alembic_version SET version_num = '0001'"))
+    try:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["migrations"]["current"] == "0001"
+    finally:
+        with app_ctx.engine.begin() as conn:
+            conn.execute(sql("UPDATE alembic_version SET version_num = :h"), {"h": head})
+    # This process's own components (e.g. the worker threads of ``triage serve``).
+    up = {"on": True}
+    with TestClient(create_app(app_ctx, {"worker-infer": lambda: up["on"]})) as c:
+        assert c.get("/readyz").status_code == 200
+        up["on"] = False
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["component:worker-infer"]["ok"] is False
     seed_study(app_ctx, accession="M1", flagged=True, probabilities={"any": 0.9},
                deliveries=(("PACS@h:1", True), ("PACS@h:1", False)))
     app_ctx.queue.enqueue("infer", {"series_id": 1, "generation": 0})

@@ -40,6 +40,8 @@ class Role:
         self.stop_event = threading.Event()
         self.scheduler: Any = None
         self.stoppers: list[Any] = []
+        #: This process's parts, name -> callable that is True while the part is up (/readyz).
+        self.components: dict[str, Any] = {}
 
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -119,6 +121,7 @@ class Role:
         node = DicomNode(self.ctx)
         node.start()
         self.stoppers.append(node.stop)
+        self.components["dicom-scp"] = lambda: node.listening
         monitor = SeriesMonitor(self.ctx)
         self.scheduler.add_job(_safe(monitor.tick), "interval", seconds=0.5, id="series-monitor",
                                max_instances=1, coalesce=True)
@@ -137,6 +140,7 @@ class Role:
             w = Worker(self.ctx, kinds, name=f"{self.ctx.worker_id}:{suffix}")
             t = threading.Thread(target=_warm_and_run, args=(w,), name=f"worker-{suffix}", daemon=True)
             t.start()
+            self.components[f"worker-{suffix}"] = t.is_alive
             self.stoppers.append(_stop_and_join(w, t, self.ctx.settings.lease_seconds))
             workers.append(w)
         return workers
@@ -179,7 +183,7 @@ def _run_web_blocking(role: Role) -> None:
     from reports.web.app import run_web
 
     s = role.ctx.settings
-    run_web(role.ctx, s.web_host, s.web_port, stop_event=role.stop_event)
+    run_web(role.ctx, s.web_host, s.web_port, stop_event=role.stop_event, components=role.components)
 
 
 # ---------------------------------------------------------------------- CLI entry points

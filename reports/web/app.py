@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import io
 import json
 import threading
@@ -483,36 +484,74 @@ async def retry_job(request: Request) -> Response:
 
 
 # --------------------------------------------------------------------------- health and metrics
+#: Roles whose own work writes to the file store: for them the disk floor is part of readiness.
+STORE_WRITER_ROLES = ("serve", "receiver", "worker")
+
+
 def readiness_heartbeat_limit(ctx: AppContext) -> float:
-    """A worker heartbeat older than this (seconds) makes the node not ready."""
+    """A worker heartbeat older than this (seconds) counts as stale (operations page, /readyz detail)."""
     return max(60.0, 3 * ctx.settings.heartbeat_seconds)
 
 
-def readiness(ctx: AppContext) -> tuple[bool, dict[str, Any]]:
+@functools.lru_cache(maxsize=1)
+def _head_revision() -> str | None:
+    from storage.migrate import head_revision
+
+    return head_revision()
+
+
+def readiness(ctx: AppContext, components: dict[str, Any] | None = None) -> tuple[bool, dict[str, Any]]:
+    """Whether this process can serve its role, with the checks behind the answer.
+
+    Required: the database answers, its schema is at the head migration, and this process's own
+    components (``components``: name -> callable, e.g. the worker threads of ``serve``) are up;
+    the disk floor too for the roles that write the store. Reported but not required: whether any
+    worker anywhere has a fresh heartbeat (``worker``): web pods run apart from the workers, and a
+    stopped worker must not take the worklist out of service (it shows on the operations page).
+    """
     checks: dict[str, Any] = {}
+    db_ok = False
     try:
+        from alembic.runtime.migration import MigrationContext
+
         with ctx.engine.connect() as conn:
             conn.execute(text("select 1"))
-        checks["database"] = {"ok": True}
+            db_ok = True
+            current = MigrationContext.configure(conn).get_current_revision()
+        checks["database"] = {"ok": True, "required": True}
+        head = _head_revision()
+        checks["migrations"] = {"ok": current == head, "required": True, "current": current, "head": head}
     except Exception as exc:
-        checks["database"] = {"ok": False, "error": type(exc).__name__}
+        checks["database"] = {"ok": db_ok, "required": True, "error": type(exc).__name__}
+        checks["migrations"] = {"ok": False, "required": True, "error": "database unreachable" if not db_ok
+                                else type(exc).__name__}
     try:
         free = int(ctx.store.free_bytes())
         floor = ctx.settings.disk_floor_mb * 1024 * 1024
-        checks["disk"] = {"ok": not ctx.store.below_floor(), "free_bytes": free, "floor_bytes": floor}
+        checks["disk"] = {"ok": not ctx.store.below_floor(), "required": ctx.role in STORE_WRITER_ROLES,
+                          "free_bytes": free, "floor_bytes": floor}
     except Exception as exc:
-        checks["disk"] = {"ok": False, "error": type(exc).__name__}
-    if checks["database"]["ok"]:
+        checks["disk"] = {"ok": False, "required": ctx.role in STORE_WRITER_ROLES, "error": type(exc).__name__}
+    for name, alive in (components or {}).items():
+        try:
+            up = bool(alive())
+        except Exception:
+            up = False
+        checks[f"component:{name}"] = {"ok": up, "required": True}
+    if db_ok:
         limit = readiness_heartbeat_limit(ctx)
-        with session_scope(ctx.sessions) as s:
-            newest = s.scalar(select(Worker.heartbeat_at).where(Worker.role.in_(("worker", "serve")))
-                              .order_by(Worker.heartbeat_at.desc()).limit(1))
-        age = (dt.datetime.now(dt.UTC) - newest).total_seconds() if newest else None
-        checks["worker"] = {"ok": age is not None and age <= limit,
-                            "heartbeat_age_s": round(age, 1) if age is not None else None, "limit_s": limit}
+        try:
+            with session_scope(ctx.sessions) as s:
+                newest = s.scalar(select(Worker.heartbeat_at).where(Worker.role.in_(("worker", "serve")))
+                                  .order_by(Worker.heartbeat_at.desc()).limit(1))
+            age = (dt.datetime.now(dt.UTC) - newest).total_seconds() if newest else None
+            checks["worker"] = {"ok": age is not None and age <= limit, "required": False,
+                                "heartbeat_age_s": round(age, 1) if age is not None else None, "limit_s": limit}
+        except Exception as exc:
+            checks["worker"] = {"ok": False, "required": False, "error": type(exc).__name__}
     else:
-        checks["worker"] = {"ok": False, "error": "database unreachable"}
-    return all(c["ok"] for c in checks.values()), checks
+        checks["worker"] = {"ok": False, "required": False, "error": "database unreachable"}
+    return all(c["ok"] for c in checks.values() if c["required"]), checks
 
 
 async def healthz(request: Request) -> Response:
@@ -520,8 +559,9 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    ok, checks = await run_in_threadpool(readiness, _ctx(request))
-    return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+    ctx = _ctx(request)
+    ok, checks = await run_in_threadpool(readiness, ctx, getattr(request.app.state, "components", None))
+    return JSONResponse({"ready": ok, "role": ctx.role, "checks": checks}, status_code=200 if ok else 503)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -552,8 +592,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 # --------------------------------------------------------------------------- app
-def create_app(ctx: AppContext) -> Starlette:
-    """The ASGI application for ``ctx`` (database must be migrated)."""
+def create_app(ctx: AppContext, components: dict[str, Any] | None = None) -> Starlette:
+    """The ASGI application for ``ctx`` (database must be migrated).
+
+    ``components``: this process's other parts (name -> callable returning True while up), part
+    of ``/readyz`` (e.g. the worker threads of ``triage serve``).
+    """
     routes = [
         Route("/", worklist_page, methods=["GET"]),
         Route("/worklist/rows", worklist_rows, methods=["GET"]),
@@ -581,20 +625,21 @@ def create_app(ctx: AppContext) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.ctx = ctx
+    app.state.components = dict(components or {})
     app.state.templates = make_templates()
     app.state.registry = metrics.make_registry(ctx)
     return app
 
 
 def run_web(ctx: AppContext, host: str | None = None, port: int | None = None,
-            stop_event: threading.Event | None = None) -> None:
+            stop_event: threading.Event | None = None, components: dict[str, Any] | None = None) -> None:
     """Serve the web node with uvicorn (blocking) until interrupted or ``stop_event`` is set."""
     import uvicorn
 
     host = host or ctx.settings.web_host
     port = port or ctx.settings.web_port
     log.info("web.start", host=host, port=port)
-    config = uvicorn.Config(create_app(ctx), host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(create_app(ctx, components), host=host, port=port, log_level="warning", access_log=False,
                             server_header=False)
     server = uvicorn.Server(config)
     if stop_event is not None:

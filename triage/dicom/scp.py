@@ -175,6 +175,15 @@ class DicomNode:
             return int(self._server.server_address[1])
         return self._port
 
+    @property
+    def listening(self) -> bool:
+        """True between :meth:`start` and :meth:`stop` while the listening socket is open."""
+        server = self._server
+        try:
+            return server is not None and server.socket.fileno() != -1
+        except OSError:
+            return False
+
     def start(self) -> None:
         s = self.settings
         if not s.allowed_aets:
