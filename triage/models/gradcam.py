@@ -1,11 +1,15 @@
 """Grad-CAM for the slice classifier of :class:`~triage.models.network.ICHNet`.
 
 Target layer: the decoder stage at 1/4 of the network resolution (``ICHNet.cam_index``), not the
-8x8 bottleneck, so maps resolve bleeds of a few millimetres. The slice logit of the label is
-back-propagated once for all requested slices together (the network is in eval mode, so slices do
-not interact); weights are the spatially averaged gradients (Selvaraju et al. 2017), the map is
-ReLU(sum_k w_k A_k), up-sampled to the original grid, zeroed outside the intracranial space and
-normalised to [0, 1] over the series.
+8x8 bottleneck, so maps resolve bleeds of a few millimetres. Weights are the spatially averaged
+gradients (Selvaraju et al. 2017), the map is ReLU(sum_k w_k A_k), up-sampled to the original
+grid, zeroed outside the intracranial space and normalised to [0, 1] over the series.
+
+Cost: only the key slices of the positive labels are computed. One forward pass runs over the
+union of those slices (the network is in eval mode, so slices do not interact), then one backward
+per label from the sum of its slice logits on its own key slices to the CAM activations only
+(``torch.autograd.grad``: no parameter gradients, nothing below the CAM layer). Up-sampling,
+masking and normalisation touch the key slices only; the rest of each map stays zero.
 
 A ReLU Grad-CAM can be empty (every weighted activation negative, e.g. when the slice logit is
 driven by suppressing evidence elsewhere); the segmentation probability of the label is used on
@@ -14,54 +18,89 @@ those slices instead, so a positive label always comes with a map.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from triage.labels import LABELS
 from triage.models.network import ICHNet
 from triage.models.preprocess import from_network_grid
 
 
-def gradcam_slices(net: ICHNet, x: torch.Tensor, label_index: int) -> torch.Tensor:
-    """Grad-CAM maps (N, S, S) >= 0 for the slices in ``x`` (N, C, S, S) and one label."""
+def key_slice_input(windows_u8: np.ndarray | torch.Tensor, context: int, slices: Sequence[int]) -> torch.Tensor:
+    """The rows ``slices`` of :func:`~triage.models.preprocess.network_input` without building the
+    whole volume's input: (N, W + 2*context, S, S) float, neighbours from the brain window."""
+    w = torch.as_tensor(windows_u8)
+    z = w.shape[0]
+    idx = torch.as_tensor(list(slices), dtype=torch.long)
+    chans = [w[idx]]
+    for d in range(1, context + 1):
+        chans.append(w[torch.clamp(idx - d, 0, z - 1), :1])
+        chans.append(w[torch.clamp(idx + d, 0, z - 1), :1])
+    return torch.cat(chans, dim=1).float().div_(255.0).contiguous()
+
+
+def gradcam_maps(net: ICHNet, x: torch.Tensor, rows: Mapping[int, Sequence[int]]) -> dict[int, torch.Tensor]:
+    """Grad-CAM maps >= 0 on the network grid: label index -> (len(rows[i]), S, S) for the rows
+    ``rows[i]`` of ``x`` (N, C, S, S). One forward pass, one backward per label (to the CAM only)."""
     net.eval()
+    out_maps: dict[int, torch.Tensor] = {}
+    if not rows:
+        return out_maps
     with torch.enable_grad():
-        xin = x.detach().requires_grad_(False)
-        out = net(xin, keep_cam=True)
+        out = net(x.detach(), keep_cam=True)
         cam = out["cam"]
-        net.zero_grad(set_to_none=True)
-        out["slice"][:, label_index].sum().backward()
-        grads = cam.grad
-        assert grads is not None
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        maps = F.relu((weights * cam).sum(dim=1, keepdim=True))
-        maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    net.zero_grad(set_to_none=True)
-    return maps.detach()
+        items = list(rows.items())
+        for n, (label_index, r) in enumerate(items):
+            sel = torch.as_tensor(list(r), dtype=torch.long)
+            target = out["slice"][sel, label_index].sum()
+            (grads,) = torch.autograd.grad(target, cam, retain_graph=n < len(items) - 1)
+            weights = grads[sel].mean(dim=(2, 3), keepdim=True)
+            maps = F.relu((weights * cam[sel]).sum(dim=1, keepdim=True))
+            out_maps[label_index] = F.interpolate(maps, size=x.shape[-2:], mode="bilinear",
+                                                  align_corners=False)[:, 0].detach()
+    return out_maps
 
 
-def gradcam_volume(net: ICHNet, x: torch.Tensor, label_index: int, slices: list[int],
-                   brain_small: np.ndarray, brain_mask: np.ndarray, box: tuple[int, int, int, int],
-                   shape: tuple[int, int, int], fallback: np.ndarray | None = None) -> np.ndarray:
-    """A float32 (Z, Y, X) heatmap in [0, 1] on the original grid, non-zero only on ``slices``.
+def gradcam_heatmaps(net: ICHNet, windows_u8: np.ndarray, context: int, keys: Mapping[str, Sequence[int]],
+                     brain_small: np.ndarray, brain_mask: np.ndarray, box: tuple[int, int, int, int],
+                     shape: tuple[int, int, int], seg_probs: np.ndarray | None = None,
+                     device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
+    """Label -> float32 (Z, Y, X) heatmap in [0, 1] on the original grid, non-zero only on the
+    label's key slices (``keys``: label -> slice indices).
 
-    ``fallback``: (Z, S, S) segmentation probabilities for the label, used on slices whose
-    Grad-CAM is empty.
+    ``seg_probs``: (Z, 5, S, S) segmentation probabilities; on a slice whose Grad-CAM is empty
+    the label's probability ("any": the maximum over subtypes) is used instead.
     """
-    small = torch.zeros((shape[0],) + tuple(x.shape[-2:]))
-    if slices:
-        idx = torch.as_tensor(sorted(set(slices)))
-        maps = gradcam_slices(net, x[idx], label_index) * torch.from_numpy(brain_small[idx.numpy()]).float()
-        if fallback is not None:
-            empty = maps.flatten(1).amax(dim=1) <= 0
+    per_label = {lab: sorted({int(z) for z in zs}) for lab, zs in keys.items() if zs}
+    if not per_label:
+        return {}
+    union = sorted({z for zs in per_label.values() for z in zs})
+    pos = {z: k for k, z in enumerate(union)}
+    x = key_slice_input(windows_u8, context, union).to(device)
+    rows = {LABELS.index(lab): [pos[z] for z in zs] for lab, zs in per_label.items()}
+    maps = gradcam_maps(net, x, rows)
+    heatmaps: dict[str, np.ndarray] = {}
+    for lab, zs in per_label.items():
+        i = LABELS.index(lab)
+        idx = np.asarray(zs)
+        small_brain = torch.from_numpy(np.ascontiguousarray(brain_small[idx])).float()
+        m = maps[i].float().cpu() * small_brain
+        if seg_probs is not None:
+            empty = m.flatten(1).amax(dim=1) <= 0
             if empty.any():
-                fb = torch.from_numpy(np.ascontiguousarray(fallback[idx.numpy()])).float()
-                maps[empty] = fb[empty] * maps.new_tensor(brain_small[idx.numpy()][empty.numpy()])
-        small[idx] = maps
-    full = from_network_grid(small, box, shape)
-    full *= brain_mask
-    np.clip(full, 0.0, None, out=full)
-    peak = float(full.max())
-    if peak > 0:
-        full /= peak
-    return full.astype(np.float32)
+                fb = seg_probs[idx].max(axis=1) if i == 0 else seg_probs[idx, i - 1]
+                fb_t = torch.from_numpy(np.ascontiguousarray(fb)).float()
+                m[empty] = fb_t[empty] * small_brain[empty]
+        up = from_network_grid(m, box, (len(zs), shape[1], shape[2]))
+        up *= brain_mask[idx]
+        np.clip(up, 0.0, None, out=up)
+        peak = float(up.max())
+        if peak > 0:
+            up /= peak
+        full = np.zeros(shape, np.float32)  # untouched pages stay unallocated
+        full[idx] = up
+        heatmaps[lab] = full
+    return heatmaps

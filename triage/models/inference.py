@@ -22,7 +22,7 @@ from triage.imaging.volume import Volume
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.bundle import default_bundle_path, load_weights, read_manifest
-from triage.models.gradcam import gradcam_volume
+from triage.models.gradcam import gradcam_heatmaps
 from triage.models.network import ICHNet, SequenceHead
 from triage.models.preprocess import Prepared, PreprocessConfig, from_network_grid, network_input, prepare
 from triage.models.types import BundleIdentity, Prediction
@@ -224,14 +224,10 @@ class Bundle:
         keys = {lab: key_slices(slice_probs, i, self.thresholds[lab])
                 for i, lab in enumerate(LABELS) if present[lab]}
         heatmaps: dict[str, np.ndarray] = {}
-        if gradcam and keys:
-            x = network_input(prep.windows, self.cfg.context).to(self.device)
-            seg = out["seg_probs"]
-            for lab, zs in keys.items():
-                i = LABELS.index(lab)
-                fb = seg.max(axis=1) if i == 0 else seg[:, i - 1]
-                heatmaps[lab] = gradcam_volume(self.net, x, i, zs, prep.brain_small, prep.brain_mask, prep.box,
-                                               prep.shape, fallback=fb)
+        if gradcam and keys:  # positive labels only, their key slices only (triage/models/gradcam.py)
+            heatmaps = gradcam_heatmaps(self.net, prep.windows, self.cfg.context, keys, prep.brain_small,
+                                        prep.brain_mask, prep.box, prep.shape, seg_probs=out["seg_probs"],
+                                        device=self.device)
         timings["gradcam"] = time.perf_counter() - t0
         return Prediction(
             exam_probs=exam,
