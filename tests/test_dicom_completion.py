@@ -91,6 +91,27 @@ def test_early_completion_only_for_a_full_gap_free_stack(ctx, tmp_path: Path) ->
     assert len(monitor.tick(now=later(6))) == 1  # the quiet period still completes it
 
 
+def test_phantom_series_complete_early_and_a_single_image_waits(ctx, tmp_path: Path) -> None:  # noqa: ANN001
+    """The phantom writer records ImagesInAcquisition per series, as scanners do: its head and
+    bone series complete as soon as the last slice is in; the one-image localizer waits."""
+    from triage.phantom.dicom_writer import Identity, write_study
+    from triage.phantom.generator import PhantomOptions, generate_study
+
+    study = generate_study(31, PhantomOptions(size=96, kind="negative"))
+    files = write_study(study, Identity(index=1, seed=31), tmp_path / "p", series=("head", "bone", "localizer"))
+    node = DicomNode(ctx)
+    monitor = SeriesMonitor(ctx)
+    for p in files["head"][:-1] + files["bone"][:-1] + files["localizer"]:
+        assert feed(node, p) == 0
+    assert monitor.tick() == []  # one slice short in each stack
+    feed(node, files["head"][-1])
+    feed(node, files["bone"][-1])
+    done = monitor.tick()
+    assert sorted((d.early, d.selected) for d in done) == [(True, False), (True, True)]  # bone skipped, head selected
+    late = monitor.tick(now=later(6))
+    assert [(d.early, d.selected) for d in late] == [(False, False)]  # the localizer: quiet period, skipped
+
+
 def test_non_ct_series_is_skipped_with_reason(ctx, tmp_path: Path) -> None:  # noqa: ANN001
     node = DicomNode(ctx)
     for p in make_ct_series(tmp_path / "mr", SeriesSpec(modality="MR", slices=20)):

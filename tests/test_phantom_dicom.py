@@ -71,6 +71,8 @@ def test_headers_are_realistic_and_synthetic(out: Path) -> None:
     for f in (out / "study-0001" / "dicom").rglob("*.dcm"):
         h = pydicom.dcmread(f, stop_before_pixels=True)
         assert h.StudyInstanceUID == ds.StudyInstanceUID
+        # as scanners write it: the number of images of the series (the node's early completion needs it)
+        assert h.ImagesInAcquisition == len(list(f.parent.glob("*.dcm"))) and h.AcquisitionNumber == 1
         series[f.parent.name] = h
     assert "LOCALIZER" in series["localizer"].ImageType
     assert series["chest"].BodyPartExamined == "CHEST"

@@ -2,6 +2,8 @@
 
 Every identifier is clearly synthetic (``SYNTH^0001``, accession ``SYN0001``) and every UID is
 derived from the study seed, so writing the same study twice gives byte-identical files.
+Like scanners, every image carries ImagesInAcquisition (0020,1002), the number of images of its
+series (one reconstruction of acquisition 1), which lets the node complete a series early.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def axial_series(
         ds.ProtocolName = "ROUTINE HEAD"
         ds.ConvolutionKernel = {"head": "H30s", "bone": "H70h", "contrast": "H30s"}[kind]
         ds.InstanceNumber = k + 1
+        ds.ImagesInAcquisition = hu.shape[0]  # this reconstruction's images, as scanners write it
         ds.ImagePositionPatient = [round(float(x), 4) for x in positions[k]]
         ds.ImageOrientationPatient = [round(float(x), 6) for x in (*geo.row_dir, *geo.col_dir)]
         ds.SliceLocation = round(float(positions[k] @ normal), 4)
@@ -194,6 +197,7 @@ def localizer(study: SyntheticStudy, ident: Identity, out: Path, syntax: str = E
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.BodyPartExamined = "HEAD"
     ds.InstanceNumber = 1
+    ds.ImagesInAcquisition = 1
     ps = study.pixel_spacing[0] * 2
     top = study.geometry.positions()[-1]
     ds.ImagePositionPatient = [0.0, round(float(study.geometry.origin[1]), 3), round(float(top[2]), 3)]
@@ -238,6 +242,7 @@ def chest_series(ident: Identity, study: SyntheticStudy, out: Path, syntax: str 
         ds.ProtocolName = "CHEST"
         ds.ConvolutionKernel = "B30f"
         ds.InstanceNumber = k + 1
+        ds.ImagesInAcquisition = slices
         ds.ImagePositionPatient = [-n / 2 * ps, -n / 2 * ps, -400.0 + 5.0 * k]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.SliceLocation = -400.0 + 5.0 * k
