@@ -242,6 +242,20 @@ def test_audit_page_filters_csv_and_verification(app_ctx: AppContext, client: Te
     assert "NOT verified" in client.get("/audit").text
 
 
+def test_operations_page_shows_a_destination_backing_off(app_ctx: AppContext, client: TestClient) -> None:
+    seed_study(app_ctx, accession="ACC-LANE", deliveries=(("PACS@h:1", False),))
+    q = app_ctx.queue
+    first = q.enqueue("deliver", {"result_object_id": 1, "destination": "PACS@h:1"}, lane="dicom:PACS@h:1")
+    q.enqueue("deliver", {"result_object_id": 2, "destination": "PACS@h:1"}, lane="dicom:PACS@h:1")
+    assert q.claim("w").id == first
+    q.fail(first, "w", "association with PACS@h:1 could not connect", lane_down=True)
+    assert log_in(client, "alice")[0] == 303
+    page = client.get("/ops").text
+    row = page[page.index("PACS@h:1"):][:1500]
+    assert "unreachable" in row and "1 attempts in a row" in row, row
+    assert '<td class="num">2</td>' in row  # both deliveries still waiting, in order
+
+
 def test_operations_page_and_retry(app_ctx: AppContext, client: TestClient) -> None:
     seed_study(app_ctx, accession="ACC-OPS", flagged=True, probabilities={"any": 0.9, "subdural": 0.9})
     heartbeat(app_ctx)

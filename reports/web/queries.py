@@ -21,6 +21,7 @@ from storage.models import (
     Feedback,
     Finding,
     Job,
+    JobLane,
     ModelVersion,
     Result,
     Series,
@@ -362,6 +363,9 @@ def destinations(s: Session, configured: Sequence[str]) -> list[dict[str, Any]]:
         counts = dict(s.execute(
             select(Delivery.ok, func.count()).where(Delivery.destination == name).group_by(Delivery.ok)
         ).all())
+        lane = s.get(JobLane, f"dicom:{name}"[:255])  # the destination's back-off (storage/queue.py)
+        waiting = s.scalar(select(func.count()).select_from(Job).where(
+            Job.lane == f"dicom:{name}"[:255], Job.state.in_(("queued", "running", "failed"))))
         out.append({
             "destination": name, "configured": name in configured,
             "channel": last.channel if last else "",
@@ -369,6 +373,8 @@ def destinations(s: Session, configured: Sequence[str]) -> list[dict[str, Any]]:
             "last_error": (last.error or "")[:300] if last else "",
             "last_at": iso(last.finished_at or last.started_at) if last else None,
             "ok": int(counts.get(True, 0)), "failed": int(counts.get(False, 0)),
+            "waiting": int(waiting or 0), "down_failures": int(lane.failures) if lane else 0,
+            "backoff_until": iso(lane.blocked_until) if lane and lane.blocked_until else None,
         })
     return out
 
