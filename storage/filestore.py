@@ -8,7 +8,9 @@ Layout under ``root`` (paths in the database are relative to it)::
 A write goes to a temporary file in the target directory, is flushed and fsynced, renamed over
 the target, and the directory is fsynced, so a reader (or a crash) sees the old file or the whole
 new one, never a part. Temporary files start with ``.tmp-``; :meth:`FileStore.sweep_temp`
-removes ones left by a crash.
+removes ones left by a crash. A writer of many files into one directory (the receiver) may pass
+``sync_dir=False`` and call :meth:`FileStore.sync_dirs` once for the whole group before it relies
+on the files being durable: one directory fsync instead of one per file.
 
 Free-space floor: a write that would leave less than ``floor_bytes`` free raises
 :class:`DiskFullError` before anything is written. Tests simulate a full disk explicitly, either
@@ -24,7 +26,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -143,13 +145,21 @@ class FileStore:
                 continue
             self._fsync_dir(d.parent)
 
+    def sync_dirs(self, rels: Iterable[str]) -> None:
+        """fsync, once each, the directories holding ``rels`` (after ``sync_dir=False`` writes)."""
+        for directory in sorted({self.path(rel).parent for rel in rels}):
+            self._fsync_dir(directory)
+
     @contextmanager
-    def open_atomic(self, rel: str, expected_size: int = 0, *, enforce_floor: bool = True) -> Iterator[BinaryIO]:
+    def open_atomic(self, rel: str, expected_size: int = 0, *, enforce_floor: bool = True,
+                    sync_dir: bool = True) -> Iterator[BinaryIO]:
         """A binary file object; on a clean exit its content replaces ``rel`` atomically.
 
         On an exception the temporary file is removed and ``rel`` is left as it was. With
         ``enforce_floor=False`` (result objects of studies already stored) the write may use the
         space below the floor, so processing goes on at the floor; only a really full disk stops it.
+        With ``sync_dir=False`` the file is fsynced but its directory is not: the new name is
+        durable only after :meth:`sync_dirs`.
         """
         if enforce_floor:
             self.ensure_space(expected_size)
@@ -164,7 +174,8 @@ class FileStore:
                 if self.fsync:
                     os.fsync(fh.fileno())
             os.replace(tmp, target)
-            self._fsync_dir(target.parent)
+            if sync_dir:
+                self._fsync_dir(target.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, DiskFullError):
@@ -174,9 +185,9 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def write_atomic(self, rel: str, data: bytes, *, enforce_floor: bool = True) -> int:
+    def write_atomic(self, rel: str, data: bytes, *, enforce_floor: bool = True, sync_dir: bool = True) -> int:
         """Write ``data`` to ``rel`` atomically; return the number of bytes written."""
-        with self.open_atomic(rel, expected_size=len(data), enforce_floor=enforce_floor) as fh:
+        with self.open_atomic(rel, expected_size=len(data), enforce_floor=enforce_floor, sync_dir=sync_dir) as fh:
             fh.write(data)
         return len(data)
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -43,8 +44,14 @@ DCMTK_ENV = {"TCP_NODELAY": "1"}
 
 
 def dcmtk_env() -> dict[str, str]:
+    """The environment for DCMTK processes: ``TCP_NODELAY=1`` and a PATH without this Python's
+    script directory (pynetdicom installs console scripts named ``storescp``, ``storescu``,
+    ``echoscu``... there, which would shadow DCMTK's in an activated virtual environment)."""
     env = dict(os.environ)
     env.update(DCMTK_ENV)
+    scripts = {os.path.realpath(os.path.join(prefix, "bin")) for prefix in (sys.prefix, sys.exec_prefix)}
+    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep)
+                                  if d and os.path.realpath(d) not in scripts)
     return env
 
 
@@ -246,7 +253,7 @@ class StoreSCP:
     """
 
     def __init__(self, directory: Path, aet: str = "STORESCP", *args: str, accept_all: bool = True) -> None:
-        if shutil.which("storescp") is None:
+        if shutil.which("storescp", path=dcmtk_env()["PATH"]) is None:
             raise RuntimeError("DCMTK storescp is not installed (scripts/setup.sh)")
         self.directory = directory
         self.aet = aet

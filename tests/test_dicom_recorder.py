@@ -83,3 +83,55 @@ def test_duplicates_in_and_across_batches(recorder) -> None:  # noqa: ANN001
     again.written.set_result(None)
     assert (f1.result(timeout=60), f2.result(timeout=60)) == (False, True)
     assert instance_count(ctx) == 1
+
+
+def test_directories_are_synced_once_per_batch_before_the_commit(tmp_path: Path) -> None:
+    ctx = node_context(tmp_path)
+    calls: list[tuple[list[str], int]] = []
+
+    def sync_dirs(rels: list[str]) -> None:
+        calls.append((sorted(rels), instance_count(ctx)))  # rows committed at the time of the sync
+        ctx.store.sync_dirs(rels)
+
+    rec = Recorder(ctx.sessions, sync_dirs=sync_dirs)
+    rec.start()
+    try:
+        blocker, *recs = records(4)
+        first = rec.submit(blocker)
+        futures = [rec.submit(r) for r in recs]
+        for r in (blocker, *recs):
+            ctx.store.path(r.rel).parent.mkdir(parents=True, exist_ok=True)
+            r.written.set_result(None)
+        assert first.result(timeout=60) is False and [f.result(timeout=60) for f in futures] == [False] * 3
+    finally:
+        rec.stop()
+    assert sorted(rel for rels, _ in calls for rel in rels) == sorted(r.rel for r in (blocker, *recs))
+    assert len(calls) == rec.batches  # one call per batch (each directory once: FileStore.sync_dirs)
+    done = 0
+    for rels, committed in calls:
+        assert committed == done  # synced before the batch's rows were committed
+        done += len(rels)
+    assert instance_count(ctx) == 4
+    ctx.close()
+
+
+def test_a_failed_directory_sync_refuses_the_batch(tmp_path: Path) -> None:
+    ctx = node_context(tmp_path)
+
+    def sync_dirs(rels: list[str]) -> None:
+        raise OSError(5, "Input/output error")
+
+    rec = Recorder(ctx.sessions, sync_dirs=sync_dirs)
+    rec.start()
+    try:
+        recs = records(3)
+        futures = [rec.submit(r) for r in recs]
+        for r in recs:
+            r.written.set_result(None)
+        for f in futures:
+            with pytest.raises(OSError, match="Input/output error"):
+                f.result(timeout=60)
+    finally:
+        rec.stop()
+    assert instance_count(ctx) == 0  # names not durable: no rows, so no instance is acknowledged
+    ctx.close()

@@ -4,11 +4,14 @@ Every association thread hands its instance to one writer thread, writes the fil
 write + fsync) meanwhile, and waits. The writer takes whatever has queued up (up to
 ``MAX_BATCH``), waits until the files of that batch are durably written (a record whose file
 failed is dropped from the batch and its thread gets the error), records the rest in *one*
-transaction, and only then releases the waiting threads, which acknowledge with 0x0000. So no
-row is committed before its file is durable and no instance is acknowledged before its rows
-are committed. The transaction starts only after the files are written, so a slow disk never
-holds the database's write lock (SQLite has one for the whole database). With several
-associations sending at once, the per-transaction cost and that lock are shared.
+transaction, and only then releases the waiting threads, which acknowledge with 0x0000. The
+association threads fsync their files but not the directories: the writer fsyncs each directory
+of a batch once (:meth:`FileStore.sync_dirs`) before the transaction, instead of once per file.
+So no row is committed before its file (content and name) is durable and no instance is
+acknowledged before its rows are committed. The transaction starts only after the files are
+durable, so a slow disk never holds the database's write lock (SQLite has one for the whole
+database). With several associations sending at once, the per-transaction cost, the directory
+fsync and that lock are shared.
 
 Per batch and series: the study and series rows are created or refreshed, a series that had
 already completed is reopened (generation + 1, audit ``series_reopened``), the instances are
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -174,8 +177,11 @@ def record_with_retries(sessions: sessionmaker[Session], records: Sequence[Insta
 class Recorder:
     """The writer thread that commits instance rows in groups (see the module docstring)."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], sync_dirs: Callable[[list[str]], None] | None = None) -> None:
+        """``sync_dirs`` (e.g. :meth:`FileStore.sync_dirs`) makes the names of a batch's files
+        durable before its rows are committed; ``None`` when the writers sync directories themselves."""
         self.sessions = sessions
+        self.sync_dirs = sync_dirs
         self._queue: queue.Queue[tuple[InstanceRecord, Future[bool]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -239,6 +245,14 @@ class Recorder:
                 ready.append((record, future))
         if not ready:
             return
+        if self.sync_dirs is not None:
+            try:
+                self.sync_dirs([r.rel for r, _ in ready])
+            except OSError as exc:  # the names are not durable: refuse the whole batch, record nothing
+                log.error("file store directory fsync failed", error=str(exc)[:300])
+                for _, future in ready:
+                    future.set_exception(exc)
+                return
         try:
             results = record_with_retries(self.sessions, [r for r, _ in ready])
         except Exception as exc:

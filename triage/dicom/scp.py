@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import socket
 import ssl
 import threading
@@ -32,7 +33,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
@@ -145,7 +146,7 @@ class DicomNode:
         self._server: Any = None
         self._lock = threading.Lock()
         self._recent: dict[str, None] = {}  # SOP Instance UIDs recorded lately (insertion-ordered)
-        self.recorder = Recorder(ctx.sessions)
+        self.recorder = Recorder(ctx.sessions, sync_dirs=ctx.store.sync_dirs)
         self.ae = self._make_ae()
 
     # ------------------------------------------------------------------ set-up
@@ -193,6 +194,10 @@ class DicomNode:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's "standard" handlers format a summary of every PDU and DIMSE message
+            # (CPU per instance) that would only be dropped by the log level anyway.
+            _config.LOG_HANDLER_LEVEL = "none"
         self.recorder.start()
         self._server = self.ae.start_server(
             (self._host, self._port), block=False, evt_handlers=handlers, ssl_context=make_server_ssl_context(s)
@@ -304,8 +309,8 @@ class DicomNode:
             return StoreOutcome(STATUS_SUCCESS, "duplicate", duplicate=True)
 
         # The recorder thread gathers this instance into its next group while this thread
-        # writes the file (atomic write + fsync); it records the group once the files are
-        # durable, and the ack waits for that commit. A duplicate this process has not seen lately is rewritten
+        # writes the file (atomic write + fsync); it fsyncs the group's directories, records the
+        # group, and the ack waits for that commit. A duplicate this process has not seen lately is rewritten
         # with the same bytes under the same name and then recognised by the database.
         data: bytes = file_meta_bytes()
         record = InstanceRecord(header, rel, len(data), hashlib.sha256(data).hexdigest(), transfer_syntax,
@@ -317,7 +322,7 @@ class DicomNode:
         overlap = self.recorder.running  # without the writer thread: write first, then record inline
         pending = self.recorder.submit(record) if overlap else None
         try:
-            self.ctx.store.write_atomic(rel, data)
+            self.ctx.store.write_atomic(rel, data, sync_dir=False)  # the recorder syncs the directory
         except OSError as exc:
             assert record.written is not None
             record.written.set_exception(exc)
@@ -333,14 +338,23 @@ class DicomNode:
         record.written.set_result(None)
         try:
             duplicate = (pending or self.recorder.submit(record)).result(timeout=WRITE_TIMEOUT)
+        except OSError as exc:
+            if not isinstance(exc, TimeoutError):  # the directory fsync failed: not durable
+                self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
+                                   STATUS_OUT_OF_RESOURCES, f"write failed: {exc}", sop_class=header.sop_class_uid)
+                return StoreOutcome(STATUS_OUT_OF_RESOURCES, str(exc))
+            return self._not_recorded(exc, header, calling_aet, peer)
         except Exception as exc:
-            reason = f"database error: {getattr(exc, 'orig', None) or exc}"
-            self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
-                               STATUS_PROCESSING_FAILURE, reason, sop_class=header.sop_class_uid)
-            log.error("instance not recorded", error=str(exc)[:300])
-            return StoreOutcome(STATUS_PROCESSING_FAILURE, reason)
+            return self._not_recorded(exc, header, calling_aet, peer)
         self._remember(header.sop_instance_uid)
         return StoreOutcome(STATUS_SUCCESS, "duplicate" if duplicate else "", duplicate=duplicate)
+
+    def _not_recorded(self, exc: Exception, header: Any, calling_aet: str, peer: str | None) -> StoreOutcome:
+        reason = f"database error: {getattr(exc, 'orig', None) or exc}"
+        self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
+                           STATUS_PROCESSING_FAILURE, reason, sop_class=header.sop_class_uid)
+        log.error("instance not recorded", error=str(exc)[:300])
+        return StoreOutcome(STATUS_PROCESSING_FAILURE, reason)
 
     def _refuse_full(self, exc: Exception, header: Any, calling_aet: str, peer: str | None) -> StoreOutcome:
         self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,
