@@ -168,6 +168,10 @@ class Settings(BaseModel):
     # --- queue and worker
     worker_id: str = ""
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda(:\\d+)?)$")
+    inference_threads: int = Field(
+        default=0, ge=0, le=256,
+        description="CPU threads of one inference (torch intra-op); 0 = auto: one core left to the rest of "
+                    "the node, at most 2")
     lease_seconds: float = Field(default=60.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)

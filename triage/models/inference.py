@@ -22,7 +22,7 @@ from triage.imaging.volume import Volume
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.bundle import default_bundle_path, load_weights, read_manifest
-from triage.models.gradcam import gradcam_heatmaps
+from triage.models.gradcam import gradcam_heatmaps, gradcam_maps, key_slice_input
 from triage.models.network import ICHNet, SequenceHead
 from triage.models.preprocess import Prepared, PreprocessConfig, from_network_grid, network_input, prepare
 from triage.models.types import BundleIdentity, Prediction
@@ -35,6 +35,19 @@ MAX_KEY_SLICES = 5
 
 def set_threads() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def inference_threads(configured: int = 0) -> int:
+    """Intra-op threads for inference: ``configured`` when > 0, else one core left to the rest of
+    the node (receiver, database, web), at most 2. On a busy 2-core host two threads stall each
+    other at every parallel region (measured: Grad-CAM and detection 2-10x slower than with one)."""
+    if configured > 0:
+        return int(configured)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(2, cores - 1))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -118,7 +131,11 @@ def abc2_ml(mask: np.ndarray, pixel_spacing: tuple[float, float], slice_spacing:
     if len(pts) < 2:
         a = b = float(np.mean(pixel_spacing))
     else:
-        d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
+        dy = pts[:, None, 0] - pts[None, :, 0]
+        dx = pts[:, None, 1] - pts[None, :, 1]
+        d2 = dy * dy
+        d2 += dx * dx  # = ((pts[:, None] - pts[None]) ** 2).sum(-1), without the (N, N, 2) temporary
+        del dy, dx
         i, j = np.unravel_index(int(np.argmax(d2)), d2.shape)
         a = float(np.sqrt(d2[i, j])) + float(np.mean(pixel_spacing))
         u = (pts[j] - pts[i]) / max(np.sqrt(d2[i, j]), 1e-6)
@@ -160,27 +177,39 @@ class Bundle:
         return bool(self.manifest.get("mask_refinement", {}).get("hu_range", True))
 
     def warm_up(self) -> None:
+        """A forward pass and a Grad-CAM backward on zeros: the first series does not pay for torch's
+        lazy start (kernel selection, autograd), measured at several seconds on a busy 2-core host."""
         s = self.cfg.size
         win = np.zeros((2, len(self.cfg.windows), s, s), np.uint8)
         run_networks(self.net, self.seq, win, np.zeros((2, s, s), bool), self.cfg, self.device)
+        gradcam_maps(self.net, key_slice_input(win, self.cfg.context, [0, 1]).to(self.device), {0: [0, 1]})
 
     def build_masks(self, hu: np.ndarray, prep: Prepared, seg_probs: np.ndarray, present: dict[str, bool],
                     refine_hu: bool) -> dict[str, np.ndarray]:
         """Full-resolution masks of the present subtypes: up-sampled probability >= 0.5 inside the
         intracranial mask and, with ``refine_hu``, within the acute-blood HU range (specks < 3 voxels
         that the HU gate leaves behind are dropped)."""
+        # Only slices whose network-grid maximum reaches 0.5 can hold a voxel (bilinear up-sampling
+        # never exceeds its inputs; the margin covers rounding), and components are labelled in the
+        # bounding box of the mask: the same masks as working on the whole volume, at a fraction of it.
         masks: dict[str, np.ndarray] = {}
         lo, hi = self.cfg.blood_hu
-        blood = ((hu >= lo) & (hu <= hi)) if refine_hu else None
+        peaks = seg_probs.reshape(seg_probs.shape[0], seg_probs.shape[1], -1).max(axis=2) if len(seg_probs) else None
         for k, sub in enumerate(SUBTYPES):
             if not present.get(sub):
                 continue
-            m = (from_network_grid(seg_probs[:, k], prep.box, prep.shape) >= 0.5) & prep.brain_mask
-            if blood is not None:
-                m &= blood
-                lab, n = ndimage.label(m)
+            m = np.zeros(prep.shape, bool)
+            zs = np.flatnonzero(peaks[:, k] >= 0.5 - 1e-4) if peaks is not None else np.zeros(0, int)
+            if zs.size:
+                up = from_network_grid(seg_probs[zs, k], prep.box, (len(zs),) + tuple(prep.shape[1:]))
+                m[zs] = (up >= 0.5) & prep.brain_mask[zs]
+            if refine_hu and m.any():
+                box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(m))
+                sub_m = m[box] & (hu[box] >= lo) & (hu[box] <= hi)
+                lab, n = ndimage.label(sub_m)
                 if n:
-                    m &= (np.bincount(lab.ravel()) >= 3)[lab]
+                    sub_m &= (np.bincount(lab.ravel()) >= 3)[lab]
+                m[box] = sub_m
             masks[sub] = m
         return masks
 
@@ -247,9 +276,12 @@ class Bundle:
 
 
 def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto",
-                thresholds_override: dict[str, float] | None = None) -> Bundle:
-    """Load, verify (sha256) and warm up a bundle; None or "" -> the shipped default bundle."""
-    set_threads()
+                thresholds_override: dict[str, float] | None = None, threads: int = 0) -> Bundle:
+    """Load, verify (sha256) and warm up a bundle; None or "" -> the shipped default bundle.
+
+    ``threads``: torch intra-op threads of this process (0 = :func:`inference_threads`'s choice).
+    """
+    torch.set_num_threads(inference_threads(threads))
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
     p = Path(path) if path else default_bundle_path()
@@ -336,7 +368,8 @@ def cli_infer(args: argparse.Namespace, settings: Any) -> int:
         print(json.dumps({"error": str(exc)}))
         return 2
     bundle = load_bundle(getattr(args, "bundle", "") or settings.bundle_path or None, device=settings.device,
-                         thresholds_override=settings.thresholds or None)
+                         thresholds_override=settings.thresholds or None,
+                         threads=int(getattr(settings, "inference_threads", 0) or 0))
     pred = bundle.predict(volume)
     summary = prediction_summary(pred)
     summary["slices"] = int(volume.hu.shape[0])

@@ -41,7 +41,8 @@ class Worker:
 
                 s = self.ctx.settings
                 self._bundle = load_bundle(s.bundle_path or None, device=s.device,
-                                           thresholds_override=s.thresholds or None)
+                                           thresholds_override=s.thresholds or None,
+                                           threads=s.inference_threads)
                 log.info("bundle loaded", bundle=str(self._bundle.identity), worker=self.name)
             return self._bundle
 
