@@ -6,9 +6,12 @@ A real ``triage serve`` process (SQLite, default shipped bundle) receives synthe
 sent one after another by DCMTK ``storescu``; its destination is a pynetdicom storage SCP in this
 process that timestamps every result object it acknowledges. For each study the clock runs from
 ``storescu`` returning (its last instance acknowledged by the node) to the last SEG/SR/SC
-acknowledged by the PACS stand-in. Stage shares come from the node's audit trail and results:
-quiet period (stable time), queue wait, read, preprocess, detection, segmentation, Grad-CAM,
-result objects, delivery. Prints a table; p50 and p95 over the studies.
+acknowledged by the PACS stand-in. Stages come from the node's audit trail and results:
+completion (early, or the quiet period), queue wait, read, preprocess, detection, segmentation,
+Grad-CAM, result objects, delivery (inferred -> last object acknowledged) and "other" (the rest:
+bookkeeping between the stages). Prints p50/p95 of the time to result and, per stage, p50, p95,
+mean and its share of the mean time to result. Timings depend on the load of the machine: the
+load average is printed with them.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=20)
     ap.add_argument("--stable", type=float, default=5.0, help="stable_seconds (default: the node's default, 5)")
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0, help="TRIAGE_INFERENCE_THREADS (0 = the node's auto)")
     ap.add_argument("--json", help="also write the raw rows here")
     args = ap.parse_args()
 
@@ -94,12 +98,18 @@ def main() -> int:
     node = NodeProcess(work / "node", "serve", env={
         "TRIAGE_STABLE_SECONDS": str(args.stable),
         "TRIAGE_DESTINATIONS": f"BENCHPACS@127.0.0.1:{pacs.port}",
-        "TRIAGE_LOG_LEVEL": "WARNING",
+        "TRIAGE_LOG_LEVEL": "INFO",  # for the worker's "worker warm" line
+        "TRIAGE_INFERENCE_THREADS": str(args.threads),
     })
     rows: list[dict[str, Any]] = []
+    load_start = os.getloadavg()[0]
     try:
         node.start(timeout=180)
-        time.sleep(5)  # let the worker load and warm the bundle
+        deadline = time.time() + 180  # a started node is warm before its first study (bundle, highdicom)
+        while '"worker warm"' not in node.log_path.read_text(errors="replace"):
+            if time.time() > deadline or not node.alive():
+                raise SystemExit(f"the node's worker did not warm up:\n{node.tail()}")
+            time.sleep(0.2)
         for i, st in enumerate(studies):
             t0 = time.time()
             subprocess.run(["storescu", "-aec", "ICHTRIAGE", "-aet", "BENCHSCU", "127.0.0.1", str(node.dicom_port),
@@ -124,24 +134,38 @@ def main() -> int:
         node.stop()
         pacs.stop()
 
-    ttr = [r["time_to_result_s"] for r in rows]
-    print()
-    print(f"Time to result, {len(rows)} studies, stable_seconds={args.stable}, {os.cpu_count()} CPUs")
-    print("| figure | p50 (s) | p95 (s) |")
-    print("|---|---|---|")
-    print(f"| last instance acked → last result object acked | {pct(ttr, 50):.2f} | {pct(ttr, 95):.2f} |")
-    stage_names = ["quiet", "queue_wait", "read", "preprocess", "detection", "segmentation", "gradcam", "objects",
-                   "delivery"]
-    total = sum(statistics.fmean([r.get(k, 0.0) for r in rows]) for k in stage_names) or 1.0
-    print()
-    print("| stage | mean (s) | share |")
-    print("|---|---|---|")
-    for k in stage_names:
-        m = statistics.fmean([r.get(k, 0.0) for r in rows])
-        print(f"| {k} | {m:.2f} | {100 * m / total:.0f}% |")
+    report(rows, args.stable, load_start, os.getloadavg()[0], args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+STAGES = ["completion", "queue_wait", "read", "preprocess", "detection", "segmentation", "gradcam", "objects",
+          "delivery", "other"]
+
+
+def report(rows: list[dict[str, Any]], stable: float, load_start: float, load_end: float, threads: int) -> None:
+    """Markdown tables: time to result p50/p95, then every stage's p50, p95, mean and share."""
+    ttr = [r["time_to_result_s"] for r in rows]
+    early = sum(1 for r in rows if r.get("early"))
+    print()
+    print(f"Time to result, {len(rows)} studies ({sum(r['kind'] == 'positive' for r in rows)} positive), "
+          f"stable_seconds={stable:g}, completed early: {early}/{len(rows)}, {os.cpu_count()} CPUs, "
+          f"inference threads {threads or 'auto'}, load average {load_start:.1f} at start, {load_end:.1f} at end")
+    print()
+    print("| figure | p50 (s) | p95 (s) | max (s) |")
+    print("|---|---|---|---|")
+    print(f"| last instance acked -> last result object acked | {pct(ttr, 50):.2f} | {pct(ttr, 95):.2f} | "
+          f"{max(ttr):.2f} |")
+    mean_ttr = statistics.fmean(ttr) or 1.0
+    print()
+    print("| stage | p50 (s) | p95 (s) | mean (s) | share of mean time to result |")
+    print("|---|---|---|---|---|")
+    for k in STAGES:
+        vals = [float(r.get(k, 0.0)) for r in rows]
+        m = statistics.fmean(vals)
+        print(f"| {k} | {pct(vals, 50):.2f} | {pct(vals, 95):.2f} | {m:.2f} | {100 * m / mean_ttr:.0f}% |")
+    print(f"| **total** | | | {mean_ttr:.2f} | 100% |")
 
 
 def _db(node: NodeProcess) -> Any:
@@ -171,6 +195,9 @@ def _stages(node: NodeProcess, study_uid: str, acked: float, last: float) -> dic
             ev = {r[0]: r[1] for r in c.execute(text(
                 "select event_type, min(ts) from audit_events where study_uid = :u group by event_type"),
                 {"u": study_uid})}
+            early = bool(json.loads(c.execute(text(
+                "select details from audit_events where study_uid = :u and event_type = 'series_complete' "
+                "order by id limit 1"), {"u": study_uid}).scalar() or "{}").get("early"))
             timings = json.loads(c.execute(text(
                 "select r.timings from results r join studies s on s.id = r.study_id where s.study_uid = :u "
                 "order by r.id desc limit 1"), {"u": study_uid}).scalar() or "{}")
@@ -186,10 +213,13 @@ def _stages(node: NodeProcess, study_uid: str, acked: float, last: float) -> dic
         d = dt.datetime.fromisoformat(str(v))
         return (d if d.tzinfo else d.replace(tzinfo=dt.UTC)).timestamp()
 
-    out = {"quiet": ts("series_complete") - acked, "queue_wait": ts("processing") - ts("series_complete")}
+    out: dict[str, Any] = {"completion": ts("series_complete") - acked,
+                           "queue_wait": ts("processing") - ts("series_complete")}
     for k in ("read", "preprocess", "detection", "segmentation", "gradcam", "objects"):
         out[k] = float(timings.get(k, 0.0))
     out["delivery"] = last - ts("inferred")
+    out["other"] = (last - acked) - sum(out.values())
+    out["early"] = early
     return out
 
 

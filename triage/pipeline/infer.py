@@ -70,8 +70,30 @@ def _png(rgb: Any) -> bytes:
     from PIL import Image
 
     out = io.BytesIO()
-    Image.fromarray(rgb).save(out, format="PNG", optimize=False)
+    # previews for the web pages: fast zlib level (about 3x faster than the default 6, ~10% larger)
+    Image.fromarray(rgb).save(out, format="PNG", optimize=False, compress_level=1)
     return out.getvalue()
+
+
+def warm_up_reports() -> None:
+    """Build, encode and render a tiny SEG, SR, SC and preview once, so the first study does not pay
+    for the lazy start of highdicom, pydicom and Pillow (about 1.5 s on a busy 2-core host)."""
+    from reports.dicom.keyimages import render_key_images
+    from reports.dicom.sc import build_sc
+    from reports.dicom.seg import build_seg
+    from reports.dicom.sr import build_sr
+    from reports.dicom.synthetic import IDENTITY, make_prediction, make_series
+
+    headers, volume = make_series(n_slices=4, size=64)
+    pred = make_prediction(volume)
+    seg = build_seg(headers, pred, IDENTITY)
+    keys = render_key_images(volume, pred)
+    for ds in [seg, build_sr(headers, pred, IDENTITY, seg=seg), *build_sc(headers, volume, pred, IDENTITY,
+                                                                             key_images=keys)]:
+        if ds is not None:
+            _encode(ds)
+    for k in keys:
+        _png(k.overlay_rgb)
 
 
 def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:

@@ -47,13 +47,22 @@ class Worker:
             return self._bundle
 
     def warm_up(self) -> None:
-        """Load the bundle at start so the first study does not pay for it (highdicom is still cold)."""
+        """Load the bundle and build throw-away result objects at start, so the first study pays
+        for neither (model load, torch's and highdicom's lazy start)."""
         if "infer" not in self.kinds:
             return
+        started = time.perf_counter()
         try:
             _ = self.bundle
         except Exception as exc:  # the node still receives; infer jobs fail (audited) until fixed
             log.error("model bundle could not be loaded", error=str(exc)[:500], worker=self.name)
+        try:
+            from triage.pipeline.infer import warm_up_reports
+
+            warm_up_reports()
+        except Exception as exc:  # only a slower first study
+            log.warning("result object warm-up failed", error=str(exc)[:300], worker=self.name)
+        log.info("worker warm", worker=self.name, seconds=round(time.perf_counter() - started, 2))
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
