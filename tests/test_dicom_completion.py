@@ -106,8 +106,10 @@ def test_phantom_series_complete_early_and_a_single_image_waits(ctx, tmp_path: P
     assert monitor.tick() == []  # one slice short in each stack
     feed(node, files["head"][-1])
     feed(node, files["bone"][-1])
+    rings = ctx.doorbell.rings
     done = monitor.tick()
     assert sorted((d.early, d.selected) for d in done) == [(True, False), (True, True)]  # bone skipped, head selected
+    assert ctx.doorbell.rings == rings + 1  # the infer job is committed: this process's worker is woken
     late = monitor.tick(now=later(6))
     assert [(d.early, d.selected) for d in late] == [(False, False)]  # the localizer: quiet period, skipped
 

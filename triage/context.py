@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -14,13 +15,39 @@ from storage.db import make_engine, make_sessionmaker
 from triage.config import Settings
 
 
+class Doorbell:
+    """In-process wake-up for idle workers: whoever has committed new work (the series monitor an
+    ``infer`` job, a worker the deliveries of a result) rings, and the workers of this process
+    claim at once instead of at their next poll. Workers in other processes still poll."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._rings = 0
+
+    @property
+    def rings(self) -> int:
+        return self._rings
+
+    def ring(self) -> None:
+        with self._cond:
+            self._rings += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """Return once rung after ``seen`` (a previous :attr:`rings`) or after ``timeout`` seconds."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._rings != seen, timeout)
+            return self._rings
+
+
 @dataclass
 class AppContext:
-    """Settings plus the database engine, session factory, file store and queue."""
+    """Settings plus the database engine, session factory, file store, queue and doorbell."""
 
     settings: Settings
     role: str = "serve"
     _engine: Engine | None = field(default=None, repr=False)
+    doorbell: Doorbell = field(default_factory=Doorbell, repr=False)
 
     @property
     def engine(self) -> Engine:

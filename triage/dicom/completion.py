@@ -141,6 +141,8 @@ class SeriesMonitor:
                 continue
             if result is not None:
                 done.append(result)
+                if result.job_id is not None:
+                    self.ctx.doorbell.ring()  # committed: this process's idle worker claims it now
         for stale in set(self._early_cache) - live:
             self._early_cache.pop(stale, None)
         return done

@@ -67,12 +67,15 @@ class Worker:
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
         self._stop.set()
+        self.ctx.doorbell.ring()  # out of an idle wait now
 
     def run(self, *, once: bool = False) -> int:
         """Claim and run jobs until stopped (or, with ``once``, until the queue has none ready)."""
         q = self.ctx.queue
+        bell = self.ctx.doorbell
         poll = self.ctx.settings.poll_seconds
         while not self._stop.is_set():
+            seen = bell.rings  # before the claim: work committed meanwhile is not waited for
             try:
                 job = q.claim(self.name, kinds=self.kinds)
             except Exception as exc:  # database away: keep the process, retry after a pause
@@ -82,7 +85,7 @@ class Worker:
             if job is None:
                 if once:
                     break
-                self._stop.wait(poll)
+                bell.wait(seen, poll)  # the next poll, or sooner when this process queues work
                 continue
             self.run_job(job)
         return self.processed
@@ -115,6 +118,7 @@ class Worker:
             if lost.is_set():
                 log.warning("lease lost before completion", job_id=job.id, kind=job.kind)
             q.complete(job.id, self.name, lane=getattr(job, "lane", None))
+            self.ctx.doorbell.ring()  # the jobs it queued (deliveries), or the next of its lane
             log.info("job done", job_id=job.id, kind=job.kind, seconds=round(time.perf_counter() - started, 3))
         finally:
             done.set()
