@@ -335,6 +335,8 @@ def init_from_bundle(path: str | Path, cfg: PreprocessConfig) -> tuple[ICHNet, S
 
 def main(args: argparse.Namespace, settings: Any) -> int:
     set_threads()
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the usual knob wins (e.g. 1 on a shared host)
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     device = resolve_device(getattr(args, "device", "auto"))
     rng = seed_everything(int(args.seed))
     out = Path(args.out)
