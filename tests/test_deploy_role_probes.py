@@ -29,6 +29,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.peers import dcmtk_env
+
 REPO = Path(__file__).resolve().parent.parent
 PROBE = REPO / "deploy" / "healthcheck.py"
 TRIAGE = Path(sys.executable).parent / "triage"
@@ -150,7 +152,8 @@ def test_receiver_role_probes(role_env: dict[str, str], start_role: StartRole, t
     if shutil.which("echoscu") is None:
         pytest.skip("DCMTK echoscu not installed")
     echo = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "ICHTRIAGE", "127.0.0.1", role_env["TRIAGE_DICOM_PORT"]],
-                          env={**role_env, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=120)
+                          env={**role_env, "TCP_NODELAY": "1", "PATH": dcmtk_env()["PATH"]},
+                          capture_output=True, text=True, timeout=120)
     assert echo.returncode == 0, echo.stdout + echo.stderr
     assert _stop(receiver) == 0, (tmp_path / "receiver.log").read_text()
     assert _probe(role_env, "--timeout", "2", "tcp").returncode == 1

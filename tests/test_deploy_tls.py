@@ -7,7 +7,6 @@ command: accepted with the PACS's client certificate, refused without one.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 
 from storage.migrate import upgrade
 from tests.conftest import make_settings
+from tests.peers import dcmtk_env
 from triage.context import AppContext
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def tls_node(pki: Path, tmp_path: Path) -> Iterator[int]:
 
 
 def _echoscu(args: list[str], port: int, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TCP_NODELAY": "1"}
+    env = dcmtk_env()  # DCMTK's echoscu, not pynetdicom's script of the same name
     return subprocess.run(["echoscu", "-to", "20", "-ta", "20", "-td", "20", *args, "127.0.0.1", str(port)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
