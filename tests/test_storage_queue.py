@@ -369,8 +369,9 @@ def test_drain_maps_lane_down_exception(ctx: AppContext) -> None:
     assert job_row(ctx, a1).state == FAILED and lane_row(ctx, "dicom:A").failures == 1
 
 
-def _lane_worker(url: str, worker_id: str, ready: mp.Queue, go: mp.Event) -> None:  # type: ignore[type-arg]
-    """Worker process: claim until empty; record start and end of each job (a short 'send')."""
+def _claim_worker(url: str, worker_id: str, ready: mp.Queue, go: mp.Event, log: str) -> None:  # type: ignore[type-arg]
+    """Worker process: claim until empty; record each job in the table ``log`` in the transaction that
+    completes it (``lane_log``: start and end of a short 'send'; ``completions``: who did it)."""
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
     q = JobQueue(sessions, lease_seconds=120)
@@ -381,13 +382,41 @@ def _lane_worker(url: str, worker_id: str, ready: mp.Queue, go: mp.Event) -> Non
         if job is None:
             break
         started = time.time()
-        time.sleep(0.005)
+        if log == "lane_log":
+            time.sleep(0.005)
         with sessions.begin() as s:
-            s.execute(text("INSERT INTO lane_log (job_id, lane, t0, t1) VALUES (:j, :l, :a, :b)"),
-                      {"j": job.id, "l": job.lane or "", "a": started, "b": time.time()})
+            if log == "lane_log":
+                s.execute(text("INSERT INTO lane_log (job_id, lane, t0, t1) VALUES (:j, :l, :a, :b)"),
+                          {"j": job.id, "l": job.lane or "", "a": started, "b": time.time()})
+            else:
+                s.execute(text("INSERT INTO completions (job_id, worker) VALUES (:j, :w)"),
+                          {"j": job.id, "w": worker_id})
             if not q.complete(job.id, worker_id, session=s, lane=job.lane):
                 raise RuntimeError(f"lost lease on {job.id}")
     engine.dispose()
+
+
+def _run_claim_workers(ctx: AppContext, log: str, n: int = 4) -> float:
+    """Start ``n`` worker processes together, wait for all to drain the queue; seconds taken."""
+    url = ctx.engine.url.render_as_string(hide_password=False)
+    spawn = mp.get_context("spawn")
+    ready, go = spawn.Queue(), spawn.Event()
+    procs = [spawn.Process(target=_claim_worker, args=(url, f"w{i}", ready, go, log)) for i in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=120)
+        t0 = time.monotonic()
+        go.set()
+        for p in procs:
+            p.join(timeout=240)
+        assert [p.exitcode for p in procs] == [0] * n
+        return time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
 
 
 @pytest.mark.slow
@@ -401,23 +430,7 @@ def test_four_processes_keep_each_lane_serial_and_in_order(ctx: AppContext) -> N
         q.enqueue("deliver", {"i": i}, lane=lanes[i % 3])
         if i % 4 == 0:
             q.enqueue("infer", {"i": i})
-    url = ctx.engine.url.render_as_string(hide_password=False)
-    spawn = mp.get_context("spawn")
-    ready, go = spawn.Queue(), spawn.Event()
-    procs = [spawn.Process(target=_lane_worker, args=(url, f"w{i}", ready, go)) for i in range(4)]
-    for p in procs:
-        p.start()
-    try:
-        for _ in procs:
-            ready.get(timeout=120)
-        go.set()
-        for p in procs:
-            p.join(timeout=240)
-        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    _run_claim_workers(ctx, "lane_log")
     with ctx.sessions() as s:
         rows = s.execute(text("SELECT job_id, lane, t0, t1 FROM lane_log ORDER BY t0")).all()
         states = dict(s.execute(text("SELECT state, COUNT(*) FROM jobs GROUP BY state")).all())
@@ -433,24 +446,6 @@ def test_four_processes_keep_each_lane_serial_and_in_order(ctx: AppContext) -> N
 
 
 # ------------------------------------------------------------------------------ real processes
-def _drain_worker(url: str, worker_id: str, ready: mp.Queue, go: mp.Event) -> None:  # type: ignore[type-arg]
-    """Worker process: claim until empty; record each completion in the same transaction."""
-    engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
-    q = JobQueue(sessions, lease_seconds=120)
-    ready.put(worker_id)
-    go.wait(60)
-    while True:
-        job = q.claim(worker_id)
-        if job is None:
-            break
-        with sessions.begin() as s:
-            s.execute(text("INSERT INTO completions (job_id, worker) VALUES (:j, :w)"), {"j": job.id, "w": worker_id})
-            if not q.complete(job.id, worker_id, session=s):
-                raise RuntimeError(f"lost lease on {job.id}")
-    engine.dispose()
-
-
 @pytest.mark.slow
 def test_four_worker_processes_drain_each_job_exactly_once(ctx: AppContext) -> None:
     n_jobs = 2000 if ctx.engine.dialect.name == "postgresql" else 200
@@ -462,25 +457,7 @@ def test_four_worker_processes_drain_each_job_exactly_once(ctx: AppContext) -> N
               "max_attempts": 3, "run_after": utcnow(), "created_at": utcnow(), "last_error": ""}
              for i in range(n_jobs)],
         )
-    url = ctx.engine.url.render_as_string(hide_password=False)
-    spawn = mp.get_context("spawn")
-    ready, go = spawn.Queue(), spawn.Event()
-    procs = [spawn.Process(target=_drain_worker, args=(url, f"w{i}", ready, go)) for i in range(4)]
-    for p in procs:
-        p.start()
-    try:
-        for _ in procs:
-            ready.get(timeout=120)
-        t0 = time.monotonic()
-        go.set()
-        for p in procs:
-            p.join(timeout=240)
-        elapsed = time.monotonic() - t0
-        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    elapsed = _run_claim_workers(ctx, "completions")
     with ctx.sessions() as s:
         total, distinct = s.execute(text("SELECT COUNT(*), COUNT(DISTINCT job_id) FROM completions")).one()
         per_worker = dict(s.execute(text("SELECT worker, COUNT(*) FROM completions GROUP BY worker")).all())
