@@ -33,10 +33,6 @@ CHUNK = 32  # slices per forward pass (bounds memory on long series)
 MAX_KEY_SLICES = 5
 
 
-def set_threads() -> None:
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
 def inference_threads(configured: int = 0) -> int:
     """Intra-op threads for inference: ``configured`` when > 0, else one core left to the rest of
     the node (receiver, database, web), at most 2. On a busy 2-core host two threads stall each

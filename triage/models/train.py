@@ -28,7 +28,7 @@ from triage.labels import LABELS
 from triage.logging import get_logger
 from triage.models.bundle import load_weights, read_manifest, save_bundle
 from triage.models.data import Cached, cached_studies, open_source
-from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks, set_threads
+from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks
 from triage.models.metrics import roc_auc
 from triage.models.network import ICHNet, SequenceHead, count_params
 from triage.models.preprocess import PreprocessConfig, network_input
@@ -334,9 +334,9 @@ def init_from_bundle(path: str | Path, cfg: PreprocessConfig) -> tuple[ICHNet, S
 
 
 def main(args: argparse.Namespace, settings: Any) -> int:
-    set_threads()
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the usual knob wins (e.g. 1 on a shared host)
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+    # training takes up to 2 cores; the usual OMP_NUM_THREADS knob wins (e.g. 1 on a shared host)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(max(1, int(omp)) if omp.isdigit() else max(1, min(2, os.cpu_count() or 1)))
     device = resolve_device(getattr(args, "device", "auto"))
     rng = seed_everything(int(args.seed))
     out = Path(args.out)
