@@ -44,7 +44,9 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk when it returns. The receiver acknowledges a C-STORE only
+            # after its row commits; under NORMAL a power cut could still roll back an acknowledged row.
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 

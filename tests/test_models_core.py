@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -306,5 +307,31 @@ def test_init_from_bundle_loads_its_weights(tiny_bundle: Path) -> None:
     ref = load_bundle(tiny_bundle, device="cpu")
     for (k, a), (_, b) in zip(net.state_dict().items(), ref.net.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+    # another network grid is fine (fully convolutional); other inputs are not
+    bigger, _ = init_from_bundle(tiny_bundle, replace(SMALL, size=48))
+    assert bigger(torch.zeros(1, SMALL.channels, 48, 48))["seg"].shape[-1] == 48
     with pytest.raises(SystemExit, match="preprocessing"):
-        init_from_bundle(tiny_bundle, PreprocessConfig(size=48))
+        init_from_bundle(tiny_bundle, replace(SMALL, context=2))
+
+
+def test_sampler_over_samples_hard_negatives(toy_cache: list) -> None:
+    """Negative slices with calcium-bright voxels, or from a hard-negative study, make up about
+    HARD_FRACTION of each batch although they are rare in the data."""
+    from triage.models.train import HARD_FRACTION, SliceSampler
+
+    studies = [replace(c, meta=dict(c.meta), windows=c.windows.copy()) for c in toy_cache]
+    negatives = [c for c in studies if not c.exam_labels[0]]
+    negatives[0].windows[3, 2, 16, 16] = 255  # one bright (calcified) voxel on one negative slice
+    negatives[1].meta["kind"] = "hard_negative_calcification"
+    sampler = SliceSampler(studies, np.random.default_rng(0))
+    hard = {(int(i), int(z)) for i, z in sampler.hard}
+    i0, i1 = studies.index(negatives[0]), studies.index(negatives[1])
+    assert (i0, 3) in hard and (i0, 4) not in hard
+    assert {(i1, z) for z in range(negatives[1].windows.shape[0])} <= hard
+    share = len(hard) / len(sampler)
+    picked = 0
+    for _ in range(200):
+        x, *_ = sampler.batch(16)
+        picked += sum(any(torch.equal(x[k], sampler.inputs[i][z].float()) for i, z in sampler.hard)
+                      for k in range(len(x)))
+    assert share < 0.1 and abs(picked / (200 * 16) - HARD_FRACTION) < 0.1

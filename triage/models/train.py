@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from triage.models.preprocess import PreprocessConfig, network_input
 log = get_logger(__name__)
 
 POS_FRACTION = 0.4
+HARD_FRACTION = 0.2  # of each batch: negative slices with blood mimics (see SliceSampler)
+HARD_HU = 100.0  # a negative slice holding intracranial voxels brighter than this is a "hard" one
 POS_PIXEL_WEIGHT = 3.0
 ANY_SENSITIVITY = 1.0
 SUBTYPE_SENSITIVITY = 0.95
@@ -72,6 +75,8 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tupl
 
 # window widths (HU) of the input channels: the windows, then the brain window of each neighbour slice
 _W = [float(w) for _, w in PreprocessConfig().windows]
+_WINDOW_LOW = [c - w / 2 for c, w in PreprocessConfig().windows]
+SOFT_CHANNEL = 2  # the soft-tissue window (40/380) holds calcium-bright voxels unclipped
 CHANNEL_WIDTHS = torch.tensor(_W + [_W[0]] * (2 * PreprocessConfig().context))
 RIM_PROBABILITY = 0.5
 RIM_DEPTH = 4  # pixels of the network grid (~1.5-2 mm each)
@@ -158,19 +163,37 @@ class SliceSampler:
         pos = np.array([self.label_known[i][z] and studies[i].slice_labels[z, 0] > 0 for i, z in idx])
         self.pos = self.index[pos]
         self.neg = self.index[~pos]
+        hard = np.array([self._is_hard(studies[i], z) for i, z in self.neg.tolist()], bool)
+        self.hard = self.neg[hard] if len(self.neg) else self.neg
         # the whole series input per study, built once (float16 to keep memory modest)
         self.inputs = [network_input(s.windows, 1).half() for s in studies]
 
     def __len__(self) -> int:
         return len(self.index)
 
+    @staticmethod
+    def _is_hard(s: Cached, z: int) -> bool:
+        """A negative slice with a blood mimic: from a hard-negative study (calcification, artefact:
+        synthetic sources say so), or holding intracranial voxels above ``HARD_HU`` (calcified pineal,
+        plexus, falx, dystrophic specks in any source). Uniform sampling shows the network these
+        rarely, and they are where it calls false positives."""
+        if str(s.meta.get("kind", "")).startswith("hard_negative"):
+            return True
+        lo, width = _WINDOW_LOW[SOFT_CHANNEL], _W[SOFT_CHANNEL]
+        level = int(np.ceil((HARD_HU - lo) / width * 255))
+        return bool((s.windows[z, SOFT_CHANNEL] >= level).any())
+
     def batch(self, n: int, context_inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         n_pos = int(self.rng.binomial(n, POS_FRACTION)) if len(self.pos) else 0
+        n_hard = int(self.rng.binomial(n - n_pos, HARD_FRACTION / (1 - POS_FRACTION))) if len(self.hard) else 0
         picks = []
         if n_pos:
             picks.append(self.pos[self.rng.integers(0, len(self.pos), n_pos)])
-        picks.append(self.neg[self.rng.integers(0, len(self.neg), n - n_pos)] if len(self.neg)
-                     else self.pos[self.rng.integers(0, len(self.pos), n - n_pos)])
+        if n_hard:
+            picks.append(self.hard[self.rng.integers(0, len(self.hard), n_hard)])
+        rest = n - n_pos - n_hard
+        picks.append(self.neg[self.rng.integers(0, len(self.neg), rest)] if len(self.neg)
+                     else self.pos[self.rng.integers(0, len(self.pos), rest)])
         sel = np.concatenate(picks)
         x = torch.stack([self.inputs[i][z].float() for i, z in sel])
         y = torch.stack([torch.from_numpy(self.studies[i].target[z]).float() / 255.0 for i, z in sel])
@@ -323,10 +346,12 @@ def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray)
 
 def init_from_bundle(path: str | Path, cfg: PreprocessConfig) -> tuple[ICHNet, SequenceHead]:
     """The networks of an existing bundle, in training mode, to fine-tune from; its preprocessing must
-    match ``cfg`` (same grid, windows and context), or the weights would see different inputs."""
+    match ``cfg`` (same windows, context, crop and HU ranges), or the weights would see different
+    inputs. Only the network grid may differ: the networks are fully convolutional with global
+    pooling, so a bundle trained at 96 px is a sound start for a 128 px run."""
     manifest = read_manifest(path)
     theirs = PreprocessConfig.from_dict(manifest["preprocessing"])
-    if theirs != cfg:
+    if replace(theirs, size=cfg.size) != cfg:
         raise SystemExit(f"--init bundle {path}: its preprocessing {theirs.to_dict()} differs from {cfg.to_dict()}")
     net, seq = load_weights(path, manifest)
     log.info("initialised", bundle=str(path), sha256=manifest["weights"]["sha256"][:12])
