@@ -335,3 +335,28 @@ def test_sampler_over_samples_hard_negatives(toy_cache: list) -> None:
         picked += sum(any(torch.equal(x[k], sampler.inputs[i][z].float()) for i, z in sampler.hard)
                       for k in range(len(x)))
     assert share < 0.1 and abs(picked / (200 * 16) - HARD_FRACTION) < 0.1
+
+
+def test_small_intracranial_caps_are_left_out_and_not_trained_on() -> None:
+    """A vertex cap (13 cm2 of bright partial volume inside a small skull ring) is cleared from the
+    mask, so the network never reads it; blood drawn there is not a slice target."""
+    from triage.models.data import preprocess_study
+
+    s = toy_study(1)
+    yy, xx = np.mgrid[0:N, 0:N]
+    ring = ((yy - N / 2) ** 2 + (xx - N / 2) ** 2)
+    s.hu[0] = -1000.0
+    s.hu[0][ring < 12**2] = 1000.0
+    s.hu[0][ring < 10**2] = 85.0  # pi * (10 px * 2 mm)^2 = 12.6 cm2
+    s.masks["subdural"] = np.zeros_like(s.hu, bool)
+    s.masks["subdural"][0] = ring < 4**2
+    s.slice_labels[0, 0] = s.slice_labels[0, 5] = 1.0
+    assert prepare(s.hu, s.pixel_spacing, replace(SMALL, min_area_cm2=0.0)).brain_mask[0].any()
+    prep = prepare(s.hu, s.pixel_spacing, SMALL)
+    assert not prep.brain_mask[0].any() and not prep.windows[0].any()
+    assert prep.brain_mask[Z // 2].any(), "full-size slices keep their mask"
+    cached = preprocess_study(s, SMALL)
+    assert cached.label_known is not None and cached.seg_known is not None
+    assert not cached.label_known[0] and not cached.seg_known[0] and cached.label_known[1:].all()
+    # an older bundle's manifest (no floor) keeps every slice
+    assert PreprocessConfig.from_dict({"size": 32}).min_area_cm2 == 0.0

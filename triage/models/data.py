@@ -226,8 +226,21 @@ def preprocess_study(study: Study, cfg: PreprocessConfig) -> Cached:
     meta = {"kind": study.kind, "volumes_ml": study.volumes_ml, "shape": list(study.hu.shape),
             "pixel_spacing": list(study.pixel_spacing), "slice_spacing": study.slice_spacing,
             "box": list(prep.box)}
+    # Blood on a slice the preprocessing leaves out (no intracranial mask: skull-base and vertex caps)
+    # cannot be seen by the network: its labels and masks are not targets (the exam label still is).
+    blind = ~prep.brain_small.reshape(z, -1).any(axis=1) & (
+        (study.slice_labels.reshape(z, -1) > 0).any(axis=1) | target.reshape(z, -1).any(axis=1))
+    label_known, seg_known = study.label_known, study.seg_known
+    if blind.any():
+        label_known = known_flags(label_known, z) & ~blind
+        seg_known = known_flags(seg_known, z) & ~blind
     return Cached(study.key, prep.windows, prep.brain_small, target, study.slice_labels.astype(np.float32),
-                  study.exam_labels.astype(np.float32), meta, study.label_known, study.seg_known)
+                  study.exam_labels.astype(np.float32), meta, label_known, seg_known)
+
+
+def known_flags(flags: np.ndarray | None, n: int) -> np.ndarray:
+    """Per-slice "known" flags, None meaning every slice is known (a fresh array)."""
+    return np.ones(n, bool) if flags is None else np.asarray(flags, bool).copy()
 
 
 def _save(path: Path, c: Cached) -> None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from triage.labels import LABELS
 from triage.logging import get_logger
 from triage.models.bundle import load_weights, read_manifest, save_bundle
-from triage.models.data import Cached, cached_studies, open_source
+from triage.models.data import Cached, cached_studies, known_flags, open_source
 from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks
 from triage.models.metrics import roc_auc
 from triage.models.network import ICHNet, SequenceHead, count_params
@@ -142,10 +142,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | N
     return bce + 0.5 * dice_term
 
 
-def _known(flags: np.ndarray | None, n: int) -> np.ndarray:
-    return np.ones(n, bool) if flags is None else np.asarray(flags, bool)
-
-
 class SliceSampler:
     """Draws (study, slice) pairs with positive slices over-sampled; slices with neither labels nor
     masks known (CQ500 positives) are left to the sequence head's exam-level loss."""
@@ -153,8 +149,8 @@ class SliceSampler:
     def __init__(self, studies: list[Cached], rng: np.random.Generator) -> None:
         self.studies = studies
         self.rng = rng
-        self.label_known = [_known(s.label_known, s.windows.shape[0]) for s in studies]
-        self.seg_known = [_known(s.seg_known, s.windows.shape[0]) for s in studies]
+        self.label_known = [known_flags(s.label_known, s.windows.shape[0]) for s in studies]
+        self.seg_known = [known_flags(s.seg_known, s.windows.shape[0]) for s in studies]
         idx = [(i, z) for i, s in enumerate(studies) for z in range(s.windows.shape[0])
                if self.label_known[i][z] or self.seg_known[i][z]]
         if not idx:
@@ -266,7 +262,7 @@ def slice_features(net: ICHNet, studies: list[Cached], device: torch.device) -> 
     for s in studies:
         x = network_input(s.windows, 1).to(device)
         out = net(x)
-        known = torch.from_numpy(_known(s.label_known, s.windows.shape[0]))
+        known = torch.from_numpy(known_flags(s.label_known, s.windows.shape[0]))
         feats.append((out["feat"].cpu(), out["slice"].cpu(), torch.from_numpy(s.slice_labels), known,
                       torch.from_numpy(s.exam_labels)))
     return feats
@@ -347,11 +343,11 @@ def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray)
 def init_from_bundle(path: str | Path, cfg: PreprocessConfig) -> tuple[ICHNet, SequenceHead]:
     """The networks of an existing bundle, in training mode, to fine-tune from; its preprocessing must
     match ``cfg`` (same windows, context, crop and HU ranges), or the weights would see different
-    inputs. Only the network grid may differ: the networks are fully convolutional with global
-    pooling, so a bundle trained at 96 px is a sound start for a 128 px run."""
+    inputs. Only the network grid and the slice-area floor may differ: the networks are fully
+    convolutional with global pooling, so a bundle trained at 96 px is a sound start for 128 px."""
     manifest = read_manifest(path)
     theirs = PreprocessConfig.from_dict(manifest["preprocessing"])
-    if replace(theirs, size=cfg.size) != cfg:
+    if replace(theirs, size=cfg.size, min_area_cm2=cfg.min_area_cm2) != cfg:
         raise SystemExit(f"--init bundle {path}: its preprocessing {theirs.to_dict()} differs from {cfg.to_dict()}")
     net, seq = load_weights(path, manifest)
     log.info("initialised", bundle=str(path), sha256=manifest["weights"]["sha256"][:12])
