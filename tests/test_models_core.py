@@ -360,3 +360,25 @@ def test_small_intracranial_caps_are_left_out_and_not_trained_on() -> None:
     assert not cached.label_known[0] and not cached.seg_known[0] and cached.label_known[1:].all()
     # an older bundle's manifest (no floor) keeps every slice
     assert PreprocessConfig.from_dict({"size": 32}).min_area_cm2 == 0.0
+
+
+def test_bone_specks_sit_inside_the_edge_band_and_never_on_blood(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triage.models import train
+
+    monkeypatch.setattr(train, "BONE_SPECK_PROBABILITY", 1.0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    r2 = (yy - 32) ** 2 + (xx - 32) ** 2
+    inside = torch.from_numpy((r2 < 26**2).astype(np.float32))[None, None].repeat(6, 1, 1, 1)
+    x = 0.4 * inside.repeat(1, 5, 1, 1)
+    y = torch.zeros(6, 5, 64, 64)
+    blood = torch.from_numpy(((yy - 32) ** 2 + (xx - 9) ** 2 < 5**2).astype(np.float32))  # at the left edge
+    y[:, 4] = blood
+    out = train._bone_specks(x.clone(), y, inside, np.random.default_rng(0))
+    changed = (out - x).abs().amax(dim=1) > 1e-6
+    assert all(bool(c.any()) for c in changed), "every sample got specks"
+    assert not bool((changed & (blood[None] > 0)).any()), "never over blood"
+    assert not bool((changed & (inside[:, 0] == 0)).any()), "never outside the skull"
+    deep = torch.from_numpy(r2 < (26 - train.BONE_SPECK_BAND - 4) ** 2)  # blobs reach 1.5 x 2.5 px
+    assert not bool((changed & deep[None]).any()), "only near the edge"
+    # calcium-bright: the soft-tissue window (40/380) reads at least 150 HU at each speck's centre
+    assert all(float(out[i, 2].max()) >= (150 + 150) / 380 - 1e-3 for i in range(6))

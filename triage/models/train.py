@@ -70,7 +70,7 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tupl
     y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     noise = torch.from_numpy(rng.normal(0, 0.01, x.shape[:2])).float()[:, :, None, None]
     x = (x + noise * (x > 0)).clamp_(0, 1)
-    return _intensity_augment(x, rng), y
+    return _intensity_augment(x, rng, y), y
 
 
 # window widths (HU) of the input channels: the windows, then the brain window of each neighbour slice
@@ -105,16 +105,47 @@ def _rim_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return rim * arc
 
 
-def _intensity_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+BONE_SPECK_PROBABILITY = 0.3
+BONE_SPECK_BAND = 6  # pixels from the intracranial edge
+
+
+def _bone_specks(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Small bone-bright blobs (150-1000 HU, radius 0.7-2.5 px) just inside the intracranial edge, on
+    some samples and never over blood: the clinoids, petrous ridges and inner-table fragments that
+    thick slices cut at the skull base, which the phantom draws too rarely. Blood never reads above
+    ~100 HU, so these teach the network that calcium-bright is not blood."""
+    n, c, h, w = x.shape
+    band = inside - (-F.max_pool2d(-inside, 2 * BONE_SPECK_BAND + 1, 1, BONE_SPECK_BAND))
+    free = band[:, 0] * (y.amax(dim=1) < 0.05).float()
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    lows = torch.tensor([ctr - wid / 2 for ctr, wid in PreprocessConfig().windows]
+                        + [PreprocessConfig().windows[0][0] - PreprocessConfig().windows[0][1] / 2]
+                        * (c - len(PreprocessConfig().windows)))[:c]
+    for i in np.flatnonzero(rng.random(n) < BONE_SPECK_PROBABILITY):
+        cand = torch.nonzero(free[i] > 0)
+        if not len(cand):
+            continue
+        for _ in range(int(rng.integers(1, 5))):
+            cy, cx = cand[int(rng.integers(0, len(cand)))].tolist()
+            r = float(rng.uniform(0.7, 2.5))
+            alpha = (1.5 - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() / r).clamp(0, 1) * inside[i, 0]
+            val = ((float(rng.uniform(150, 1000)) - lows) / CHANNEL_WIDTHS[:c]).clamp(0, 1)
+            x[i] = x[i] * (1 - alpha) + alpha * val[:, None, None]
+    return x
+
+
+def _intensity_augment(x: torch.Tensor, rng: np.random.Generator, y: torch.Tensor | None = None) -> torch.Tensor:
     """Scanner variation the labels do not change: a global HU offset of the brain (calibration,
-    +-4 HU) on every sample and, on about half of them, a bright partial-volume rim under the skull."""
+    +-4 HU) on every sample, on about half of them a bright partial-volume rim under the skull and,
+    given the targets ``y``, bone specks at the skull base (:func:`_bone_specks`)."""
     n = x.shape[0]
     inside = (x[:, 2:3] > 0.01).float()  # skull-stripped input: zero outside the intracranial space
     hu = torch.from_numpy(rng.normal(0, 2.0, n)).float()[:, None, None, None] * inside
     use = torch.from_numpy(rng.random(n) < RIM_PROBABILITY).float()[:, None, None, None]
     hu = hu + _rim_field(inside, rng) * use
     width = CHANNEL_WIDTHS[: x.shape[1]].view(1, -1, 1, 1)
-    return (x + hu / width * inside).clamp_(0, 1)
+    x = (x + hu / width * inside).clamp_(0, 1)
+    return _bone_specks(x, y, inside, rng) if y is not None else x
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
