@@ -69,6 +69,8 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     m = read_manifest(bundle)
     assert m["training"]["studies"] == 3 and "rsna" in m["training"]["data"]
     assert set(m["thresholds"]) == set(LABELS)
+    with np.load(bundle / "checkpoints" / "validation_scores.npz") as v:  # to re-pick an operating point
+        assert v["truth"].shape == v[m["exam_score"]].shape == (2, len(LABELS))  # the CT-ICH layout: 2
 
     out = tmp_path / "eval-ctich"
     assert triage_main(["evaluate", str(layouts["ctich"]), "--bundle", str(bundle), "--out", str(out)]) == 0

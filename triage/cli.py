@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=int, default=1, help="Processes for preprocessing the studies")
     tr.add_argument("--seq-epochs", type=int, default=15, help="Epochs for the sequence (GRU) head")
     tr.add_argument("--init", default="", help="Start from this bundle's weights (fine-tuning)")
+    tr.add_argument("--sensitivity", type=float, default=1.0,
+                    help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
     ev = add("evaluate", "triage.models.evaluate:main", "Evaluate a bundle on a dataset")
     ev.add_argument("dataset")
     ev.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])

@@ -347,7 +347,8 @@ def validation_scores(net: ICHNet, seq: SequenceHead, studies: list[Cached], cfg
     return {r: np.stack(v) for r, v in out.items()}
 
 
-def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, Any]:
+def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray,
+                               any_sensitivity: float = ANY_SENSITIVITY) -> dict[str, Any]:
     table = {}
     for rule, sc in scores.items():
         aucs = {lab: roc_auc(truth[:, i], sc[:, i]) for i, lab in enumerate(LABELS)}
@@ -357,7 +358,7 @@ def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray)
     sc = scores[best]
     thresholds, stats = {}, {}
     for i, lab in enumerate(LABELS):
-        target = ANY_SENSITIVITY if lab == "any" else SUBTYPE_SENSITIVITY
+        target = any_sensitivity if lab == "any" else SUBTYPE_SENSITIVITY
         t = pick_threshold(sc[:, i], truth[:, i], target)
         thresholds[lab] = round(t, 6)
         pos, neg = truth[:, i] > 0, truth[:, i] == 0
@@ -430,7 +431,11 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     selection: dict[str, Any] = {"rule": "sequence_max", "thresholds": dict.fromkeys(LABELS, 0.5)}
     if val:
         truth = np.stack([s.exam_labels for s in val])
-        selection = choose_rule_and_thresholds(validation_scores(net, seq, val, cfg, device), truth)
+        scores = validation_scores(net, seq, val, cfg, device)
+        # kept beside the checkpoints, so another operating point can be chosen without retraining
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        np.savez(out / "checkpoints" / "validation_scores.npz", truth=truth, **scores)
+        selection = choose_rule_and_thresholds(scores, truth, float(getattr(args, "sensitivity", ANY_SENSITIVITY)))
     kinds: dict[str, int] = {}
     for s in train:
         kinds[s.meta.get("kind", "")] = kinds.get(s.meta.get("kind", ""), 0) + 1
@@ -448,6 +453,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "training": {
             "command": f"triage train '{args.dataset}' --val '{args.val}' --out {args.out} --epochs {args.epochs} "
                        f"--seed {args.seed} --size {cfg.size} --steps-per-epoch {steps or 0} --seq-epochs {seq_epochs}"
+                       f" --sensitivity {getattr(args, 'sensitivity', ANY_SENSITIVITY)}"
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
             "data": train_src.description,
