@@ -4,6 +4,9 @@ Sends one synthetic CT series (default 300 slices of 512x512, 16 bit, uncompress
 over 4 associations (4 storescu processes, a quarter of the files each), to:
 
 * DCMTK ``storescp`` writing files (no fsync; the reference),
+* DCMTK ``storescp`` made durable: ``--exec-on-reception 'sync -d FILE DIR' --exec-sync`` runs before
+  each response, so its ack, like the node's, waits for the file and its directory entry on disk
+  (the apples-to-apples row; DCMTK has no fsync option of its own),
 * the node (:class:`triage.dicom.scp.DicomNode`, in this process) with durable writes
   (``fsync`` of every file and its directory) and its database rows committed before each ack.
 
@@ -56,16 +59,20 @@ def send(port: int, aet: str, paths: list[Path], associations: int) -> float:
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process (Linux /proc)."""
+    """User + system CPU time of a running process and of its waited-for children (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def run_storescp(paths: list[Path], associations: int, work: Path) -> tuple[float, float]:
+# storescp runs this (through /bin/sh) after writing each file and before answering the C-STORE
+DURABLE_ARGS = ("--exec-on-reception", "sync -d #p/#f #p", "--exec-sync")
+
+
+def run_storescp(paths: list[Path], associations: int, work: Path, durable: bool = False) -> tuple[float, float]:
     """(wall seconds, receiver CPU seconds)."""
     out = work / "storescp"
     shutil.rmtree(out, ignore_errors=True)
-    with StoreSCP(out, "STORESCP") as scp:
+    with StoreSCP(out, "STORESCP", *(DURABLE_ARGS if durable else ())) as scp:
         assert scp.proc is not None
         cpu0 = proc_cpu_seconds(scp.proc.pid)
         seconds = send(scp.port, "STORESCP", paths, associations)
@@ -147,28 +154,33 @@ def main(argv: list[str] | None = None) -> int:
 
         for associations in (1, 4):
             ref: list[tuple[float, float]] = []
+            durable: list[tuple[float, float]] = []
             node: list[tuple[float, float]] = []
             nosync: list[tuple[float, float]] = []
             for run in range(args.repeat):  # interleaved, so all see the same machine load
                 ref.append(run_storescp(paths, associations, work))
+                durable.append(run_storescp(paths, associations, work, durable=True))
                 node.append(run_node(paths, associations, work, args.database_url, run))
                 if args.compare_fsync:
                     nosync.append(run_node(paths, associations, work, args.database_url, run, fsync=False))
-            rows.append((associations, "DCMTK storescp (no fsync)", *med(ref), None))
-            rows.append((associations, "node (fsync on)", *med(node), med(ref)[0]))
+            rows.append((associations, "DCMTK storescp (no fsync)", *med(ref), None, None))
+            rows.append((associations, "DCMTK storescp (durable: sync per file)", *med(durable), None, None))
+            rows.append((associations, "node (fsync on)", *med(node), med(ref)[0], med(durable)[0]))
             if nosync:
-                rows.append((associations, "node (fsync off)", *med(nosync), med(ref)[0]))
+                rows.append((associations, "node (fsync off)", *med(nosync), med(ref)[0], med(durable)[0]))
         db = "PostgreSQL" if args.database_url and "postgres" in args.database_url else "SQLite"
         load = os.getloadavg()[0]
         print(f"\n{args.slices} slices {args.size}x{args.size} ({mb:.0f} MB), median of {args.repeat}, "
               f"database {db}, {os.cpu_count()} CPUs, load average {load:.1f}, "
               f"write+fsync of 512 KiB here: {fsync_latency_ms(work / 'fsync-probe'):.1f} ms\n")
-        print("| associations | receiver | seconds | images/s | MB/s | receiver CPU ms/image | node/DCMTK (images/s) |")
-        print("|---|---|---|---|---|---|---|")
-        for associations, name, secs, cpu, ref_s in rows:
+        print("| associations | receiver | seconds | images/s | MB/s | receiver CPU ms/image "
+              "| node/DCMTK (images/s) | node/durable DCMTK |")
+        print("|---|---|---|---|---|---|---|---|")
+        for associations, name, secs, cpu, ref_s, durable_s in rows:
             ratio = f"{ref_s / secs:.2f}" if ref_s else ""
+            ratio_d = f"{durable_s / secs:.2f}" if durable_s else ""
             print(f"| {associations} | {name} | {secs:.2f} | {args.slices / secs:.0f} | {mb / secs:.0f} | "
-                  f"{cpu / args.slices * 1000:.1f} | {ratio} |")
+                  f"{cpu / args.slices * 1000:.1f} | {ratio} | {ratio_d} |")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
