@@ -250,7 +250,7 @@ def test_negative_study_has_negative_sr_and_no_alarm(stack: dict[str, Any]) -> N
     else:
         assert not alarmed()
     if findings["any"].present:
-        # Model quality (issue 5), not the pipeline: the shipped bundle is undertrained and calls
+        # Model quality (issue 5), not the pipeline: the shipped bundle (at sensitivity 1.00) calls
         # this synthetic negative positive. Everything above checked the negative path's plumbing.
         pytest.xfail(f"shipped bundle calls the synthetic negative positive (p={findings['any'].probability:.3f})")
     assert groups["any"]["present"] is False
