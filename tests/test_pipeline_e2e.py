@@ -98,7 +98,9 @@ def _objects(pacs: Orthanc, study_orthanc: str) -> dict[str, list[str]]:
     return out
 
 
-def _wait_results(stack: dict[str, Any], name: str, want_seg: bool) -> dict[str, list[str]]:
+def _wait_results(stack: dict[str, Any], name: str, want_seg: bool | None) -> dict[str, list[str]]:
+    """The study's result objects once SR and SC are in the PACS, and SEG when ``want_seg`` says so
+    (``False``: none may come; ``None``: whatever the model's call, not waited for)."""
     pacs, node = stack["pacs"], stack["node"]
     info = stack["studies"][name]
 
@@ -107,7 +109,7 @@ def _wait_results(stack: dict[str, Any], name: str, want_seg: bool) -> dict[str,
             raise RuntimeError(f"node died:\n{node.tail()}")
         objs = _objects(pacs, info["study_orthanc"])
         have_sc = any(c in objs for c in SC_CLASSES)
-        if SR_CLASS in objs and have_sc and (SEG_CLASS in objs) == want_seg:
+        if SR_CLASS in objs and have_sc and (want_seg is None or (SEG_CLASS in objs) == want_seg):
             return objs
         return None
 
@@ -231,7 +233,8 @@ def test_positive_study_results_and_alarms(stack: dict[str, Any]) -> None:
 
 def test_negative_study_has_negative_sr_and_no_alarm(stack: dict[str, Any]) -> None:
     pacs, info = stack["pacs"], stack["studies"]["negative"]
-    objs = _wait_results(stack, "negative", want_seg=False)
+    # a false-positive call (issue 5) brings a SEG; the checks below hold for either call
+    objs = _wait_results(stack, "negative", want_seg=None)
     groups = _sr_groups(_download(pacs, objs[SR_CLASS][0]))
     with _db(stack) as s:
         study = s.scalar(select(Study).where(Study.study_uid == info["uid"]))
@@ -255,3 +258,4 @@ def test_negative_study_has_negative_sr_and_no_alarm(stack: dict[str, Any]) -> N
         pytest.xfail(f"shipped bundle calls the synthetic negative positive (p={findings['any'].probability:.3f})")
     assert groups["any"]["present"] is False
     assert all(groups[t]["present"] is False for t in SUBTYPES)
+    assert SEG_CLASS not in objs, "a negative call sends no SEG"
