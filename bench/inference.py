@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+# Run as a script, bench/ would come first on sys.path and bench/queue.py would shadow the stdlib.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 from triage.imaging.volume import Volume  # noqa: E402
 from triage.models.inference import load_bundle  # noqa: E402
