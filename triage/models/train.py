@@ -74,10 +74,13 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tupl
 
 
 # window widths (HU) of the input channels: the windows, then the brain window of each neighbour slice
-_W = [float(w) for _, w in PreprocessConfig().windows]
-_WINDOW_LOW = [c - w / 2 for c, w in PreprocessConfig().windows]
+_WINDOWS = [(float(c), float(w)) for c, w in PreprocessConfig().windows]
+_NEIGHBOURS = 2 * PreprocessConfig().context
+CHANNEL_WIDTHS = torch.tensor([w for _, w in _WINDOWS] + [_WINDOWS[0][1]] * _NEIGHBOURS)
+CHANNEL_LOWS = torch.tensor([c - w / 2 for c, w in _WINDOWS] + [_WINDOWS[0][0] - _WINDOWS[0][1] / 2] * _NEIGHBOURS)
 SOFT_CHANNEL = 2  # the soft-tissue window (40/380) holds calcium-bright voxels unclipped
-CHANNEL_WIDTHS = torch.tensor(_W + [_W[0]] * (2 * PreprocessConfig().context))
+# HARD_HU as a uint8 level of that window
+HARD_LEVEL = int(math.ceil((HARD_HU - float(CHANNEL_LOWS[SOFT_CHANNEL])) / float(CHANNEL_WIDTHS[SOFT_CHANNEL]) * 255))
 RIM_PROBABILITY = 0.5
 RIM_DEPTH = 4  # pixels of the network grid (~1.5-2 mm each)
 
@@ -118,9 +121,6 @@ def _bone_specks(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np
     band = inside - (-F.max_pool2d(-inside, 2 * BONE_SPECK_BAND + 1, 1, BONE_SPECK_BAND))
     free = band[:, 0] * (y.amax(dim=1) < 0.05).float()
     yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
-    lows = torch.tensor([ctr - wid / 2 for ctr, wid in PreprocessConfig().windows]
-                        + [PreprocessConfig().windows[0][0] - PreprocessConfig().windows[0][1] / 2]
-                        * (c - len(PreprocessConfig().windows)))[:c]
     for i in np.flatnonzero(rng.random(n) < BONE_SPECK_PROBABILITY):
         cand = torch.nonzero(free[i] > 0)
         if not len(cand):
@@ -129,7 +129,7 @@ def _bone_specks(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np
             cy, cx = cand[int(rng.integers(0, len(cand)))].tolist()
             r = float(rng.uniform(0.7, 2.5))
             alpha = (1.5 - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() / r).clamp(0, 1) * inside[i, 0]
-            val = ((float(rng.uniform(150, 1000)) - lows) / CHANNEL_WIDTHS[:c]).clamp(0, 1)
+            val = ((float(rng.uniform(150, 1000)) - CHANNEL_LOWS[:c]) / CHANNEL_WIDTHS[:c]).clamp(0, 1)
             x[i] = x[i] * (1 - alpha) + alpha * val[:, None, None]
     return x
 
@@ -206,9 +206,7 @@ class SliceSampler:
         rarely, and they are where it calls false positives."""
         if str(s.meta.get("kind", "")).startswith("hard_negative"):
             return True
-        lo, width = _WINDOW_LOW[SOFT_CHANNEL], _W[SOFT_CHANNEL]
-        level = int(np.ceil((HARD_HU - lo) / width * 255))
-        return bool((s.windows[z, SOFT_CHANNEL] >= level).any())
+        return bool((s.windows[z, SOFT_CHANNEL] >= HARD_LEVEL).any())
 
     def batch(self, n: int, context_inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         n_pos = int(self.rng.binomial(n, POS_FRACTION)) if len(self.pos) else 0
