@@ -337,6 +337,26 @@ def test_sampler_over_samples_hard_negatives(toy_cache: list) -> None:
     assert share < 0.1 and abs(picked / (200 * 16) - HARD_FRACTION) < 0.1
 
 
+def test_sampler_favours_positive_studies_with_few_positive_slices(toy_cache: list) -> None:
+    """A study's positive slices together are drawn in proportion to sqrt(their number), not to
+    their number: a one-slice bleed is not drowned by bleeds spanning many slices."""
+    from triage.models.train import SliceSampler
+
+    studies = [replace(c, slice_labels=c.slice_labels.copy()) for c in toy_cache]
+    first = next(c for c in studies if c.exam_labels[0])
+    first.slice_labels[np.flatnonzero(first.slice_labels[:, 0])[1:]] = 0  # a one-slice bleed
+    sampler = SliceSampler(studies, np.random.default_rng(0))
+    study_of = sampler.pos[:, 0]
+    counts = np.bincount(study_of)
+    ids = np.flatnonzero(counts)
+    assert counts[ids].min() == 1 and counts[ids].max() > 1
+    share = np.array([sampler.pos_p[study_of == i].sum() for i in ids])
+    assert np.allclose(share, np.sqrt(counts[ids]) / np.sqrt(counts[ids]).sum())
+    small, large = ids[np.argmin(counts[ids])], ids[np.argmax(counts[ids])]
+    uniform = counts / counts.sum()
+    assert share[ids == small][0] > uniform[small] and share[ids == large][0] < uniform[large]
+
+
 def test_small_intracranial_caps_are_left_out_and_not_trained_on() -> None:
     """A vertex cap (13 cm2 of bright partial volume inside a small skull ring) is cleared from the
     mask, so the network never reads it; blood drawn there is not a slice target."""

@@ -190,6 +190,13 @@ class SliceSampler:
         pos = np.array([self.label_known[i][z] and studies[i].slice_labels[z, 0] > 0 for i, z in idx])
         self.pos = self.index[pos]
         self.neg = self.index[~pos]
+        # a positive slice is drawn with weight 1/sqrt(n), n = the positive slices of its study: small
+        # bleeds (one or two slices; the positives that set the operating threshold) come up far more
+        # often than uniform slice sampling, which favours bleeds spanning many slices, would give them
+        self.pos_p = np.zeros(0)
+        if len(self.pos):
+            w = 1.0 / np.sqrt(np.bincount(self.pos[:, 0])[self.pos[:, 0]])
+            self.pos_p = w / w.sum()
         hard = np.array([self._is_hard(studies[i], z) for i, z in self.neg.tolist()], bool)
         self.hard = self.neg[hard] if len(self.neg) else self.neg
         # the whole series input per study, built once (float16 to keep memory modest)
@@ -213,7 +220,7 @@ class SliceSampler:
         n_hard = int(self.rng.binomial(n - n_pos, HARD_FRACTION / (1 - POS_FRACTION))) if len(self.hard) else 0
         picks = []
         if n_pos:
-            picks.append(self.pos[self.rng.integers(0, len(self.pos), n_pos)])
+            picks.append(self.pos[self.rng.choice(len(self.pos), n_pos, p=self.pos_p)])
         if n_hard:
             picks.append(self.hard[self.rng.integers(0, len(self.hard), n_hard)])
         rest = n - n_pos - n_hard
