@@ -1,8 +1,7 @@
 """Benchmark of the result objects: SEG / SR / SC creation and encoding time.
 
-Usage: ``.venv/bin/python -P bench/bench_reports.py [--slices 64] [--size 512] [--repeat 5]``
+Usage: ``.venv/bin/python bench/bench_reports.py [--slices 64] [--size 512] [--repeat 5]``
 
-(``-P``: do not put ``bench/`` first on ``sys.path``, where its ``queue.py`` would shadow the stdlib.)
 Prints a Markdown table (median and max of ``--repeat`` runs after one warm-up run, plus the
 cold first call in this process). Synthetic series and masks from ``reports.dicom.synthetic``.
 """

@@ -1,6 +1,6 @@
 """Inference benchmark: seconds per series by stage and peak RSS, for 32- and 64-slice 512x512 series.
 
-Usage: ``.venv/bin/python -P bench/inference.py [--bundle DIR] [--repeat 3] [--slices 32,64]``
+Usage: ``.venv/bin/python bench/inference.py [--bundle DIR] [--repeat 3] [--slices 32,64]``
 
 Series are synthetic phantom studies (positive, so Grad-CAM runs) generated once before timing;
 "read+preprocess" is the bundle's preprocessing of the in-memory HU array (DICOM decoding is the
@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as a script, bench/ would come first on sys.path and bench/queue.py would shadow the stdlib.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+sys.path.insert(0, str(REPO))
 
 from triage.imaging.volume import Volume  # noqa: E402
 from triage.models.inference import load_bundle  # noqa: E402

@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as a script, bench/ would come first on sys.path and bench/queue.py would shadow the stdlib.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+sys.path.insert(0, str(REPO))
 
 from tests.peers import SeriesSpec, StoreSCP, dcmtk_env, make_ct_series, node_context, running_node  # noqa: E402
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# bench/ must not come first on sys.path: bench/queue.py would shadow the standard library's queue.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for triage/storage/reports
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -1,6 +1,6 @@
 """Queue throughput: no-op jobs claimed and completed per second, SQLite vs PostgreSQL, 1 and 4 workers.
 
-    .venv/bin/python bench/queue.py [--jobs 2000] [--workers 1,4] [--backends sqlite,postgres]
+    .venv/bin/python bench/job_queue.py [--jobs 2000] [--workers 1,4] [--backends sqlite,postgres]
 
 Each run uses a fresh database (a temporary SQLite file, or a throw-away PostgreSQL schema in the
 database named by ``TRIAGE_TEST_POSTGRES_URL``, default the local ``test`` database). Jobs are
@@ -15,11 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named like the standard library's ``queue``: take its folder off the import path
-# (first thing, before anything imports ``queue``) and put the repository root there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for triage/storage/reports
 
 import argparse  # noqa: E402
 import multiprocessing as mp  # noqa: E402
