@@ -299,6 +299,26 @@ def test_intensity_augment_stays_inside_and_rim_hugs_the_edge() -> None:
     assert float((y - x).abs().max()) > 0.05
 
 
+def test_cupping_field_is_smooth_brightest_at_the_edge_and_stays_inside() -> None:
+    from triage.models.train import _cupping_field, _depth_map
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    inside = torch.from_numpy((((yy - 32) ** 2 + (xx - 32) ** 2) < 26**2).astype(np.float32))[None, None]
+    inside = inside.repeat(16, 1, 1, 1)
+    depth = _depth_map(inside, 16)
+    assert float(depth.max()) == 16 and float(depth[0, 0, 32, 7]) == 1.0  # (32, 7) is on the edge
+    field = _cupping_field(inside, np.random.default_rng(7))
+    assert float((field * (1 - inside)).abs().max()) == 0.0, "nothing is added outside the skull"
+    assert float(field.min()) >= 0 and float(field.max()) <= 45 * 1.8 + 1e-3
+    for f, d in zip(field, depth, strict=True):
+        edge, deep = f[d == 1], f[d == 16]
+        if float(edge.max()) > 5:  # amplitude drawn from 0-45 HU
+            assert float(edge.mean()) > 2 * float(deep.mean()), "the rise is toward the inner table"
+    # along one radius the field falls with depth (a smooth gradient, not a crescent with an edge)
+    ray = field[:, 0, 32, 7:32]
+    assert bool((ray[:, 0] >= ray[:, 4]).all() and (ray[:, 4] >= ray[:, 12]).all())
+
+
 def test_init_from_bundle_loads_its_weights(tiny_bundle: Path) -> None:
     from triage.models.train import init_from_bundle
 

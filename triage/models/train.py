@@ -85,19 +85,25 @@ RIM_PROBABILITY = 0.5
 RIM_DEPTH = 4  # pixels of the network grid (~1.5-2 mm each)
 
 
+def _depth_map(inside: torch.Tensor, layers: int) -> torch.Tensor:
+    """Pixels from the intracranial edge (1 on the edge, capped at ``layers``) by repeated erosion."""
+    depth, prev = torch.zeros_like(inside), inside
+    for _ in range(layers):
+        depth = depth + prev
+        prev = -F.max_pool2d(-prev, 3, 1, 1)
+    return depth
+
+
 def _rim_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """HU added along an arc of the intracranial edge: the inner-table partial volume and
     beam-hardening rim that thick, tilted slices show under the skull (strongest at the edge,
     decaying over 1-3 pixels). The phantom draws only a faint rim; real scanners show more."""
     n, _, h, w = inside.shape
-    layers, prev = [], inside
-    for _ in range(RIM_DEPTH):
-        eroded = -F.max_pool2d(-prev, 3, 1, 1)
-        layers.append(prev - eroded)
-        prev = eroded
+    depth = _depth_map(inside, RIM_DEPTH + 1)
+    band = ((depth >= 1) & (depth <= RIM_DEPTH)).float()
     amp = torch.from_numpy(rng.uniform(15, 70, n)).float()[:, None, None, None]
     lam = torch.from_numpy(rng.uniform(0.5, 1.5, n)).float()[:, None, None, None]
-    rim = sum(layer * torch.exp(-k / lam) for k, layer in enumerate(layers)) * amp
+    rim = band * torch.exp(-(depth - 1) / lam) * amp
     # restrict to an arc around the brain's centre, with soft ends
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     theta = torch.atan2(yy, xx)[None, None]
@@ -106,6 +112,28 @@ def _rim_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     gap = torch.remainder(theta - centre + math.pi, 2 * math.pi) - math.pi
     arc = ((half - gap.abs()) / 0.3).clamp(0, 1)
     return rim * arc
+
+
+CUPPING_PROBABILITY = 0.5
+CUPPING_DEPTH = 16  # pixels of the network grid the field is computed to (it is ~0 beyond)
+
+
+def _cupping_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """HU added by a broad, smooth rise toward the inner table: beam hardening (cupping) and the
+    partial volume of a vault cut obliquely by thick, tilted slices. On the real GE CT brain 3-5 mm
+    under the table reads 37-45 HU mid-head and 58-61 HU near the vertex (1-2 mm: 52-90 HU), where
+    the phantom gives 36-42 and 40-51. Amplitude 0-45 HU at the edge, decaying over 1-5 pixels
+    (~1-6 mm), strongest on one side of the head on some samples, as tilt and head position give."""
+    n, _, h, w = inside.shape
+    depth = _depth_map(inside, CUPPING_DEPTH)
+    amp = torch.from_numpy(rng.uniform(0, 45, n)).float()[:, None, None, None]
+    lam = torch.from_numpy(rng.uniform(1, 5, n)).float()[:, None, None, None]
+    field = amp * torch.exp(-(depth - 1).clamp(min=0) / lam) * inside
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    phi = torch.from_numpy(rng.uniform(-math.pi, math.pi, n)).float()[:, None, None, None]
+    tilt = torch.from_numpy(rng.uniform(0, 0.8, n)).float()[:, None, None, None]
+    side = 1 + tilt * (torch.cos(phi) * xx + torch.sin(phi) * yy).clamp(-1, 1)
+    return field * side
 
 
 BONE_SPECK_PROBABILITY = 0.3
@@ -136,13 +164,16 @@ def _bone_specks(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np
 
 def _intensity_augment(x: torch.Tensor, rng: np.random.Generator, y: torch.Tensor | None = None) -> torch.Tensor:
     """Scanner variation the labels do not change: a global HU offset of the brain (calibration,
-    +-4 HU) on every sample, on about half of them a bright partial-volume rim under the skull and,
-    given the targets ``y``, bone specks at the skull base (:func:`_bone_specks`)."""
+    sd 4 HU) on every sample; on about half of them a narrow bright partial-volume rim under the skull
+    (:func:`_rim_field`), on about half a broad cupping rise toward the skull (:func:`_cupping_field`)
+    and, given the targets ``y``, bone specks at the skull base (:func:`_bone_specks`)."""
     n = x.shape[0]
     inside = (x[:, 2:3] > 0.01).float()  # skull-stripped input: zero outside the intracranial space
-    hu = torch.from_numpy(rng.normal(0, 2.0, n)).float()[:, None, None, None] * inside
+    hu = torch.from_numpy(rng.normal(0, 4.0, n)).float()[:, None, None, None] * inside
     use = torch.from_numpy(rng.random(n) < RIM_PROBABILITY).float()[:, None, None, None]
     hu = hu + _rim_field(inside, rng) * use
+    use = torch.from_numpy(rng.random(n) < CUPPING_PROBABILITY).float()[:, None, None, None]
+    hu = hu + _cupping_field(inside, rng) * use
     width = CHANNEL_WIDTHS[: x.shape[1]].view(1, -1, 1, 1)
     x = (x + hu / width * inside).clamp_(0, 1)
     return _bone_specks(x, y, inside, rng) if y is not None else x
