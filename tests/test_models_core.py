@@ -99,6 +99,26 @@ def test_intracranial_mask_inside_skull() -> None:
     assert not m[:, 0, :].any() and not m[:, :, 0].any()
 
 
+def test_intracranial_mask_seals_a_skull_base_ring_with_wide_gaps() -> None:
+    """A skull-base slice whose bone ring has two 8 mm gaps (foramina, mastoid air) keeps its
+    intracranial space; slices with a closed ring are unchanged by the wider seals."""
+    n, ps = 128, 1.0
+    yy, xx = np.mgrid[0:n, 0:n] - n / 2
+    r = np.hypot(yy, xx)
+    brain = np.where(r < 50, 30.0, -1000.0).astype(np.float32)
+    slice_ = np.where((r >= 50) & (r < 56), 1000.0, brain).astype(np.float32)
+    vol = np.stack([slice_] * 6)
+    ang = np.degrees(np.arctan2(yy, xx))
+    for a0 in (60.0, -120.0):  # 8 mm of arc at r = 53 mm is ~8.6 degrees
+        gap = (r >= 49) & (r < 57) & (np.abs(ang - a0) < 4.5)
+        vol[2][gap] = -1000.0
+    m = intracranial_mask(vol, (ps, ps))
+    areas = m.sum(axis=(1, 2))
+    assert areas[2] > 0.9 * areas[0] > 0, "the open ring's slice keeps its intracranial space"
+    assert areas[0] == areas[1] == areas[3], "closed rings are unchanged"
+    assert not m[:, 0, :].any() and not (m & (vol > 250)).any()
+
+
 def test_prepare_shapes_and_channels() -> None:
     s = toy_study(3)
     p = prepare(s.hu, s.pixel_spacing, SMALL)
