@@ -339,6 +339,28 @@ def test_cupping_field_is_smooth_brightest_at_the_edge_and_stays_inside() -> Non
     assert bool((ray[:, 0] >= ray[:, 4]).all() and (ray[:, 4] >= ray[:, 12]).all())
 
 
+def test_csf_layer_fill_takes_brain_values_and_spares_blood(monkeypatch) -> None:
+    from triage.models import train
+
+    monkeypatch.setattr(train, "CSF_FILL_PROBABILITY", 1.0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    r = np.hypot(yy - 32, xx - 32)
+    inside = torch.from_numpy((r < 26).astype(np.float32))[None, None].repeat(4, 1, 1, 1)
+    brain = np.where(r < 25, 0.5, np.where(r < 26, 0.1, 0.0)).astype(np.float32)  # dark 1 px CSF layer
+    x = torch.from_numpy(brain)[None, None].repeat(4, 5, 1, 1)
+    y = torch.zeros(4, 5, 64, 64)
+    y[3, 4] = torch.from_numpy(((r >= 22) & (r < 26) & (xx < 20)).astype(np.float32))  # a crescent
+    out = train._fill_csf_layer(x.clone(), y, inside, np.random.default_rng(0))
+    edge = torch.from_numpy((r >= 25) & (r < 26))
+    assert float((out * (1 - inside)).abs().max()) == 0.0, "outside stays black"
+    for i in range(3):
+        assert float(out[i, 0][edge].mean()) > 0.4, "the outermost pixels take the brain's value"
+    crescent = y[3, 4] > 0.5
+    assert torch.equal(out[3, :, crescent], x[3, :, crescent]), "blood is never overwritten"
+    far = torch.from_numpy((r >= 25) & (r < 26) & (xx > 44))
+    assert float(out[3, 0][far].mean()) > 0.4
+
+
 def test_init_from_bundle_loads_its_weights(tiny_bundle: Path) -> None:
     from triage.models.train import init_from_bundle
 

@@ -136,6 +136,37 @@ def _cupping_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tens
     return field * side
 
 
+CSF_FILL_PROBABILITY = 0.5
+CSF_FILL_MAX = 4  # pixels of the network grid (~1.1 mm each)
+
+
+def _fill_csf_layer(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """On some samples, the outer 1-4 pixels of the intracranial space take the values of the brain
+    just inside them (filled from the inside out by local means), wherever no blood is within 3
+    pixels. The phantom always draws a dark CSF layer between the cortex and the inner table, so the
+    network learnt that grey-matter density touching bone is extra-axial blood; in the real GE CT
+    the gyri touch the table and that is where it called subdural blood."""
+    n = x.shape[0]
+    use = np.flatnonzero(rng.random(n) < CSF_FILL_PROBABILITY)
+    if not len(use):
+        return x
+    xs, ins = x[use], inside[use]
+    blood = F.max_pool2d((y[use].amax(dim=1, keepdim=True) > 0.05).float(), 7, 1, 3)
+    depth = _depth_map(ins, CSF_FILL_MAX + 1)
+    width = torch.from_numpy(rng.integers(1, CSF_FILL_MAX + 1, len(use))).float()[:, None, None, None]
+    free = (1 - blood) * ins
+    for j in range(CSF_FILL_MAX, 0, -1):
+        src = free * (depth > j).float()
+        num = F.avg_pool2d(xs * src, 3, 1, 1)
+        den = F.avg_pool2d(src, 3, 1, 1)
+        tgt = free * (depth == j).float() * (j <= width).float() * (den > 0).float()
+        xs = torch.where(tgt > 0, num / den.clamp(min=1e-6), xs)
+        depth = torch.where(tgt > 0, torch.full_like(depth, CSF_FILL_MAX + 1.0), depth)  # now a source
+    x = x.clone()
+    x[use] = xs
+    return x
+
+
 BONE_SPECK_PROBABILITY = 0.3
 BONE_SPECK_BAND = 6  # pixels from the intracranial edge
 
@@ -166,9 +197,12 @@ def _intensity_augment(x: torch.Tensor, rng: np.random.Generator, y: torch.Tenso
     """Scanner variation the labels do not change: a global HU offset of the brain (calibration,
     sd 4 HU) on every sample; on about half of them a narrow bright partial-volume rim under the skull
     (:func:`_rim_field`), on about half a broad cupping rise toward the skull (:func:`_cupping_field`)
-    and, given the targets ``y``, bone specks at the skull base (:func:`_bone_specks`)."""
+    and, given the targets ``y``, the CSF layer under the table filled with brain on about half
+    (:func:`_fill_csf_layer`) and bone specks at the skull base (:func:`_bone_specks`)."""
     n = x.shape[0]
     inside = (x[:, 2:3] > 0.01).float()  # skull-stripped input: zero outside the intracranial space
+    if y is not None:
+        x = _fill_csf_layer(x, y, inside, rng)
     hu = torch.from_numpy(rng.normal(0, 4.0, n)).float()[:, None, None, None] * inside
     use = torch.from_numpy(rng.random(n) < RIM_PROBABILITY).float()[:, None, None, None]
     hu = hu + _rim_field(inside, rng) * use
