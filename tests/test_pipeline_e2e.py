@@ -233,7 +233,7 @@ def test_positive_study_results_and_alarms(stack: dict[str, Any]) -> None:
 
 def test_negative_study_has_negative_sr_and_no_alarm(stack: dict[str, Any]) -> None:
     pacs, info = stack["pacs"], stack["studies"]["negative"]
-    # a false-positive call (issue 5) brings a SEG; the checks below hold for either call
+    # wait for either call (a false positive would bring a SEG), then require the negative one
     objs = _wait_results(stack, "negative", want_seg=None)
     groups = _sr_groups(_download(pacs, objs[SR_CLASS][0]))
     with _db(stack) as s:
@@ -252,10 +252,7 @@ def test_negative_study_has_negative_sr_and_no_alarm(stack: dict[str, Any]) -> N
         wait_for(alarmed, timeout=60, message="webhook for a positive call")
     else:
         assert not alarmed()
-    if findings["any"].present:
-        # Model quality (issue 5), not the pipeline: the shipped bundle (at sensitivity 1.00) calls
-        # this synthetic negative positive. Everything above checked the negative path's plumbing.
-        pytest.xfail(f"shipped bundle calls the synthetic negative positive (p={findings['any'].probability:.3f})")
+    assert not findings["any"].present, f"the negative study was called positive (p={findings['any'].probability:.3f})"
     assert groups["any"]["present"] is False
     assert all(groups[t]["present"] is False for t in SUBTYPES)
     assert SEG_CLASS not in objs, "a negative call sends no SEG"
