@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from triage.labels import LABELS, SUBTYPES
-from triage.phantom.generator import PhantomOptions, SyntheticStudy, generate_study
+from triage.phantom.generator import MIN_LESION_ML, PhantomOptions, SyntheticStudy, generate_study
 
 SMALL = 256
 INPLANE = np.zeros((3, 3, 3), bool)
@@ -85,7 +85,8 @@ def test_extra_axial_blood_lies_against_the_inner_table(per_subtype: dict[str, S
         assert n >= 1
         for k in range(1, n + 1):
             comp = labels == k
-            assert float(dist[comp].min()) <= 3.0, f"{sub} component {k} not at the inner table"
+            # 4 mm: the bone-spill rule takes the first 1-3 mm of blood off an oblique vertex table
+            assert float(dist[comp].min()) <= 4.0, f"{sub} component {k} not at the inner table"
         # and it hugs the table: most of it within its own thickness of the skull
         thick = max(les["thickness_mm"] for les in s.meta["lesions"])
         assert np.mean(dist[s.masks[sub]] <= thick + 3.0) > 0.95
@@ -134,10 +135,23 @@ def test_ivh_layers_posteriorly_in_occipital_horns() -> None:
 
 def test_size_range_tiny_and_large() -> None:
     tiny = generate_study(31, PhantomOptions(size=SMALL, subtypes=("intraparenchymal",), size_class="tiny"))
-    assert 0 < tiny.volumes_ml["intraparenchymal"] < 0.1
+    assert MIN_LESION_ML <= tiny.volumes_ml["intraparenchymal"] < 0.5
     assert tiny.slice_labels[:, 0].sum() <= 3
     large = generate_study(32, PhantomOptions(size=SMALL, subtypes=("subdural",), size_class="large"))
     assert large.volumes_ml["subdural"] > 100
+
+
+def test_no_positive_keeps_a_bleed_fainter_than_the_minimum() -> None:
+    """Thin vertex bleeds lose most voxels to the bone-spill rule; such a study is drawn again, so no
+    painted bleed is left with (almost) no truth mask."""
+    redrawn = 0
+    for seed in range(1000, 1008):
+        for sub in ("epidural", "subdural"):
+            s = generate_study(seed, PhantomOptions(size=SMALL, subtypes=(sub,), size_class="tiny"))
+            painted = {les["subtype"] for les in s.meta["lesions"]}
+            assert all(s.volumes_ml[p] >= MIN_LESION_ML for p in painted), (seed, sub, s.volumes_ml)
+            redrawn += "attempt" in s.meta
+    assert redrawn > 0  # these seeds include thin vertex bleeds that the first draw left too faint
 
 
 def test_combinations_of_subtypes() -> None:

@@ -57,7 +57,7 @@ class HeadParams:
             zc=float(rng.uniform(40, 47)),
             skull=float(rng.uniform(5.0, 7.5)),
             scalp=float(rng.uniform(4.0, 7.0)),
-            csf_w=1.0 + 2.5 * atrophy,
+            csf_w=0.3 + 3.2 * atrophy,  # mean width; thin to absent in the young (gyri meet the table)
             sulcus_halfwidth=0.6 + 1.8 * atrophy,
             sulcal_depth=float(rng.uniform(13, 19)),
             ventricle_scale=float(0.75 + 1.1 * atrophy * rng.uniform(0.6, 1.4)),
@@ -163,7 +163,11 @@ def build_head(cv: Canvas, p: HeadParams, rng: np.random.Generator) -> Head:
     fld = smooth_field(rng, nz, m, sigma_mm / cps, max(0.6, sigma_mm / g.slice_spacing), n)
     dfld = F32(ps / sigma_mm * 1.2)
     absf = np.abs(fld)
-    dd = depth - F32(p.csf_w)
+    # the CSF layer over the convexity is patchy: its width wanders 5-200 % of the mean over ~12 mm
+    patch = smooth_field(rng, nz, m, 12.0 / cps, max(1.0, 12.0 / g.slice_spacing), n)
+    csf_loc = F32(p.csf_w) * np.clip(F32(1) + F32(0.7) * patch, F32(0.05), F32(2.0))
+    del patch
+    dd = depth - csf_loc
     tau = np.clip(1 - dd / F32(p.sulcal_depth), 0, 1)
     thr = F32(p.sulcus_halfwidth / sigma_mm)
     sulc = ramp((thr * tau - absf) / dfld) * (tau > 0)
@@ -172,8 +176,8 @@ def build_head(cv: Canvas, p: HeadParams, rng: np.random.Generator) -> Head:
     gm_occ = np.maximum(gm_sulcal, ramp((2.8 - dd) / ps))
     brain = F32(p.wm) + tex
     brain += gm_occ * F32(p.gm - p.wm)
-    csf_spaces = np.maximum(sulc, ramp((F32(p.csf_w) - depth) / edge))
-    del absf, tau, tau_g, gm_occ, sulc, dd
+    csf_spaces = np.maximum(sulc, ramp((csf_loc - depth) / edge))
+    del absf, tau, tau_g, gm_occ, sulc, dd, csf_loc
 
     # --- cerebellum below the tentorium, behind the petrous ridges; folia from a finer field
     side = base["petrous_side"]
@@ -226,7 +230,7 @@ def _deep_structures(h: Head, rng: np.random.Generator) -> None:
     falx_u0 = float(rng.normal(0, 0.8))
     u, v, w = cv.u, cv.v, cv.w
     bottom = zc + 20.0 - 38.0 * np.clip((np.abs(v + 5.0) - 30.0 * sb) / (18.0 * sb), 0, 1)
-    fiss_w = 1.2 + 1.6 * (p.csf_w - 1.0) / 2.5
+    fiss_w = 1.2 + 1.6 * (p.csf_w - 0.3) / 3.2  # (csf_w - 0.3) / 3.2 is the atrophy
     du = np.abs(u - F32(falx_u0))
     below = ramp((w - bottom) / 3.0)
     fiss = ramp((F32(fiss_w) - du) / F32(cv.geo.pixel_spacing)) * below * (h.depth > 0)
@@ -257,7 +261,7 @@ def _deep_structures(h: Head, rng: np.random.Generator) -> None:
             (s * (9 + 1.5 * sv) * sa, 12 * sb, zc - 6), (7, 11, 8), p.gm - 2.0)
 
     # basal cisterns around the brainstem; suprasellar, quadrigeminal, cisterna magna
-    cis = 2.5 + 2.0 * (p.csf_w - 1.0) / 2.5
+    cis = 2.5 + 2.0 * (p.csf_w - 0.3) / 3.2
     mid_c, mid_r = (0.0, 6 * sb, zc - 22), (11.0, 10.0, 9.0)
     pons_c, pons_r = (0.0, 8 * sb, 15.0), (14.0, 11.0, 13.0)
     put(ellipsoid(mid_c, tuple(x + cis for x in mid_r)), mid_c, tuple(x + cis for x in mid_r), p.csf, csf=True)

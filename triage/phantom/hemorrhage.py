@@ -56,7 +56,7 @@ def _side(h: Head, s: float, sl: tuple[slice, ...]) -> np.ndarray:
 
 def epidural(h: Head, rng: np.random.Generator, size: str) -> Lesion | None:
     """Biconvex lens against the inner table, limited in extent (sutures)."""
-    T, rho = {"tiny": (2.6, 5.5), "small": (6.0, 18.0), "medium": (14.0, 30.0), "large": (28.0, 45.0)}[size]
+    T, rho = {"tiny": (3.5, 8.0), "small": (6.0, 18.0), "medium": (14.0, 30.0), "large": (28.0, 45.0)}[size]
     T *= float(rng.uniform(0.8, 1.2))
     rho *= float(rng.uniform(0.85, 1.15))
     c = _surface_point(h, rng)
@@ -75,7 +75,7 @@ def epidural(h: Head, rng: np.random.Generator, size: str) -> Lesion | None:
 
 def subdural(h: Head, rng: np.random.Generator, size: str) -> Lesion | None:
     """Crescent along the convexity, or a layer along the falx."""
-    T, rho = {"tiny": (2.6, 7.0), "small": (4.0, 40.0), "medium": (9.0, 65.0), "large": (18.0, 90.0)}[size]
+    T, rho = {"tiny": (3.2, 10.0), "small": (4.0, 40.0), "medium": (9.0, 65.0), "large": (18.0, 90.0)}[size]
     T *= float(rng.uniform(0.8, 1.2))
     if rng.random() < 0.2 and size in ("tiny", "small", "medium"):
         return _falx_subdural(h, rng, T, rho)
@@ -117,7 +117,7 @@ def _falx_subdural(h: Head, rng: np.random.Generator, T: float, rho: float) -> L
 def intraparenchymal(h: Head, rng: np.random.Generator, size: str) -> Lesion | None:
     """Irregular clot in the deep grey nuclei or a lobe, with a low-density oedema rim."""
     p = h.p
-    r = {"tiny": 1.8, "small": 6.0, "medium": 14.0, "large": 30.0}[size] * float(rng.uniform(0.85, 1.15))
+    r = {"tiny": 2.8, "small": 6.0, "medium": 14.0, "large": 30.0}[size] * float(rng.uniform(0.85, 1.15))
     deep = rng.random() < 0.55 or size == "large"
     s = float(rng.choice([-1.0, 1.0]))
     if deep:
@@ -173,7 +173,7 @@ def intraventricular(h: Head, rng: np.random.Generator, size: str) -> Lesion | N
                 continue
             u, v, w = h.cv.local(sl)
             # dependent = posterior (patient supine): blood fills the back of the horns up to a level
-            fill = {"tiny": 3.0, "small": 8.0, "medium": 16.0, "large": 24.0}[size] * float(rng.uniform(0.8, 1.2))
+            fill = {"tiny": 5.0, "small": 8.0, "medium": 16.0, "large": 24.0}[size] * float(rng.uniform(0.8, 1.2))
             level = ramp((v - F32(tip_v - fill)) / F32(h.cv.geo.pixel_spacing))
             side = ramp(F32(s) * u / F32(2.0))
             frac = h.ventricles[sl] * level * side
@@ -225,7 +225,7 @@ def subarachnoid(h: Head, rng: np.random.Generator, size: str) -> Lesion | None:
         rho = {"medium": 22.0, "large": 38.0}[size] * float(rng.uniform(0.85, 1.15))
         c = (c[0], c[1] + 6, c[2] + 2)
     else:
-        rho = {"tiny": 3.5, "small": 12.0, "medium": 25.0, "large": 45.0}[size] * float(rng.uniform(0.85, 1.15))
+        rho = {"tiny": 6.0, "small": 12.0, "medium": 25.0, "large": 45.0}[size] * float(rng.uniform(0.85, 1.15))
         pt = _surface_point(h, rng)
         k = 1 - 6.0 / (0.5 * (p.a + p.b))
         c = (pt[0] * k, pt[1] * k, p.zc + (pt[2] - p.zc) * k)
