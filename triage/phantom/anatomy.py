@@ -45,6 +45,7 @@ class HeadParams:
     csf: float
     diploe: float  # fraction of diploë (0 = solid cortical bone)
     falx_hu: float
+    atrophy: float  # 0 young .. 1 old: sets the CSF spaces' widths
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> HeadParams:
@@ -67,6 +68,7 @@ class HeadParams:
             csf=float(rng.uniform(4.0, 10.0)),
             diploe=float(rng.uniform(0.3, 0.85)),
             falx_hu=float(rng.uniform(40, 60)),
+            atrophy=atrophy,
         )
 
 
@@ -230,7 +232,7 @@ def _deep_structures(h: Head, rng: np.random.Generator) -> None:
     falx_u0 = float(rng.normal(0, 0.8))
     u, v, w = cv.u, cv.v, cv.w
     bottom = zc + 20.0 - 38.0 * np.clip((np.abs(v + 5.0) - 30.0 * sb) / (18.0 * sb), 0, 1)
-    fiss_w = 1.2 + 1.6 * (p.csf_w - 0.3) / 3.2  # (csf_w - 0.3) / 3.2 is the atrophy
+    fiss_w = 1.2 + 1.6 * p.atrophy
     du = np.abs(u - F32(falx_u0))
     below = ramp((w - bottom) / 3.0)
     fiss = ramp((F32(fiss_w) - du) / F32(cv.geo.pixel_spacing)) * below * (h.depth > 0)
@@ -261,7 +263,7 @@ def _deep_structures(h: Head, rng: np.random.Generator) -> None:
             (s * (9 + 1.5 * sv) * sa, 12 * sb, zc - 6), (7, 11, 8), p.gm - 2.0)
 
     # basal cisterns around the brainstem; suprasellar, quadrigeminal, cisterna magna
-    cis = 2.5 + 2.0 * (p.csf_w - 0.3) / 3.2
+    cis = 2.5 + 2.0 * p.atrophy
     mid_c, mid_r = (0.0, 6 * sb, zc - 22), (11.0, 10.0, 9.0)
     pons_c, pons_r = (0.0, 8 * sb, 15.0), (14.0, 11.0, 13.0)
     put(ellipsoid(mid_c, tuple(x + cis for x in mid_r)), mid_c, tuple(x + cis for x in mid_r), p.csf, csf=True)
