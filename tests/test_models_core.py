@@ -361,6 +361,35 @@ def test_csf_layer_fill_takes_brain_values_and_spares_blood(monkeypatch) -> None
     assert float(out[3, 0][far].mean()) > 0.4
 
 
+def test_augmentation_keeps_its_size_in_mm_on_a_finer_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a stem network's 256 px input the rim, cupping, CSF-fill and bone-speck sizes double in
+    pixels, so they cover the same millimetres as on the 128 px grid they were tuned on."""
+    from triage.models import train
+
+    def disk(n: int) -> torch.Tensor:
+        yy, xx = np.mgrid[0:n, 0:n] / n
+        return torch.from_numpy(((yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.4**2).astype(np.float32))[None, None]
+
+    rims = {}
+    for n in (128, 256):
+        inside = disk(n).repeat(4, 1, 1, 1)
+        field = train._on_reference_grid(train._rim_field, inside, np.random.default_rng(0))
+        assert float((field * (1 - inside)).abs().max()) == 0.0
+        rims[n] = float((field > 1.0).float().sum())
+    assert 3.2 < rims[256] / rims[128] < 4.8, rims  # same band in mm: four times the pixels
+    monkeypatch.setattr(train, "CSF_FILL_PROBABILITY", 1.0)
+    monkeypatch.setattr(train, "CSF_FILL_MAX", 1)  # fill exactly one 128 px-grid pixel: two at 256 px
+    filled = {}
+    for n in (128, 256):
+        inside = disk(n)
+        yy, xx = np.mgrid[0:n, 0:n] / n
+        rr = torch.from_numpy(np.hypot(yy - 0.5, xx - 0.5).astype(np.float32))
+        x = torch.where(rr < 0.4 - 1.0 / 128, 0.5, 0.1)[None, None].repeat(1, 5, 1, 1) * inside  # dark CSF
+        out = train._fill_csf_layer(x.clone(), torch.zeros(1, 5, n, n), inside, np.random.default_rng(3))
+        filled[n] = float(((out[0, 0] > 0.3) & (x[0, 0] < 0.3)).sum())
+    assert filled[128] > 0 and 3.2 < filled[256] / filled[128] < 4.8, filled
+
+
 def test_init_from_bundle_loads_its_weights(tiny_bundle: Path) -> None:
     from triage.models.train import init_from_bundle
 
@@ -374,6 +403,49 @@ def test_init_from_bundle_loads_its_weights(tiny_bundle: Path) -> None:
     assert bigger(torch.zeros(1, SMALL.channels, 48, 48))["seg"].shape[-1] == 48
     with pytest.raises(SystemExit, match="preprocessing"):
         init_from_bundle(tiny_bundle, replace(SMALL, context=2))
+
+
+def test_stem_network_sees_the_finer_grid_and_widening_keeps_the_function(tiny_bundle: Path) -> None:
+    """A stem-2 network takes a 2x input grid and answers on it; widened from a stem-1 bundle it
+    starts out computing the stem-1 answer on the block-averaged input, while sub-pixel detail the
+    averaging would erase now changes its output."""
+    from triage.models.network import widen_stem
+    from triage.models.train import init_from_bundle
+
+    ref = load_bundle(tiny_bundle, device="cpu").net
+    wide, _ = init_from_bundle(tiny_bundle, replace(SMALL, size=64, base_size=128), stem=2)
+    assert wide.stem == 2
+    wide.eval()
+    torch.manual_seed(0)
+    fine = torch.rand(2, SMALL.channels, 64, 64)
+    coarse = torch.nn.functional.avg_pool2d(fine, 2)
+    with torch.no_grad():
+        a, b = ref(coarse), wide(fine)
+    assert b["seg"].shape == (2, len(SUBTYPES), 64, 64)
+    assert torch.allclose(a["slice"], b["slice"], atol=1e-4)
+    assert torch.allclose(a["feat"], b["feat"], atol=1e-4)
+    # a checkerboard averages to grey: invisible to the stem-1 network, not to a trained stem
+    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None]) % 2).float().expand(1, SMALL.channels, 64, 64)
+    with torch.no_grad():
+        same_for_ref = ref(torch.nn.functional.avg_pool2d(checker, 2))["slice"]
+        grey = ref(torch.full((1, SMALL.channels, 32, 32), 0.5))["slice"]
+    assert torch.allclose(same_for_ref, grey)
+    state = widen_stem(ref.state_dict(), 2)
+    state["enc.0.0.weight"][:, 0::4] *= 2.0  # weigh one sub-pixel phase more, as training may learn
+    trained = ICHNet(SMALL.channels, WIDTHS, stem=2).eval()
+    trained.load_state_dict(state)
+    with torch.no_grad():
+        assert not torch.allclose(trained(checker)["slice"], trained(torch.full_like(checker, 0.5))["slice"])
+    # the stem is part of the bundle: it round-trips and a stem-2 bundle cannot be widened again
+    out = tiny_bundle.parent / "stem2"
+    manifest = read_manifest(tiny_bundle) | {"preprocessing": replace(SMALL, size=64, base_size=128).to_dict()}
+    save_bundle(out, trained, load_bundle(tiny_bundle, device="cpu").seq, manifest)
+    assert read_manifest(out)["architecture"]["stem"] == 2
+    again = load_bundle(out, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(again.net(checker)["slice"], trained(checker)["slice"])
+    with pytest.raises(SystemExit, match="stem"):
+        init_from_bundle(out, replace(SMALL, size=96, base_size=128), stem=3)
 
 
 def test_sampler_over_samples_hard_negatives(toy_cache: list) -> None:
@@ -394,7 +466,7 @@ def test_sampler_over_samples_hard_negatives(toy_cache: list) -> None:
     picked = 0
     for _ in range(200):
         x, *_ = sampler.batch(16)
-        picked += sum(any(torch.equal(x[k], sampler.inputs[i][z].float()) for i, z in sampler.hard)
+        picked += sum(any(torch.equal(x[k], sampler.slice_input(i, z)) for i, z in sampler.hard)
                       for k in range(len(x)))
     assert share < 0.1 and abs(picked / (200 * 16) - HARD_FRACTION) < 0.1
 

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val", help="Validation dataset path (for thresholds)")
     tr.add_argument("--cache", default="", help="Preprocessed-study cache directory (default: DATA_DIR/cache)")
     tr.add_argument("--steps-per-epoch", type=int, default=0, help="Batches per epoch (default: one pass)")
-    tr.add_argument("--size", type=int, default=96, help="Network grid size (pixels)")
+    tr.add_argument("--size", type=int, default=96, help="Network input grid size (pixels)")
+    tr.add_argument("--stem", type=int, default=1,
+                    help="Pixel-unshuffle stem: the U-Net runs at size/stem and sees the full input grid")
     tr.add_argument("--workers", type=int, default=1, help="Processes for preprocessing the studies")
     tr.add_argument("--seq-epochs", type=int, default=15, help="Epochs for the sequence (GRU) head")
     tr.add_argument("--init", default="", help="Start from this bundle's weights (fine-tuning)")

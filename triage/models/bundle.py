@@ -40,7 +40,7 @@ def sha256_file(path: Path) -> str:
 def build_models(manifest: dict[str, Any]) -> tuple[ICHNet, SequenceHead]:
     arch = manifest["architecture"]
     cfg = PreprocessConfig.from_dict(manifest["preprocessing"])
-    net = ICHNet(in_ch=cfg.channels, widths=tuple(arch["widths"]))
+    net = ICHNet(in_ch=cfg.channels, widths=tuple(arch["widths"]), stem=int(arch.get("stem", 1)))
     seq = SequenceHead(net.feat_dim, hidden=int(arch["gru_hidden"]))
     return net, seq
 
@@ -57,7 +57,7 @@ def save_bundle(out: str | Path, net: ICHNet, seq: SequenceHead, manifest: dict[
     manifest["format_version"] = FORMAT_VERSION
     manifest["labels"] = list(LABELS)
     manifest["weights"] = {"file": WEIGHTS, "sha256": sha256_file(wpath), "bytes": wpath.stat().st_size}
-    manifest["architecture"] = {**manifest.get("architecture", {}), "widths": list(net.widths)}
+    manifest["architecture"] = {**manifest.get("architecture", {}), "widths": list(net.widths), "stem": net.stem}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 

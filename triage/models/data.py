@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from triage.labels import LABELS, SUBTYPES
-from triage.models.preprocess import PreprocessConfig, downsize, prepare, to_network_grid
+from triage.models.preprocess import PreprocessConfig, downsize, prepare, resize_u8, to_network_grid
 
 TRAIN_SEEDS = (0, 100000)
 VAL_SEEDS = (100000, 200000)
@@ -270,8 +270,12 @@ def _build_one(args: tuple[Source, str, PreprocessConfig, str]) -> str:
 
 
 def cached_studies(source: Source, cfg: PreprocessConfig, cache_dir: Path, workers: int = 1,
-                   progress: bool = True) -> list[Cached]:
-    """Preprocess every study of the source once (in ``workers`` processes) and load the cache."""
+                   progress: bool = True, target_size: int | None = None) -> list[Cached]:
+    """Preprocess every study of the source once (in ``workers`` processes) and load the cache.
+
+    ``target_size``: the grid of the segmentation targets when it is coarser than the input grid
+    (a stem network's U-Net grid), which keeps a 256 px training set in memory.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     def name_of(k: str) -> str:
         return source.load.part_name(k) if isinstance(source.load, JoinedLoader) else source.name
@@ -295,6 +299,8 @@ def cached_studies(source: Source, cfg: PreprocessConfig, cache_dir: Path, worke
     for k, p in paths.items():
         c = _load(p, k)
         c.windows, c.brain_small, c.target = downsize(c.windows, c.brain_small, c.target, cfg.size)
+        if target_size and c.target is not None:
+            c.target = resize_u8(c.target, target_size)
         out.append(c)
     return out
 

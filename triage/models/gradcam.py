@@ -26,20 +26,7 @@ import torch.nn.functional as F
 
 from triage.labels import LABELS
 from triage.models.network import ICHNet
-from triage.models.preprocess import from_network_grid
-
-
-def key_slice_input(windows_u8: np.ndarray | torch.Tensor, context: int, slices: Sequence[int]) -> torch.Tensor:
-    """The rows ``slices`` of :func:`~triage.models.preprocess.network_input` without building the
-    whole volume's input: (N, W + 2*context, S, S) float, neighbours from the brain window."""
-    w = torch.as_tensor(windows_u8)
-    z = w.shape[0]
-    idx = torch.as_tensor(list(slices), dtype=torch.long)
-    chans = [w[idx]]
-    for d in range(1, context + 1):
-        chans.append(w[torch.clamp(idx - d, 0, z - 1), :1])
-        chans.append(w[torch.clamp(idx + d, 0, z - 1), :1])
-    return torch.cat(chans, dim=1).float().div_(255.0).contiguous()
+from triage.models.preprocess import from_network_grid, key_slice_input
 
 
 def gradcam_maps(net: ICHNet, x: torch.Tensor, rows: Mapping[int, Sequence[int]]) -> dict[int, torch.Tensor]:

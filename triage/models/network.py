@@ -5,6 +5,11 @@ segmentation head with one sigmoid channel per subtype and a slice head with the
 global pooling of the bottleneck, of the quarter-resolution decoder stage (the Grad-CAM layer) and
 max-pooled segmentation logits (so the slice decision sees the segmentation evidence).
 
+With ``stem`` = 2 the input grid is twice the U-Net's: a pixel-unshuffle stem folds each 2x2 block
+of input pixels into channels, so detail finer than the U-Net grid (a 1-2 mm crescent against the
+inner table) still reaches the first convolution at almost no extra cost, and the segmentation
+logits are upsampled back to the input grid.
+
 ``SequenceHead`` (CNN-RNN style): a bidirectional GRU over the pooled per-slice features of a whole
 series, giving slice probabilities that use the neighbouring slices; exam scores are the maximum
 over slices.
@@ -34,11 +39,13 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class ICHNet(nn.Module):
     """Joint segmentation (5 subtype channels) and slice classification (6 labels)."""
 
-    def __init__(self, in_ch: int = 5, widths: tuple[int, ...] = (12, 24, 48, 80, 112)) -> None:
+    def __init__(self, in_ch: int = 5, widths: tuple[int, ...] = (12, 24, 48, 80, 112), stem: int = 1) -> None:
         super().__init__()
         self.widths = tuple(widths)
+        self.stem = int(stem)
+        self.unshuffle: nn.Module = nn.PixelUnshuffle(self.stem) if self.stem > 1 else nn.Identity()
         self.enc = nn.ModuleList()
-        c = in_ch
+        c = in_ch * self.stem * self.stem
         for w in widths:
             self.enc.append(_block(c, w))
             c = w
@@ -54,7 +61,7 @@ class ICHNet(nn.Module):
 
     def forward(self, x: torch.Tensor, keep_cam: bool = False) -> dict[str, torch.Tensor]:
         skips = []
-        h = x
+        h = self.unshuffle(x)
         for i, blk in enumerate(self.enc):
             if i:
                 h = F.max_pool2d(h, 2)
@@ -75,6 +82,8 @@ class ICHNet(nn.Module):
         feat = torch.cat(
             [bottleneck.mean(dim=(2, 3)), cam.mean(dim=(2, 3)), seg.flatten(2).amax(dim=2)], dim=1
         )
+        if self.stem > 1:
+            seg = F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
         out = {"seg": seg, "slice": self.cls(feat), "feat": feat}
         if keep_cam:
             out["cam"] = cam
@@ -101,6 +110,21 @@ class SequenceHead(nn.Module):
         h = torch.relu(self.proj(self.norm(torch.cat([feat, slice_logits], dim=-1))))
         h, _ = self.gru(h)
         return slice_logits + self.out(h)
+
+
+def widen_stem(state: dict[str, torch.Tensor], stem: int) -> dict[str, torch.Tensor]:
+    """Weights of a stem-1 :class:`ICHNet` -> the same network with a ``stem`` pixel-unshuffle stem.
+
+    The first convolution's weights are shared out over the ``stem**2`` sub-pixel channels of each
+    input channel and divided by ``stem**2``, so the widened network starts out computing what the
+    original computed on the block-averaged (area-downsampled) input; fine-tuning then learns to use
+    the sub-pixel detail.
+    """
+    key = "enc.0.0.weight"
+    w = state[key]
+    out = dict(state)
+    out[key] = (w.repeat_interleave(stem * stem, dim=1) / float(stem * stem)).contiguous()
+    return out
 
 
 def count_params(m: nn.Module) -> int:

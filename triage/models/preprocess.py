@@ -11,6 +11,7 @@ scalp haematoma, skull-base streaks and the face cannot drive a prediction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -214,16 +215,18 @@ def downsize(windows_u8: np.ndarray, brain_small: np.ndarray, target_u8: np.ndar
     """
     if windows_u8.shape[-1] == size:
         return windows_u8, brain_small, target_u8
-    z, w = windows_u8.shape[:2]
-    win = resample(torch.from_numpy(windows_u8).float().reshape(z * w, 1, *windows_u8.shape[-2:])[:, 0], (size, size))
-    win_u8 = win.round().clamp_(0, 255).to(torch.uint8).reshape(z, w, size, size).numpy()
     mask = (resample(brain_small.astype(np.float32), (size, size)) > 0.5).numpy()
-    tgt = None
-    if target_u8 is not None:
-        k = target_u8.shape[1]
-        t = resample(torch.from_numpy(target_u8).float().reshape(z * k, *target_u8.shape[-2:]), (size, size))
-        tgt = t.round().clamp_(0, 255).to(torch.uint8).reshape(z, k, size, size).numpy()
-    return win_u8, mask, tgt
+    tgt = None if target_u8 is None else resize_u8(target_u8, size)
+    return resize_u8(windows_u8, size), mask, tgt
+
+
+def resize_u8(arr: np.ndarray, size: int) -> np.ndarray:
+    """Area-resample a uint8 (Z, C, H, W) array in-plane to (Z, C, size, size)."""
+    if arr.shape[-1] == size:
+        return arr
+    z, c = arr.shape[:2]
+    t = resample(torch.from_numpy(arr).float().reshape(z * c, *arr.shape[-2:]), (size, size))
+    return t.round().clamp_(0, 255).to(torch.uint8).reshape(z, c, size, size).numpy()
 
 
 def network_input(windows_u8: np.ndarray | torch.Tensor, context: int = 1) -> torch.Tensor:
@@ -240,6 +243,20 @@ def network_input(windows_u8: np.ndarray | torch.Tensor, context: int = 1) -> to
         chans.append(w[below, :1])
         chans.append(w[above, :1])
     return torch.cat(chans, dim=1).contiguous()
+
+
+def key_slice_input(windows_u8: np.ndarray | torch.Tensor, context: int, slices: Sequence[int]) -> torch.Tensor:
+    """The rows ``slices`` of :func:`network_input` without building the
+    whole volume's input (Grad-CAM's key slices, training batches): (N, W + 2*context, S, S)
+    float, neighbours from the brain window."""
+    w = torch.as_tensor(windows_u8)
+    z = w.shape[0]
+    idx = torch.as_tensor(list(slices), dtype=torch.long)
+    chans = [w[idx]]
+    for d in range(1, context + 1):
+        chans.append(w[torch.clamp(idx - d, 0, z - 1), :1])
+        chans.append(w[torch.clamp(idx + d, 0, z - 1), :1])
+    return torch.cat(chans, dim=1).float().div_(255.0).contiguous()
 
 
 def to_network_grid(mask: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ from triage.models.bundle import load_weights, read_manifest, save_bundle
 from triage.models.data import Cached, cached_studies, known_flags, open_source
 from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks
 from triage.models.metrics import roc_auc
-from triage.models.network import ICHNet, SequenceHead, count_params
-from triage.models.preprocess import PreprocessConfig, network_input
+from triage.models.network import ICHNet, SequenceHead, count_params, widen_stem
+from triage.models.preprocess import PreprocessConfig, key_slice_input, network_input
 
 log = get_logger(__name__)
 
@@ -81,6 +82,7 @@ CHANNEL_LOWS = torch.tensor([c - w / 2 for c, w in _WINDOWS] + [_WINDOWS[0][0] -
 SOFT_CHANNEL = 2  # the soft-tissue window (40/380) holds calcium-bright voxels unclipped
 # HARD_HU as a uint8 level of that window
 HARD_LEVEL = int(math.ceil((HARD_HU - float(CHANNEL_LOWS[SOFT_CHANNEL])) / float(CHANNEL_WIDTHS[SOFT_CHANNEL]) * 255))
+REFERENCE_GRID = 128  # the augmentation sizes in pixels below are pixels of a 128 px grid
 RIM_PROBABILITY = 0.5
 RIM_DEPTH = 4  # pixels of the network grid (~1.5-2 mm each)
 
@@ -92,6 +94,24 @@ def _depth_map(inside: torch.Tensor, layers: int) -> torch.Tensor:
         depth = depth + prev
         prev = -F.max_pool2d(-prev, 3, 1, 1)
     return depth
+
+
+def _grid_scale(t: torch.Tensor) -> int:
+    """Input-grid pixels per pixel of the 128 px grid the augmentation sizes below are given in: a
+    stem network's 256 px input gets them doubled, so they keep their size in mm. An integer, at
+    least 1 (grids up to 128 px keep the sizes as given)."""
+    return max(1, round(t.shape[-1] / REFERENCE_GRID))
+
+
+def _on_reference_grid(field: Callable[[torch.Tensor, np.random.Generator], torch.Tensor],
+                       inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A smooth HU field computed on a grid :func:`_grid_scale` times coarser than the input and
+    resampled to it, so it has the same size in mm (and cost) as on the 128 px grid."""
+    k = _grid_scale(inside)
+    if k == 1:
+        return field(inside, rng)
+    ref = (F.interpolate(inside, size=(inside.shape[-2] // k, inside.shape[-1] // k), mode="area") > 0.5).float()
+    return F.interpolate(field(ref, rng), size=inside.shape[-2:], mode="bilinear", align_corners=False) * inside
 
 
 def _rim_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -151,17 +171,20 @@ def _fill_csf_layer(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng:
     if not len(use):
         return x
     xs, ins = x[use], inside[use]
-    blood = F.max_pool2d((y[use].amax(dim=1, keepdim=True) > 0.05).float(), 7, 1, 3)
-    depth = _depth_map(ins, CSF_FILL_MAX + 1)
-    width = torch.from_numpy(rng.integers(1, CSF_FILL_MAX + 1, len(use))).float()[:, None, None, None]
+    k = _grid_scale(x)
+    fill_max, spare = CSF_FILL_MAX * k, 3 * k
+    blood = F.max_pool2d((y[use].amax(dim=1, keepdim=True) > 0.05).float(), 2 * spare + 1, 1, spare)
+    depth = _depth_map(ins, fill_max + 1)
+    width = torch.from_numpy(rng.integers(1, CSF_FILL_MAX + 1, len(use)) * k).float()[:, None, None, None]
     free = (1 - blood) * ins
-    for j in range(CSF_FILL_MAX, 0, -1):
+    step = k  # pixels filled per pass (one 128 px-grid pixel), kernel to match
+    for j in range(fill_max, 0, -step):
         src = free * (depth > j).float()
-        num = F.avg_pool2d(xs * src, 3, 1, 1)
-        den = F.avg_pool2d(src, 3, 1, 1)
-        tgt = free * (depth == j).float() * (j <= width).float() * (den > 0).float()
+        num = F.avg_pool2d(xs * src, 2 * step + 1, 1, step)
+        den = F.avg_pool2d(src, 2 * step + 1, 1, step)
+        tgt = free * (depth <= j).float() * (depth > j - step).float() * (j <= width).float() * (den > 0).float()
         xs = torch.where(tgt > 0, num / den.clamp(min=1e-6), xs)
-        depth = torch.where(tgt > 0, torch.full_like(depth, CSF_FILL_MAX + 1.0), depth)  # now a source
+        depth = torch.where(tgt > 0, torch.full_like(depth, fill_max + 1.0), depth)  # now a source
     x = x.clone()
     x[use] = xs
     return x
@@ -177,7 +200,10 @@ def _bone_specks(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np
     thick slices cut at the skull base, which the phantom draws too rarely. Blood never reads above
     ~100 HU, so these teach the network that calcium-bright is not blood."""
     n, c, h, w = x.shape
-    band = inside - (-F.max_pool2d(-inside, 2 * BONE_SPECK_BAND + 1, 1, BONE_SPECK_BAND))
+    k = _grid_scale(x)
+    b = BONE_SPECK_BAND * k
+    eroded = -F.max_pool2d(F.max_pool2d(-inside, (2 * b + 1, 1), 1, (b, 0)), (1, 2 * b + 1), 1, (0, b))
+    band = inside - eroded  # square erosion, done separably
     free = band[:, 0] * (y.amax(dim=1) < 0.05).float()
     yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
     for i in np.flatnonzero(rng.random(n) < BONE_SPECK_PROBABILITY):
@@ -186,10 +212,13 @@ def _bone_specks(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np
             continue
         for _ in range(int(rng.integers(1, 5))):
             cy, cx = cand[int(rng.integers(0, len(cand)))].tolist()
-            r = float(rng.uniform(0.7, 2.5))
-            alpha = (1.5 - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() / r).clamp(0, 1) * inside[i, 0]
+            r = float(rng.uniform(0.7, 2.5)) * k
+            e = int(math.ceil(1.5 * r)) + 1  # alpha is 0 beyond 1.5 r: work on that window only
+            win = (slice(max(0, cy - e), cy + e + 1), slice(max(0, cx - e), cx + e + 1))
+            dist = ((yy[win] - cy) ** 2 + (xx[win] - cx) ** 2).sqrt()
+            alpha = (1.5 - dist / r).clamp(0, 1) * inside[i, 0][win]
             val = ((float(rng.uniform(150, 1000)) - CHANNEL_LOWS[:c]) / CHANNEL_WIDTHS[:c]).clamp(0, 1)
-            x[i] = x[i] * (1 - alpha) + alpha * val[:, None, None]
+            x[i][(slice(None), *win)] = x[i][(slice(None), *win)] * (1 - alpha) + alpha * val[:, None, None]
     return x
 
 
@@ -205,9 +234,9 @@ def _intensity_augment(x: torch.Tensor, rng: np.random.Generator, y: torch.Tenso
         x = _fill_csf_layer(x, y, inside, rng)
     hu = torch.from_numpy(rng.normal(0, 4.0, n)).float()[:, None, None, None] * inside
     use = torch.from_numpy(rng.random(n) < RIM_PROBABILITY).float()[:, None, None, None]
-    hu = hu + _rim_field(inside, rng) * use
+    hu = hu + _on_reference_grid(_rim_field, inside, rng) * use
     use = torch.from_numpy(rng.random(n) < CUPPING_PROBABILITY).float()[:, None, None, None]
-    hu = hu + _cupping_field(inside, rng) * use
+    hu = hu + _on_reference_grid(_cupping_field, inside, rng) * use
     width = CHANNEL_WIDTHS[: x.shape[1]].view(1, -1, 1, 1)
     x = (x + hu / width * inside).clamp_(0, 1)
     return _bone_specks(x, y, inside, rng) if y is not None else x
@@ -264,8 +293,6 @@ class SliceSampler:
             self.pos_p = w / w.sum()
         hard = np.array([self._is_hard(studies[i], z) for i, z in self.neg.tolist()], bool)
         self.hard = self.neg[hard] if len(self.neg) else self.neg
-        # the whole series input per study, built once (float16 to keep memory modest)
-        self.inputs = [network_input(s.windows, 1).half() for s in studies]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -280,7 +307,12 @@ class SliceSampler:
             return True
         return bool((s.windows[z, SOFT_CHANNEL] >= HARD_LEVEL).any())
 
-    def batch(self, n: int, context_inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    def slice_input(self, i: int, z: int) -> torch.Tensor:
+        """The network input (C, S, S) of slice ``z`` of study ``i``, built from the uint8 windows
+        when drawn (a float copy of a 256 px training set would not fit in memory)."""
+        return key_slice_input(self.studies[i].windows, 1, [z])[0]
+
+    def batch(self, n: int) -> tuple[torch.Tensor, ...]:
         n_pos = int(self.rng.binomial(n, POS_FRACTION)) if len(self.pos) else 0
         n_hard = int(self.rng.binomial(n - n_pos, HARD_FRACTION / (1 - POS_FRACTION))) if len(self.hard) else 0
         picks = []
@@ -292,8 +324,10 @@ class SliceSampler:
         picks.append(self.neg[self.rng.integers(0, len(self.neg), rest)] if len(self.neg)
                      else self.pos[self.rng.integers(0, len(self.pos), rest)])
         sel = np.concatenate(picks)
-        x = torch.stack([self.inputs[i][z].float() for i, z in sel])
+        x = torch.stack([self.slice_input(i, z) for i, z in sel])
         y = torch.stack([torch.from_numpy(self.studies[i].target[z]).float() / 255.0 for i, z in sel])
+        if y.shape[-1] != x.shape[-1]:  # targets kept on a stem network's U-Net grid
+            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         lab = torch.stack([torch.from_numpy(self.studies[i].slice_labels[z]) for i, z in sel])
         seg_w = torch.tensor([float(self.seg_known[i][z]) for i, z in sel])
         cls_w = torch.tensor([float(self.label_known[i][z]) for i, z in sel])
@@ -442,17 +476,24 @@ def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray,
     return {"rule": best, "rules": table, "thresholds": thresholds, "operating_points": stats}
 
 
-def init_from_bundle(path: str | Path, cfg: PreprocessConfig) -> tuple[ICHNet, SequenceHead]:
+def init_from_bundle(path: str | Path, cfg: PreprocessConfig, stem: int = 1) -> tuple[ICHNet, SequenceHead]:
     """The networks of an existing bundle, in training mode, to fine-tune from; its preprocessing must
     match ``cfg`` (same windows, context, crop and HU ranges), or the weights would see different
-    inputs. Only the network grid and the slice-area floor may differ: the networks are fully
-    convolutional with global pooling, so a bundle trained at 96 px is a sound start for 128 px."""
+    inputs. Only the grids and the slice-area floor may differ: the networks are fully
+    convolutional with global pooling, so a bundle trained at 96 px is a sound start for 128 px, and
+    a stem-1 bundle at 128 px starts a stem-2 network at 256 px (:func:`widen_stem`)."""
     manifest = read_manifest(path)
     theirs = PreprocessConfig.from_dict(manifest["preprocessing"])
-    if replace(theirs, size=cfg.size, min_area_cm2=cfg.min_area_cm2) != cfg:
+    if replace(theirs, size=cfg.size, base_size=cfg.base_size, min_area_cm2=cfg.min_area_cm2) != cfg:
         raise SystemExit(f"--init bundle {path}: its preprocessing {theirs.to_dict()} differs from {cfg.to_dict()}")
     net, seq = load_weights(path, manifest)
-    log.info("initialised", bundle=str(path), sha256=manifest["weights"]["sha256"][:12])
+    if net.stem != stem:
+        if net.stem != 1:
+            raise SystemExit(f"--init bundle {path} has stem {net.stem}; only a stem-1 bundle can be widened")
+        wide = ICHNet(cfg.channels, net.widths, stem=stem)
+        wide.load_state_dict(widen_stem(net.state_dict(), stem))
+        net = wide
+    log.info("initialised", bundle=str(path), sha256=manifest["weights"]["sha256"][:12], stem=stem)
     return net.train(), seq.train()
 
 
@@ -464,7 +505,11 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     rng = seed_everything(int(args.seed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = PreprocessConfig(size=int(getattr(args, "size", 96) or 96))
+    size = int(getattr(args, "size", 96) or 96)
+    stem = int(getattr(args, "stem", 1) or 1)
+    if stem < 1 or size % stem:
+        raise SystemExit(f"--size {size} must be a multiple of --stem {stem}")
+    cfg = PreprocessConfig(size=size, base_size=max(PreprocessConfig.base_size, size))
     cache = Path(getattr(args, "cache", "") or (Path(settings.data_dir) / "cache" / "models"))
     workers = int(getattr(args, "workers", 1) or 1)
     steps = int(getattr(args, "steps_per_epoch", 0) or 0) or None
@@ -477,15 +522,15 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     same_kind = val_src is not None and val_src.name.split(":")[0] == train_src.name.split(":")[0]
     if val_src and same_kind and set(val_src.keys) & set(train_src.keys):
         raise SystemExit("training and validation sets overlap; use disjoint seeds")
-    train = cached_studies(train_src, cfg, cache, workers)
-    val = cached_studies(val_src, cfg, cache, workers) if val_src else []
+    train = cached_studies(train_src, cfg, cache, workers, target_size=size // stem)
+    val = cached_studies(val_src, cfg, cache, workers, target_size=size // stem) if val_src else []
     t_data = time.time() - t_start
 
-    net = ICHNet(cfg.channels, widths)
+    net = ICHNet(cfg.channels, widths, stem=stem)
     seq = SequenceHead(net.feat_dim)
     init = getattr(args, "init", "") or ""
     if init:  # fine-tune: start from a bundle's weights (e.g. the synthetic bundle before real data)
-        net, seq = init_from_bundle(init, cfg)
+        net, seq = init_from_bundle(init, cfg, stem)
     log.info("training", studies=len(train), val=len(val), params=count_params(net) + count_params(seq),
              device=str(device))
     t0 = time.time()
@@ -515,14 +560,16 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "description": "Joint 2D U-Net segmentation/classification + bidirectional GRU across slices",
         "intended_use": "Research and software testing only. Trained on synthetic data. NOT for clinical use.",
         "preprocessing": cfg.to_dict(),
-        "architecture": {"network": "ICHNet", "widths": list(widths), "sequence": "BiGRU", "gru_hidden": 48,
+        "architecture": {"network": "ICHNet", "widths": list(widths), "stem": stem, "sequence": "BiGRU",
+                         "gru_hidden": 48,
                          "parameters": count_params(net) + count_params(seq)},
         "exam_score": selection["rule"],
         "thresholds": selection["thresholds"],
         "mask_refinement": {"probability": 0.5, "hu_range": True, "intracranial": True},
         "training": {
             "command": f"triage train '{args.dataset}' --val '{args.val}' --out {args.out} --epochs {args.epochs} "
-                       f"--seed {args.seed} --size {cfg.size} --steps-per-epoch {steps or 0} --seq-epochs {seq_epochs}"
+                       f"--seed {args.seed} --size {cfg.size} --stem {stem} --steps-per-epoch {steps or 0}"
+                       f" --seq-epochs {seq_epochs}"
                        f" --sensitivity {getattr(args, 'sensitivity', ANY_SENSITIVITY)}"
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
