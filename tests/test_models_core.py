@@ -536,3 +536,18 @@ def test_bone_specks_sit_inside_the_edge_band_and_never_on_blood(monkeypatch: py
     assert not bool((changed & deep[None]).any()), "only near the edge"
     # calcium-bright: the soft-tissue window (40/380) reads at least 150 HU at each speck's centre
     assert all(float(out[i, 2].max()) >= (150 + 150) / 380 - 1e-3 for i in range(6))
+
+
+def test_phantom_source_options_are_checked_when_opened() -> None:
+    """``subtypes`` takes several names joined by '/', since ',' separates the options; a bad option
+    fails when the source is opened, not in a cache worker minutes later."""
+    from triage.models.data import open_source
+
+    src = open_source("phantom:5-7:subtypes=epidural/subdural,size_class=small")
+    assert src.keys == ["5", "6"]
+    assert src.load.options == {"subtypes": ("epidural", "subdural"), "size_class": "small"}
+    assert open_source("phantom:0-1:subtypes=subdural").load.options["subtypes"] == ("subdural",)
+    with pytest.raises(ValueError, match="unknown subtype 'subdurall'"):
+        open_source("phantom:0-1:subtypes=subdurall")
+    with pytest.raises(ValueError, match="colour"):
+        open_source("phantom:0-1:colour=red")

@@ -2,7 +2,7 @@
 
 A *source* is a list of keys plus a loader returning a :class:`Study` (HU volume with ground truth).
 Sources: ``phantom:START-END[:key=value,...]`` generates synthetic studies on the fly with the seeds
-START..END-1 (options are passed to ``PhantomOptions``); any other path goes through
+START..END-1 (options are passed to ``PhantomOptions``; ``subtypes=epidural/subdural``); any other path goes through
 ``triage.datasets`` when that package provides ``open_dataset``.
 
 The cache stores each study already preprocessed on the network grid (uint8 windows, soft
@@ -114,6 +114,14 @@ def open_source(spec: str, fmt: str = "auto") -> Source:
         if not keys:
             raise ValueError(f"empty seed range in {spec!r}")
         options = _parse_options(opts)
+        if isinstance(options.get("subtypes"), str):  # subtypes=epidural/subdural (',' separates options)
+            options["subtypes"] = tuple(options["subtypes"].split("/"))
+        from triage.phantom.generator import PhantomOptions
+
+        try:
+            PhantomOptions(**options).validate()
+        except TypeError as exc:
+            raise ValueError(f"{spec!r}: {exc}") from exc
         return Source(spec, keys, PhantomLoader(options),
                       f"synthetic phantom studies, seeds {start}..{int(end) - 1}, options {options or 'default'}")
     try:
