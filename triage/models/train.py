@@ -84,7 +84,7 @@ SOFT_CHANNEL = 2  # the soft-tissue window (40/380) holds calcium-bright voxels 
 HARD_LEVEL = int(math.ceil((HARD_HU - float(CHANNEL_LOWS[SOFT_CHANNEL])) / float(CHANNEL_WIDTHS[SOFT_CHANNEL]) * 255))
 REFERENCE_GRID = 128  # the augmentation sizes in pixels below are pixels of a 128 px grid
 RIM_PROBABILITY = 0.5
-RIM_DEPTH = 4  # pixels of the network grid (~1.5-2 mm each)
+RIM_DEPTH = 4  # pixels of the 128 px reference grid (about 1.5 mm each)
 
 
 def _depth_map(inside: torch.Tensor, layers: int) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _rim_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 CUPPING_PROBABILITY = 0.5
-CUPPING_DEPTH = 16  # pixels of the network grid the field is computed to (it is ~0 beyond)
+CUPPING_DEPTH = 16  # reference-grid pixels the field is computed to (it is ~0 beyond)
 
 
 def _cupping_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -157,7 +157,7 @@ def _cupping_field(inside: torch.Tensor, rng: np.random.Generator) -> torch.Tens
 
 
 CSF_FILL_PROBABILITY = 0.5
-CSF_FILL_MAX = 4  # pixels of the network grid (~1.1 mm each)
+CSF_FILL_MAX = 4  # reference-grid pixels (about 1.5 mm each)
 
 
 def _fill_csf_layer(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -191,7 +191,7 @@ def _fill_csf_layer(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng:
 
 
 BONE_SPECK_PROBABILITY = 0.3
-BONE_SPECK_BAND = 6  # pixels from the intracranial edge
+BONE_SPECK_BAND = 6  # reference-grid pixels from the intracranial edge
 
 
 def _bone_specks(x: torch.Tensor, y: torch.Tensor, inside: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
