@@ -17,8 +17,9 @@ from .conftest import REAL_CT, make_settings
 
 needs_real_ct = pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real CT not present at {REAL_CT}")
 # The shipped bundle (synthetic training only) calls this normal real CT positive (any = 1.00; slice
-# "any" >= 0.99 on slices 10-19 of 28, SAH called through the basal cisterns, spots at the skull base
-# and the mask's edge). Known defect, tracked in the model card; strict so a fixed bundle un-marks it.
+# "any" >= 0.98 on slices 6-22 of 28, SAH called through the skull base and basal cisterns, SDH at
+# spots on the inner table). Known defect, tracked in the model card; strict so a fixed bundle
+# un-marks it.
 KNOWN_FP = pytest.mark.xfail(strict=True, reason="the synthetic-only default bundle calls the real normal CT positive")
 
 
