@@ -2,8 +2,8 @@
 
 A *source* is a list of keys plus a loader returning a :class:`Study` (HU volume with ground truth).
 Sources: ``phantom:START-END[:key=value,...]`` generates synthetic studies on the fly with the seeds
-START..END-1 (options are passed to ``PhantomOptions``; ``subtypes=epidural/subdural``); any other path goes through
-``triage.datasets`` when that package provides ``open_dataset``.
+START..END-1 (options are passed to ``PhantomOptions``; ``subtypes=epidural/subdural``); any other
+path goes through ``triage.datasets`` when that package provides ``open_dataset``.
 
 The cache stores each study already preprocessed on the network grid (uint8 windows, soft
 segmentation targets), about 1 MB per study, so training epochs never touch 512x512 data.
