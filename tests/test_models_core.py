@@ -551,3 +551,18 @@ def test_phantom_source_options_are_checked_when_opened() -> None:
         open_source("phantom:0-1:subtypes=subdurall")
     with pytest.raises(ValueError, match="colour"):
         open_source("phantom:0-1:colour=red")
+
+
+def test_sampler_brings_coarse_targets_to_the_input_grid(toy_cache: list) -> None:
+    """Targets kept on a stem network's U-Net grid (half the input) come out of the sampler on the
+    input grid, with the blood where the full-size targets have it."""
+    from triage.models.preprocess import resize_u8
+    from triage.models.train import SliceSampler
+
+    coarse = [replace(c, target=resize_u8(c.target, c.target.shape[-1] // 2)) for c in toy_cache]
+    a = SliceSampler(toy_cache, np.random.default_rng(5)).batch(16)
+    b = SliceSampler(coarse, np.random.default_rng(5)).batch(16)
+    assert torch.equal(a[0], b[0]) and b[1].shape == a[1].shape == (16, len(SUBTYPES), 32, 32)
+    blood = a[1] > 0.5
+    assert blood.any() and float((b[1][blood] > 0.25).float().mean()) > 0.9
+    assert float(b[1][a[1] == 0].mean()) < 0.05
