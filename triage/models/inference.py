@@ -22,9 +22,16 @@ from triage.imaging.volume import Volume
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.bundle import default_bundle_path, load_weights, read_manifest
-from triage.models.gradcam import gradcam_heatmaps, gradcam_maps, key_slice_input
+from triage.models.gradcam import gradcam_heatmaps, gradcam_maps
 from triage.models.network import ICHNet, SequenceHead
-from triage.models.preprocess import Prepared, PreprocessConfig, from_network_grid, network_input, prepare
+from triage.models.preprocess import (
+    Prepared,
+    PreprocessConfig,
+    from_network_grid,
+    key_slice_input,
+    network_input,
+    prepare,
+)
 from triage.models.types import BundleIdentity, Prediction
 
 log = get_logger(__name__)
