@@ -21,9 +21,16 @@ from triage.labels import LABELS, SUBTYPES
 from triage.models import metrics
 from triage.models.bundle import BundleError, read_manifest, save_bundle
 from triage.models.data import Source, Study, cached_studies
-from triage.models.inference import abc2_ml, decide, exam_scores, load_bundle
+from triage.models.gradcam import gradcam_maps
+from triage.models.inference import abc2_ml, decide, exam_scores, load_bundle, run_networks
 from triage.models.network import ICHNet, SequenceHead
-from triage.models.preprocess import PreprocessConfig, intracranial_mask, network_input, prepare
+from triage.models.preprocess import (
+    PreprocessConfig,
+    intracranial_mask,
+    network_input,
+    prepare,
+    seg_probs_on_input_grid,
+)
 from triage.models.train import choose_rule_and_thresholds, pick_threshold, train_cnn, train_sequence
 
 N, Z, PX = 96, 12, 2.0
@@ -566,3 +573,48 @@ def test_sampler_brings_coarse_targets_to_the_input_grid(toy_cache: list) -> Non
     blood = a[1] > 0.5
     assert blood.any() and float((b[1][blood] > 0.25).float().mean()) > 0.9
     assert float(b[1][a[1] == 0].mean()) < 0.05
+
+
+def test_gradcam_split_at_the_cam_layer_equals_plain_gradcam() -> None:
+    """Grad-CAM runs the layers below the CAM once without gradients and the rest per label on its
+    own rows; the maps must equal the textbook computation (one forward with gradients over all
+    rows, one backward per label)."""
+    torch.manual_seed(3)
+    net = ICHNet(5, WIDTHS, stem=2).eval()
+    for m in net.modules():  # non-trivial batch-norm statistics, so eval mode matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(4, 5, 64, 64)
+    rows = {0: [0, 2, 3], 3: [1], 5: [3, 0]}
+    got = gradcam_maps(net, x, rows)
+    out = net(x, keep_cam=True)
+    for label, r in rows.items():
+        (g,) = torch.autograd.grad(out["slice"][r, label].sum(), out["cam"], retain_graph=True)
+        maps = torch.relu((g[r].mean(dim=(2, 3), keepdim=True) * out["cam"][r]).sum(dim=1, keepdim=True))
+        want = torch.nn.functional.interpolate(maps, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+        assert got[label].shape == (len(r), 64, 64)
+        assert torch.allclose(got[label], want.detach(), atol=1e-6), label
+    assert any(float(m.max()) > 0 for m in got.values())
+
+
+def test_stem_segmentation_from_the_unet_grid_equals_the_full_grid_output() -> None:
+    """Inference keeps a stem network's segmentation logits on the U-Net grid and up-samples only
+    the slices it needs: the probabilities must equal the network's own full-grid output."""
+    torch.manual_seed(4)
+    net = ICHNet(5, WIDTHS, stem=2).eval()
+    x = torch.rand(3, 5, 64, 64)
+    brain = np.zeros((3, 64, 64), bool)
+    brain[:, 8:56, 10:50] = True
+    with torch.no_grad():
+        full = torch.sigmoid(net(x)["seg"]) * torch.from_numpy(brain)[:, None]
+        coarse = net(x, full_seg=False)["seg"]
+    assert coarse.shape == (3, len(SUBTYPES), 32, 32)
+    for k in range(len(SUBTYPES)):
+        got = seg_probs_on_input_grid(coarse[:, k].numpy(), brain)
+        assert torch.allclose(got, full[:, k], atol=1e-6)
+    # the per-slice maximum on the U-Net grid bounds the full-grid one from above (the mask filter)
+    seg = run_networks(net, SequenceHead(net.feat_dim).eval(), (x[:, :3] * 255).byte().numpy(), brain,
+                       PreprocessConfig(size=64, context=1), torch.device("cpu"))
+    assert seg["seg_logits"].shape == (3, len(SUBTYPES), 32, 32)
+    assert (seg["seg_max"] >= full.flatten(2).amax(dim=2).numpy() - 1e-6).all()

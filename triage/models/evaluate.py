@@ -55,7 +55,7 @@ def evaluate_study(bundle: Bundle, s: Study) -> dict[str, Any]:
     pred_any = np.zeros(s.hu.shape, bool)
     for m in pred.masks.values():
         pred_any |= m
-    raw = bundle.build_masks(s.hu, keep["prep"], keep["outputs"]["seg_probs"], pred.present, refine_hu=False)
+    raw = bundle.build_masks(s.hu, keep["prep"], keep["outputs"]["seg_logits"], pred.present, refine_hu=False)
     raw_any = np.zeros(s.hu.shape, bool)
     for m in raw.values():
         raw_any |= m

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from triage.imaging.volume import Volume
@@ -31,6 +32,7 @@ from triage.models.preprocess import (
     key_slice_input,
     network_input,
     prepare,
+    seg_probs_on_input_grid,
 )
 from triage.models.types import BundleIdentity, Prediction
 
@@ -65,24 +67,30 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
     """Network outputs on the network grid.
 
     Returns ``slice_probs`` (Z, 6) from the sequence head, ``cnn_slice_probs`` (Z, 6) from the slice
-    network alone, ``seg_probs`` float32 (Z, 5, S, S) zeroed outside the intracranial space and
-    ``seg_max`` (Z, 5) the per-slice maximum of the segmentation probabilities.
+    network alone, ``seg_logits`` float32 (Z, 5, G, G) on the U-Net grid (G = S / stem; masks
+    are made from them by :func:`seg_probs_on_input_grid`, only on the slices that need it) and
+    ``seg_max`` (Z, 5) the per-slice maximum of the segmentation probabilities inside the
+    intracranial space (on the U-Net grid: over the cells that touch it).
     """
     x = network_input(windows_u8, cfg.context)
     segs, logits, feats = [], [], []
     for i in range(0, x.shape[0], CHUNK):
-        out = net(x[i : i + CHUNK].to(device))
+        out = net(x[i : i + CHUNK].to(device), full_seg=False)
         segs.append(out["seg"].float().cpu())
         logits.append(out["slice"].float().cpu())
         feats.append(out["feat"].float().cpu())
-    seg = torch.sigmoid(torch.cat(segs)) * torch.from_numpy(brain_small)[:, None].float()
+    seg_logits = torch.cat(segs)
+    brain = torch.from_numpy(brain_small)[:, None].float()
+    if brain.shape[-2:] != seg_logits.shape[-2:]:  # a stem network: the U-Net grid is coarser
+        brain = F.adaptive_max_pool2d(brain, seg_logits.shape[-2:])
+    seg_max = (torch.sigmoid(seg_logits) * brain).flatten(2).amax(dim=2)
     cnn_logits = torch.cat(logits)
     seq_logits = seq(torch.cat(feats)[None].to(device), cnn_logits[None].to(device))[0].cpu()
     return {
         "slice_probs": torch.sigmoid(seq_logits).numpy().astype(np.float32),
         "cnn_slice_probs": torch.sigmoid(cnn_logits).numpy().astype(np.float32),
-        "seg_probs": seg.numpy(),
-        "seg_max": seg.flatten(2).amax(dim=2).numpy(),
+        "seg_logits": seg_logits.numpy(),
+        "seg_max": seg_max.numpy(),
     }
 
 
@@ -187,24 +195,27 @@ class Bundle:
         run_networks(self.net, self.seq, win, np.zeros((2, s, s), bool), self.cfg, self.device)
         gradcam_maps(self.net, key_slice_input(win, self.cfg.context, [0, 1]).to(self.device), {0: [0, 1]})
 
-    def build_masks(self, hu: np.ndarray, prep: Prepared, seg_probs: np.ndarray, present: dict[str, bool],
+    def build_masks(self, hu: np.ndarray, prep: Prepared, seg_logits: np.ndarray, present: dict[str, bool],
                     refine_hu: bool) -> dict[str, np.ndarray]:
         """Full-resolution masks of the present subtypes: up-sampled probability >= 0.5 inside the
         intracranial mask and, with ``refine_hu``, within the acute-blood HU range (specks < 3 voxels
         that the HU gate leaves behind are dropped)."""
-        # Only slices whose network-grid maximum reaches 0.5 can hold a voxel (bilinear up-sampling
-        # never exceeds its inputs; the margin covers rounding), and components are labelled in the
-        # bounding box of the mask: the same masks as working on the whole volume, at a fraction of it.
+        # Only slices with a U-Net-grid logit >= 0 (probability 0.5) can hold a voxel (bilinear
+        # up-sampling never exceeds its inputs; the margin covers rounding), and components are
+        # labelled in the bounding box of the mask: the same masks as working on the whole volume,
+        # at a fraction of it.
         masks: dict[str, np.ndarray] = {}
         lo, hi = self.cfg.blood_hu
-        peaks = seg_probs.reshape(seg_probs.shape[0], seg_probs.shape[1], -1).max(axis=2) if len(seg_probs) else None
+        z, c = seg_logits.shape[:2]
+        peaks = seg_logits.reshape(z, c, -1).max(axis=2) if z else None
         for k, sub in enumerate(SUBTYPES):
             if not present.get(sub):
                 continue
             m = np.zeros(prep.shape, bool)
-            zs = np.flatnonzero(peaks[:, k] >= 0.5 - 1e-4) if peaks is not None else np.zeros(0, int)
+            zs = np.flatnonzero(peaks[:, k] >= -1e-3) if peaks is not None else np.zeros(0, int)
             if zs.size:
-                up = from_network_grid(seg_probs[zs, k], prep.box, (len(zs),) + tuple(prep.shape[1:]))
+                fine = seg_probs_on_input_grid(seg_logits[zs, k], prep.brain_small[zs])
+                up = from_network_grid(fine, prep.box, (len(zs),) + tuple(prep.shape[1:]))
                 m[zs] = (up >= 0.5) & prep.brain_mask[zs]
             if refine_hu and m.any():
                 box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(m))
@@ -240,7 +251,7 @@ class Bundle:
             keep["outputs"] = out
 
         t0 = time.perf_counter()
-        masks = self.build_masks(hu, prep, out["seg_probs"], present, self.refine_hu)
+        masks = self.build_masks(hu, prep, out["seg_logits"], present, self.refine_hu)
         union = np.zeros(hu.shape, bool)
         for m in masks.values():
             union |= m
@@ -258,7 +269,7 @@ class Bundle:
         heatmaps: dict[str, np.ndarray] = {}
         if gradcam and keys:  # positive labels only, their key slices only (triage/models/gradcam.py)
             heatmaps = gradcam_heatmaps(self.net, prep.windows, self.cfg.context, keys, prep.brain_small,
-                                        prep.brain_mask, prep.box, prep.shape, seg_probs=out["seg_probs"],
+                                        prep.brain_mask, prep.box, prep.shape, seg_logits=out["seg_logits"],
                                         device=self.device)
         timings["gradcam"] = time.perf_counter() - t0
         return Prediction(

@@ -60,7 +60,8 @@ class ICHNet(nn.Module):
         self.feat_dim = widths[-1] + widths[2] + N_SUBTYPES
         self.cls = nn.Sequential(nn.Dropout(0.1), nn.Linear(self.feat_dim, N_LABELS))
 
-    def forward(self, x: torch.Tensor, keep_cam: bool = False) -> dict[str, torch.Tensor]:
+    def lower(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Encoder and decoder up to the Grad-CAM layer: (encoder outputs, CAM activations)."""
         skips = []
         h = self.unshuffle(x)
         for i, blk in enumerate(self.enc):
@@ -68,24 +69,34 @@ class ICHNet(nn.Module):
                 h = F.max_pool2d(h, 2)
             h = blk(h)
             skips.append(h)
-        bottleneck = h
-        cam = None
-        for j, blk in enumerate(self.dec):
-            skip = skips[-2 - j]
-            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            h = blk(torch.cat([h, skip], dim=1))
-            if j == self.cam_index:
-                cam = h
-                if keep_cam:
-                    cam.retain_grad()
+        for j, blk in enumerate(self.dec[: self.cam_index + 1]):
+            h = self._up(blk, h, skips[-2 - j])
+        return skips, h
+
+    def upper(self, skips: list[torch.Tensor], cam: torch.Tensor, full_seg: bool = True) -> dict[str, torch.Tensor]:
+        """The rest of the network from the CAM activations: segmentation logits, slice logits, features.
+
+        ``full_seg`` = False leaves the segmentation logits on the U-Net grid (size / stem)."""
+        h = cam
+        for j in range(self.cam_index + 1, len(self.dec)):
+            h = self._up(self.dec[j], h, skips[-2 - j])
         seg = self.seg(h)
-        assert cam is not None
-        feat = torch.cat(
-            [bottleneck.mean(dim=(2, 3)), cam.mean(dim=(2, 3)), seg.flatten(2).amax(dim=2)], dim=1
-        )
-        if self.stem > 1:
-            seg = F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        out = {"seg": seg, "slice": self.cls(feat), "feat": feat}
+        feat = torch.cat([skips[-1].mean(dim=(2, 3)), cam.mean(dim=(2, 3)), seg.flatten(2).amax(dim=2)], dim=1)
+        if full_seg and self.stem > 1:
+            size = (seg.shape[-2] * self.stem, seg.shape[-1] * self.stem)
+            seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
+        return {"seg": seg, "slice": self.cls(feat), "feat": feat}
+
+    @staticmethod
+    def _up(blk: nn.Module, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return blk(torch.cat([h, skip], dim=1))
+
+    def forward(self, x: torch.Tensor, keep_cam: bool = False, full_seg: bool = True) -> dict[str, torch.Tensor]:
+        """``seg`` (N, 5, S, S) logits on the input grid (``full_seg`` = False: on the U-Net grid),
+        ``slice`` (N, 6) logits, ``feat`` the pooled features; ``cam`` too with ``keep_cam``."""
+        skips, cam = self.lower(x)
+        out = self.upper(skips, cam, full_seg)
         if keep_cam:
             out["cam"] = cam
         return out

@@ -275,3 +275,16 @@ def from_network_grid(prob: torch.Tensor | np.ndarray, box: tuple[int, int, int,
     out = np.zeros(shape, np.float32)
     out[:, y0:y1, x0:x1] = up.numpy()
     return out
+
+
+def seg_probs_on_input_grid(logits: np.ndarray, brain_small: np.ndarray) -> torch.Tensor:
+    """(N, G, G) segmentation logits on a stem network's U-Net grid -> (N, S, S) float32
+    probabilities on the input grid, zero outside its intracranial mask ``brain_small`` (N, S, S).
+
+    The logits are up-sampled, then squashed: exactly what the network's own full-grid output gives,
+    computed only for the slices that need it (masks, Grad-CAM fallbacks).
+    """
+    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    if t.shape[-2:] != brain_small.shape[-2:]:
+        t = F.interpolate(t[:, None], size=brain_small.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return torch.sigmoid(t) * torch.from_numpy(np.ascontiguousarray(brain_small))
