@@ -64,9 +64,10 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     bundle = tmp_path / "bundle"
     rc = triage_main(["train", str(layouts["rsna"]), "--val", str(layouts["ctich"]), "--out", str(bundle),
                       "--epochs", "1", "--steps-per-epoch", "2", "--size", "32", "--seq-epochs", "1",
-                      "--cache", str(tmp_path / "cache"), "--seed", "1"])
+                      "--cache", str(tmp_path / "cache"), "--seed", "1", "--lr", "0.001"])
     assert rc == 0
     m = read_manifest(bundle)
+    assert "--lr 0.001" in m["training"]["command"], "the recorded command reproduces the run"
     assert m["training"]["studies"] == 3 and "rsna" in m["training"]["data"]
     assert set(m["thresholds"]) == set(LABELS)
     with np.load(bundle / "checkpoints" / "validation_scores.npz") as v:  # to re-pick an operating point

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=int, default=1, help="Processes for preprocessing the studies")
     tr.add_argument("--seq-epochs", type=int, default=15, help="Epochs for the sequence (GRU) head")
     tr.add_argument("--init", default="", help="Start from this bundle's weights (fine-tuning)")
+    tr.add_argument("--lr", type=float, default=2e-3,
+                    help="Peak learning rate of the one-cycle schedule (lower it to fine-tune a trained bundle)")
     tr.add_argument("--sensitivity", type=float, default=1.0,
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
     ev = add("evaluate", "triage.models.evaluate:main", "Evaluate a bundle on a dataset")

@@ -534,7 +534,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     log.info("training", studies=len(train), val=len(val), params=count_params(net) + count_params(seq),
              device=str(device))
     t0 = time.time()
-    history = train_cnn(net, train, int(args.epochs), out, device, rng, bool(args.resume), steps_per_epoch=steps)
+    lr = float(getattr(args, "lr", 2e-3) or 2e-3)
+    history = train_cnn(net, train, int(args.epochs), out, device, rng, bool(args.resume), lr=lr,
+                        steps_per_epoch=steps)
     t_cnn = time.time() - t0
     t0 = time.time()
     feats = slice_features(net, train, device)
@@ -569,7 +571,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "training": {
             "command": f"triage train '{args.dataset}' --val '{args.val}' --out {args.out} --epochs {args.epochs} "
                        f"--seed {args.seed} --size {cfg.size} --stem {stem} --steps-per-epoch {steps or 0}"
-                       f" --seq-epochs {seq_epochs}"
+                       f" --seq-epochs {seq_epochs} --lr {lr:g}"
                        f" --sensitivity {getattr(args, 'sensitivity', ANY_SENSITIVITY)}"
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
