@@ -1,6 +1,8 @@
 """Inference benchmark: seconds per series by stage and peak RSS, for 32- and 64-slice 512x512 series.
 
-Usage: ``.venv/bin/python bench/inference.py [--bundle DIR] [--repeat 3] [--slices 32,64]``
+Usage: ``.venv/bin/python bench/inference.py [--bundle DIR] [--repeat 3] [--slices 32,64]
+[--runtimes torch,auto]``: each runtime of the slice network in turn (``auto`` = ONNX Runtime when the
+bundle has an ONNX export), with its total time as a ratio to the first.
 
 Series are synthetic phantom studies (positive, so Grad-CAM runs) generated once before timing;
 "read+preprocess" is the bundle's preprocessing of the in-memory HU array (DICOM decoding is the
@@ -47,30 +49,36 @@ def main() -> int:
     ap.add_argument("--bundle", default="")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--slices", default="32,64")
+    ap.add_argument("--runtimes", default="torch,auto",
+                    help="slice-network runtimes to compare (torch, onnx, auto); the first is the reference")
     a = ap.parse_args()
-    t = time.perf_counter()
-    bundle = load_bundle(a.bundle or None, device="cpu")
-    load_s = time.perf_counter() - t
-    print(f"bundle {bundle.identity}: load + warm-up {load_s:.2f} s")
+    series = {n: make_series(n, 4242 + n) for n in (int(x) for x in a.slices.split(","))}
     rows = []
-    for n in (int(x) for x in a.slices.split(",")):
-        vol = make_series(n, 4242 + n)
-        runs = []
-        for _ in range(a.repeat):
-            c0, w0 = time.process_time(), time.perf_counter()
-            pred = bundle.predict(vol)
-            runs.append((pred.timings, time.perf_counter() - w0, time.process_time() - c0, pred.positive))
-        med = {k: float(np.median([r[0][k] for r in runs])) for k in STAGES}
-        rows.append((n, vol.shape, med, float(np.median([r[1] for r in runs])),
-                     float(np.median([r[2] for r in runs])), runs[0][3]))
+    for runtime in a.runtimes.split(","):
+        t = time.perf_counter()
+        bundle = load_bundle(a.bundle or None, device="cpu", runtime=runtime)
+        load_s = time.perf_counter() - t
+        print(f"bundle {bundle.identity}, runtime {runtime} -> {bundle.runtime}: load + warm-up {load_s:.2f} s")
+        for n, vol in series.items():
+            runs = []
+            for _ in range(a.repeat):
+                c0, w0 = time.process_time(), time.perf_counter()
+                pred = bundle.predict(vol)
+                runs.append((pred.timings, time.perf_counter() - w0, time.process_time() - c0, pred.positive))
+            med = {k: float(np.median([r[0][k] for r in runs])) for k in STAGES}
+            rows.append((bundle.runtime, n, vol.shape, med, float(np.median([r[1] for r in runs])),
+                         float(np.median([r[2] for r in runs])), runs[0][3]))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print("\n| slices | shape | read+preprocess | detection | segmentation | Grad-CAM | total wall "
-          "| total CPU | positive |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, shape, med, wall, cpu, positive in rows:
-        print(f"| {n} | {'x'.join(map(str, shape))} | {med['preprocess']:.2f} | {med['detection']:.2f} | "
-              f"{med['segmentation']:.2f} | {med['gradcam']:.2f} | {wall:.2f} | {cpu:.2f} | {positive} |")
-    print(f"\npeak RSS {rss_mb:.0f} MB (whole process, incl. phantom generation); median of {a.repeat} runs")
+    reference = {n: wall for rt, n, _, _, wall, _, _ in rows if rt == rows[0][0]}
+    print("\n| runtime | slices | shape | read+preprocess | detection | segmentation | Grad-CAM | total wall "
+          f"| vs {rows[0][0]} | total CPU | positive |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for rt, n, shape, med, wall, cpu, positive in rows:
+        print(f"| {rt} | {n} | {'x'.join(map(str, shape))} | {med['preprocess']:.2f} | {med['detection']:.2f} | "
+              f"{med['segmentation']:.2f} | {med['gradcam']:.2f} | {wall:.2f} | {wall / reference[n]:.2f} | "
+              f"{cpu:.2f} | {positive} |")
+    print(f"\npeak RSS {rss_mb:.0f} MB (whole process, incl. phantom generation and every runtime); "
+          f"median of {a.repeat} runs")
     with open("/proc/loadavg") as fh:
         print(f"load average at end: {fh.read().split()[0]}")
     return 0

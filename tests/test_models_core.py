@@ -618,3 +618,55 @@ def test_stem_segmentation_from_the_unet_grid_equals_the_full_grid_output() -> N
                        PreprocessConfig(size=64, context=1), torch.device("cpu"))
     assert seg["seg_logits"].shape == (3, len(SUBTYPES), 32, 32)
     assert (seg["seg_max"] >= full.flatten(2).amax(dim=2).numpy() - 1e-6).all()
+
+
+def test_onnx_export_runs_in_onnxruntime_with_the_same_results(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from triage.models.export import ONNX_FILE, export_onnx
+
+    bundle = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    entry = export_onnx(bundle)
+    assert (bundle / ONNX_FILE).is_file() and entry["max_abs_diff"] <= 1e-3
+    assert read_manifest(bundle)["exports"]["onnx"]["sha256"] == entry["sha256"]
+
+    vol = toy_volume(toy_study(11))
+    ort_b = load_bundle(bundle, device="cpu", thresholds_override=dict.fromkeys(LABELS, 0.3))
+    torch_b = load_bundle(bundle, device="cpu", thresholds_override=dict.fromkeys(LABELS, 0.3), runtime="torch")
+    assert ort_b.runtime == "onnxruntime" and torch_b.runtime == "torch"
+    a, b = ort_b.predict(vol), torch_b.predict(vol)
+    assert a.device == "cpu+onnxruntime" and b.device == "cpu"
+    for lab in LABELS:
+        assert a.exam_probs[lab] == pytest.approx(b.exam_probs[lab], abs=1e-4)
+    assert np.allclose(a.slice_probs, b.slice_probs, atol=1e-4)
+    assert a.present == b.present and a.masks.keys() == b.masks.keys()
+    for sub, m in a.masks.items():  # a voxel may flip where the probability sits at 0.5
+        assert (m != b.masks[sub]).sum() <= max(2, m.sum() // 100), sub
+
+
+def test_onnx_export_that_is_changed_or_stale_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from triage.models.export import ONNX_FILE, export_onnx
+
+    bundle = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    with pytest.raises(BundleError, match="no ONNX export"):
+        load_bundle(bundle, device="cpu", runtime="onnx")
+    assert load_bundle(bundle, device="cpu").runtime == "torch", "no export: PyTorch"
+    export_onnx(bundle)
+    data = (bundle / ONNX_FILE).read_bytes()
+    (bundle / ONNX_FILE).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(BundleError, match="does not match"):
+        load_bundle(bundle, device="cpu")
+    export_onnx(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["exports"]["onnx"]["weights_sha256"] = "0" * 64  # made from other weights
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="other weights"):
+        load_bundle(bundle, device="cpu")
+    assert load_bundle(bundle, device="cpu", runtime="torch").runtime == "torch"
+    with pytest.raises(ValueError, match="runtime"):
+        load_bundle(bundle, device="cpu", runtime="tensorrt")

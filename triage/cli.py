@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Peak learning rate of the one-cycle schedule (lower it to fine-tune a trained bundle)")
     tr.add_argument("--sensitivity", type=float, default=1.0,
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
+    ex = add("export", "triage.models.export:main", "Export a bundle's slice network to ONNX (faster CPU inference)")
+    ex.add_argument("bundle", help="Bundle directory; the export and its sha256 are written into it")
     ev = add("evaluate", "triage.models.evaluate:main", "Evaluate a bundle on a dataset")
     ev.add_argument("dataset")
     ev.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])

@@ -172,6 +172,10 @@ class Settings(BaseModel):
         default=0, ge=0, le=256,
         description="CPU threads of one inference (torch intra-op); 0 = auto: one core left to the rest of "
                     "the node, at most 2")
+    inference_runtime: str = Field(
+        default="auto", pattern="^(auto|torch|onnx)$",
+        description="Where the slice network runs on CPU: auto = ONNX Runtime when the bundle has a verified "
+                    "ONNX export, else PyTorch; onnx = ONNX Runtime or fail; torch = always PyTorch")
     lease_seconds: float = Field(default=60.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)

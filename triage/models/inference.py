@@ -22,7 +22,8 @@ from scipy import ndimage
 from triage.imaging.volume import Volume
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
-from triage.models.bundle import default_bundle_path, load_weights, read_manifest
+from triage.models.bundle import BundleError, default_bundle_path, load_weights, read_manifest
+from triage.models.export import onnx_session
 from triage.models.gradcam import gradcam_heatmaps, gradcam_maps
 from triage.models.network import ICHNet, SequenceHead
 from triage.models.preprocess import (
@@ -63,8 +64,10 @@ def resolve_device(device: str) -> torch.device:
 
 @torch.no_grad()
 def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_small: np.ndarray,
-                 cfg: PreprocessConfig, device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
-    """Network outputs on the network grid.
+                 cfg: PreprocessConfig, device: torch.device = torch.device("cpu"),
+                 session: Any | None = None) -> dict[str, np.ndarray]:
+    """Network outputs on the network grid. ``session``: an ONNX Runtime session of the slice
+    network (:mod:`triage.models.export`) that runs it instead of ``net``.
 
     Returns ``slice_probs`` (Z, 6) from the sequence head, ``cnn_slice_probs`` (Z, 6) from the slice
     network alone, ``seg_logits`` float32 (Z, 5, G, G) on the U-Net grid (G = S / stem; masks
@@ -75,10 +78,14 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
     x = network_input(windows_u8, cfg.context)
     segs, logits, feats = [], [], []
     for i in range(0, x.shape[0], CHUNK):
-        out = net(x[i : i + CHUNK].to(device), full_seg=False)
-        segs.append(out["seg"].float().cpu())
-        logits.append(out["slice"].float().cpu())
-        feats.append(out["feat"].float().cpu())
+        if session is not None:
+            seg_i, slice_i, feat_i = (torch.from_numpy(a) for a in session.run(None, {"x": x[i : i + CHUNK].numpy()}))
+        else:
+            out = net(x[i : i + CHUNK].to(device), full_seg=False)
+            seg_i, slice_i, feat_i = out["seg"], out["slice"], out["feat"]
+        segs.append(seg_i.float().cpu())
+        logits.append(slice_i.float().cpu())
+        feats.append(feat_i.float().cpu())
     seg_logits = torch.cat(segs)
     brain = torch.from_numpy(brain_small)[:, None].float()
     if brain.shape[-2:] != seg_logits.shape[-2:]:  # a stem network: the U-Net grid is coarser
@@ -173,6 +180,12 @@ class Bundle:
     thresholds: dict[str, float]
     device: torch.device
     cfg: PreprocessConfig
+    session: Any | None = None  # ONNX Runtime session of the slice network (CPU), else PyTorch
+
+    @property
+    def runtime(self) -> str:
+        """Where the slice network runs: "onnxruntime" or "torch"; recorded with every result."""
+        return "onnxruntime" if self.session is not None else "torch"
 
     @property
     def identity(self) -> BundleIdentity:
@@ -192,7 +205,7 @@ class Bundle:
         lazy start (kernel selection, autograd), measured at several seconds on a busy 2-core host."""
         s = self.cfg.size
         win = np.zeros((2, len(self.cfg.windows), s, s), np.uint8)
-        run_networks(self.net, self.seq, win, np.zeros((2, s, s), bool), self.cfg, self.device)
+        run_networks(self.net, self.seq, win, np.zeros((2, s, s), bool), self.cfg, self.device, self.session)
         gradcam_maps(self.net, key_slice_input(win, self.cfg.context, [0, 1]).to(self.device), {0: [0, 1]})
 
     def build_masks(self, hu: np.ndarray, prep: Prepared, seg_logits: np.ndarray, present: dict[str, bool],
@@ -241,7 +254,7 @@ class Bundle:
             keep["prep"] = prep
 
         t0 = time.perf_counter()
-        out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device)
+        out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device, self.session)
         slice_probs = out["slice_probs"]
         probs = exam_scores(slice_probs, out["seg_max"], self.exam_rule)
         exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
@@ -285,16 +298,25 @@ class Bundle:
             brain_mask=prep.brain_mask,
             timings=timings,
             bundle=self.identity,
-            device=str(self.device),
+            device=str(self.device) + ("+onnxruntime" if self.session is not None else ""),
         )
 
 
+RUNTIMES = ("auto", "torch", "onnx")
+
+
 def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto",
-                thresholds_override: dict[str, float] | None = None, threads: int = 0) -> Bundle:
+                thresholds_override: dict[str, float] | None = None, threads: int = 0,
+                runtime: str = "auto") -> Bundle:
     """Load, verify (sha256) and warm up a bundle; None or "" -> the shipped default bundle.
 
-    ``threads``: torch intra-op threads of this process (0 = :func:`inference_threads`'s choice).
+    ``threads``: intra-op threads of this process (0 = :func:`inference_threads`'s choice).
+    ``runtime``: where the slice network runs on CPU. "auto": ONNX Runtime when the bundle has a
+    verified ONNX export and onnxruntime is installed, else PyTorch; "onnx": ONNX Runtime or an
+    error; "torch": always PyTorch. On a GPU the network runs in PyTorch.
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     torch.set_num_threads(inference_threads(threads))
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -309,10 +331,16 @@ def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto"
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"threshold for {lab!r} must be within [0, 1], got {value}")
         thresholds[lab] = float(value)
+    session = None
+    if runtime != "torch" and dev.type == "cpu":
+        session = onnx_session(p, manifest, torch.get_num_threads())
+    if runtime == "onnx" and session is None:
+        raise BundleError(f"runtime 'onnx' asked for, but {p} has no ONNX export (`triage export`), onnxruntime "
+                          "is not installed, or the device is not the CPU")
     bundle = Bundle(p, manifest, net.to(dev), seq.to(dev), thresholds, dev,
-                    PreprocessConfig.from_dict(manifest["preprocessing"]))
+                    PreprocessConfig.from_dict(manifest["preprocessing"]), session)
     bundle.warm_up()
-    log.info("bundle_loaded", bundle=str(bundle.identity), device=str(dev))
+    log.info("bundle_loaded", bundle=str(bundle.identity), device=str(dev), runtime=bundle.runtime)
     return bundle
 
 
@@ -383,7 +411,8 @@ def cli_infer(args: argparse.Namespace, settings: Any) -> int:
         return 2
     bundle = load_bundle(getattr(args, "bundle", "") or settings.bundle_path or None, device=settings.device,
                          thresholds_override=settings.thresholds or None,
-                         threads=int(getattr(settings, "inference_threads", 0) or 0))
+                         threads=int(getattr(settings, "inference_threads", 0) or 0),
+                         runtime=str(getattr(settings, "inference_runtime", "auto") or "auto"))
     pred = bundle.predict(volume)
     summary = prediction_summary(pred)
     summary["slices"] = int(volume.hu.shape[0])

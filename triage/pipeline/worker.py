@@ -42,7 +42,7 @@ class Worker:
                 s = self.ctx.settings
                 self._bundle = load_bundle(s.bundle_path or None, device=s.device,
                                            thresholds_override=s.thresholds or None,
-                                           threads=s.inference_threads)
+                                           threads=s.inference_threads, runtime=s.inference_runtime)
                 log.info("bundle loaded", bundle=str(self._bundle.identity), worker=self.name)
             return self._bundle
 
