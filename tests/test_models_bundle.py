@@ -36,7 +36,10 @@ def test_shipped_bundle_manifest_is_complete() -> None:
     assert m["weights"]["sha256"] == sha256_file(path / m["weights"]["file"])
     assert m["weights"]["bytes"] < 8 * 1024 * 1024, "the bundle stays a few MB"
     assert "synthetic" in m["training"]["data"] and "NOT for clinical use" in m["intended_use"]
-    assert m["validation"]["operating_points"]["any"]["sensitivity"] == 1.0
+    # the "any" threshold is the validation operating point that keeps sensitivity at the issue's
+    # target of 0.98 or more (since 2026.11.24.3; the sensitivity-1.00 point is in the model card)
+    op = m["validation"]["operating_points"]["any"]
+    assert op["sensitivity"] >= 0.98 and m["thresholds"]["any"] == op["threshold"]
     card = (path / "MODEL_CARD.md").read_text()
     assert "NOT for clinical use" in card and "synthetic" in card
 
