@@ -174,8 +174,10 @@ class Settings(BaseModel):
                     "the node, at most 2")
     inference_runtime: str = Field(
         default="auto", pattern="^(auto|torch|onnx)$",
-        description="Where the slice network runs on CPU: auto = ONNX Runtime when the bundle has a verified "
-                    "ONNX export, else PyTorch; onnx = ONNX Runtime or fail; torch = always PyTorch")
+        description="Where the slice network runs on CPU: `auto` = ONNX Runtime when the bundle has a verified "
+                    "ONNX export (`triage export BUNDLE`; the default bundle ships one), else PyTorch; `onnx` = "
+                    "ONNX Runtime or fail at start; `torch` = always PyTorch. Results record it (device "
+                    "`cpu+onnxruntime`)")
     lease_seconds: float = Field(default=60.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
