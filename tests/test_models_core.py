@@ -588,10 +588,11 @@ def test_gradcam_split_at_the_cam_layer_equals_plain_gradcam() -> None:
     x = torch.rand(4, 5, 64, 64)
     rows = {0: [0, 2, 3], 3: [1], 5: [3, 0]}
     got = gradcam_maps(net, x, rows)
-    out = net(x, keep_cam=True)
+    skips, cam = net.lower(x)  # one graph from the input through the CAM to the logits
+    out = net.upper(skips, cam)
     for label, r in rows.items():
-        (g,) = torch.autograd.grad(out["slice"][r, label].sum(), out["cam"], retain_graph=True)
-        maps = torch.relu((g[r].mean(dim=(2, 3), keepdim=True) * out["cam"][r]).sum(dim=1, keepdim=True))
+        (g,) = torch.autograd.grad(out["slice"][r, label].sum(), cam, retain_graph=True)
+        maps = torch.relu((g[r].mean(dim=(2, 3), keepdim=True) * cam[r]).sum(dim=1, keepdim=True))
         want = torch.nn.functional.interpolate(maps, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
         assert got[label].shape == (len(r), 64, 64)
         assert torch.allclose(got[label], want.detach(), atol=1e-6), label

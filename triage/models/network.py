@@ -92,14 +92,11 @@ class ICHNet(nn.Module):
         h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         return blk(torch.cat([h, skip], dim=1))
 
-    def forward(self, x: torch.Tensor, keep_cam: bool = False, full_seg: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, full_seg: bool = True) -> dict[str, torch.Tensor]:
         """``seg`` (N, 5, S, S) logits on the input grid (``full_seg`` = False: on the U-Net grid),
-        ``slice`` (N, 6) logits, ``feat`` the pooled features; ``cam`` too with ``keep_cam``."""
+        ``slice`` (N, 6) logits and ``feat`` the pooled features."""
         skips, cam = self.lower(x)
-        out = self.upper(skips, cam, full_seg)
-        if keep_cam:
-            out["cam"] = cam
-        return out
+        return self.upper(skips, cam, full_seg)
 
 
 class SequenceHead(nn.Module):
