@@ -210,3 +210,21 @@ def test_options_tilt_spacing_and_full_size() -> None:
         PhantomOptions.from_strings(["colour=red"])
     assert PhantomOptions.from_strings(["size=256", "subtypes=epidural,subdural", "tilt_deg=10"]).subtypes == (
         "epidural", "subdural")
+
+
+def test_min_atrophy_widens_csf_spaces_and_keeps_the_default_stream() -> None:
+    """``min_atrophy`` draws older brains (more CSF inside the skull); at 0 the study is unchanged."""
+    base = generate_study(83, PhantomOptions(size=SMALL, kind="negative"))
+    same = generate_study(83, PhantomOptions(size=SMALL, kind="negative", min_atrophy=0.0))
+    old = generate_study(83, PhantomOptions(size=SMALL, kind="negative", min_atrophy=0.8))
+    assert np.array_equal(base.hu, same.hu)
+    assert base.hu.shape == old.hu.shape  # same head size and geometry: only the brain ages
+
+    def csf_fraction(s: SyntheticStudy) -> float:
+        csf = s.regions["csf_spaces"] | s.regions["ventricles"]
+        return float(csf[s.brain_mask].mean())
+
+    assert csf_fraction(old) > 1.3 * csf_fraction(base)
+    assert PhantomOptions.from_strings(["min_atrophy=0.5"]).min_atrophy == 0.5
+    with pytest.raises(ValueError, match="min_atrophy"):
+        PhantomOptions(min_atrophy=1.5).validate()

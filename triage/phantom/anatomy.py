@@ -48,8 +48,11 @@ class HeadParams:
     atrophy: float  # 0 young .. 1 old: sets the CSF spaces' widths
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> HeadParams:
+    def sample(cls, rng: np.random.Generator, min_atrophy: float = 0.0) -> HeadParams:
+        """Draw a head; ``min_atrophy`` > 0 rescales the atrophy draw into [min_atrophy, 1] (older
+        brains: wider sulci reaching the surface, larger ventricles) without changing the random stream."""
         atrophy = float(rng.beta(1.6, 3.0))  # 0 young .. 1 old
+        atrophy = min_atrophy + (1.0 - min_atrophy) * atrophy
         return cls(
             a=float(rng.uniform(63, 70)),
             b=float(rng.uniform(80, 87)),

@@ -43,6 +43,7 @@ class PhantomOptions:
     artefacts: float = 1.0  # multiplies streak / cupping strength (0 = none)
     calcifications: bool = True
     internal_size: int | None = None  # anatomy grid (default min(size, 256)); upsampled to ``size``
+    min_atrophy: float = 0.0  # 0-1: lowest brain atrophy drawn (0 = the default age mix)
 
     @classmethod
     def from_strings(cls, pairs: list[str] | dict[str, str]) -> PhantomOptions:
@@ -60,7 +61,7 @@ class PhantomOptions:
                 kw[key] = tuple(s.strip() for s in raw.split(",") if s.strip())
             elif key in ("size", "internal_size"):
                 kw[key] = int(raw)
-            elif key in ("slice_spacing", "tilt_deg", "noise", "artefacts"):
+            elif key in ("slice_spacing", "tilt_deg", "noise", "artefacts", "min_atrophy"):
                 kw[key] = float(raw)
             elif key == "calcifications":
                 kw[key] = raw.lower() in ("1", "true", "yes", "on")
@@ -86,6 +87,8 @@ class PhantomOptions:
             raise ValueError("slice_spacing must be 0.5-10 mm")
         if self.tilt_deg is not None and not 0 <= abs(self.tilt_deg) <= 30:
             raise ValueError("tilt_deg must be within +-30")
+        if not 0.0 <= self.min_atrophy <= 1.0:
+            raise ValueError("min_atrophy must be 0-1")
 
 
 @dataclass
@@ -196,7 +199,7 @@ def _has_faint_bleed(study: SyntheticStudy) -> bool:
 
 def _generate(seed: int, opts: PhantomOptions, rng: np.random.Generator) -> SyntheticStudy:
     kind = opts.kind or ("positive" if opts.subtypes else _choose(rng, KINDS, KIND_WEIGHTS))
-    p = HeadParams.sample(rng)
+    p = HeadParams.sample(rng, opts.min_atrophy)
     fine = _geometry(rng, p, opts)
     factor = opts.size // (opts.internal_size or min(opts.size, 256))
     geo = fine.coarsened(factor)
