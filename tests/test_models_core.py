@@ -412,29 +412,6 @@ def test_init_from_bundle_loads_its_weights(tiny_bundle: Path) -> None:
         init_from_bundle(tiny_bundle, replace(SMALL, context=2))
 
 
-def test_average_with_bundle_takes_the_weight_midpoint_and_re_estimates_batch_norm(
-        tiny_bundle: Path, toy_cache: list) -> None:
-    from triage.models.train import average_with_bundle
-
-    torch.manual_seed(3)
-    net = ICHNet(SMALL.channels, WIDTHS)
-    start = {k: v.clone() for k, v in net.state_dict().items()}
-    ref = load_bundle(tiny_bundle, device="cpu").net.state_dict()
-    who = average_with_bundle(net, tiny_bundle, toy_cache, torch.device("cpu"), np.random.default_rng(0),
-                              batches=3, batch_size=4)
-    assert who.startswith("0 (sha256 ")
-    got = net.state_dict()
-    conv = "enc.0.0.weight" if "enc.0.0.weight" in got else next(k for k in got if k.endswith("weight"))
-    assert torch.allclose(got[conv], (start[conv] + ref[conv]) / 2, atol=1e-6)
-    stats = [k for k in got if k.endswith("running_mean")]
-    assert stats and all(not torch.allclose(got[k], (start[k] + ref[k]) / 2) for k in stats[:3])
-    assert all(torch.isfinite(got[k]).all() for k in stats)
-    assert not net.training
-    other = ICHNet(SMALL.channels, (4, 8, 16, 16, 32))
-    with pytest.raises(SystemExit, match="architecture"):
-        average_with_bundle(other, tiny_bundle, toy_cache, torch.device("cpu"), np.random.default_rng(0), batches=1)
-
-
 def test_stem_network_sees_the_finer_grid_and_widening_keeps_the_function(tiny_bundle: Path) -> None:
     """A stem-2 network takes a 2x input grid and answers on it; widened from a stem-1 bundle it
     starts out computing the stem-1 answer on the block-averaged input, while sub-pixel detail the

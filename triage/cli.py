@@ -119,10 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Peak learning rate of the one-cycle schedule (lower it to fine-tune a trained bundle)")
     tr.add_argument("--sensitivity", type=float, default=1.0,
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
-    tr.add_argument("--average", default="",
-                    help="After training, average the slice network's weights with this bundle's (same "
-                         "architecture, e.g. the --init bundle: a two-model 'soup'), recalibrate batch norm, "
-                         "then fit the sequence head")
     ex = add("export", "triage.models.export:main", "Export a bundle's slice network to ONNX (faster CPU inference)")
     ex.add_argument("bundle", help="Bundle directory; the export and its sha256 are written into it")
     ev = add("evaluate", "triage.models.evaluate:main", "Evaluate a bundle on a dataset")

@@ -391,41 +391,6 @@ def train_cnn(net: ICHNet, studies: list[Cached], epochs: int, out: Path, device
 
 
 @torch.no_grad()
-def average_with_bundle(net: ICHNet, path: str | Path, studies: list[Cached], device: torch.device,
-                        rng: np.random.Generator, batches: int = 60, batch_size: int = 16) -> str:
-    """Average ``net``'s weights with a bundle's slice network (a uniform two-model "soup"), in place.
-
-    Two fine-tunes from one start lie in one basin, where the mid-point of their weights usually
-    generalises better than either end. The averaged batch-norm statistics are not the statistics of
-    the averaged network, so they are re-estimated on ``batches`` training batches (no gradient).
-    Returns the other bundle's identity for the manifest.
-    """
-    manifest = read_manifest(path)
-    other, _ = load_weights(path, manifest)
-    if other.widths != net.widths or other.stem != net.stem:
-        raise SystemExit(f"--average bundle {path}: architecture {other.widths}/stem {other.stem} differs "
-                         f"from {net.widths}/stem {net.stem}")
-    theirs = other.state_dict()
-    for k, v in net.state_dict().items():
-        if v.is_floating_point():
-            v.mul_(0.5).add_(theirs[k].to(v.device), alpha=0.5)
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative mean over the recalibration batches
-    sampler = SliceSampler(studies, rng)
-    net.train()
-    for _ in range(batches):
-        x = sampler.batch(batch_size)[0]
-        net(x.to(device))
-    for m, mom in zip(norms, momenta, strict=True):
-        m.momentum = mom
-    net.eval()
-    return f"{manifest.get('version', '?')} (sha256 {manifest['weights']['sha256'][:12]}...)"
-
-
-@torch.no_grad()
 def slice_features(net: ICHNet, studies: list[Cached], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
     net.eval()
     feats = []
@@ -573,8 +538,6 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     history = train_cnn(net, train, int(args.epochs), out, device, rng, bool(args.resume), lr=lr,
                         steps_per_epoch=steps)
     t_cnn = time.time() - t0
-    average = getattr(args, "average", "") or ""
-    averaged_with = average_with_bundle(net, average, train, device, rng) if average else None
     t0 = time.time()
     feats = slice_features(net, train, device)
     seq_hist = train_sequence(seq.to(device), feats, seq_epochs, rng)
@@ -610,9 +573,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        f"--seed {args.seed} --size {cfg.size} --stem {stem} --steps-per-epoch {steps or 0}"
                        f" --seq-epochs {seq_epochs} --lr {lr:g}"
                        f" --sensitivity {getattr(args, 'sensitivity', ANY_SENSITIVITY)}"
-                       + (f" --init {init}" if init else "") + (f" --average {average}" if average else ""),
+                       + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
-            "averaged_with": averaged_with,
             "data": train_src.description,
             "validation": val_src.description if val_src else None,
             "studies": len(train),
