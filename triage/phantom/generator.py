@@ -44,6 +44,7 @@ class PhantomOptions:
     calcifications: bool = True
     internal_size: int | None = None  # anatomy grid (default min(size, 256)); upsampled to ``size``
     min_atrophy: float = 0.0  # 0-1: lowest brain atrophy drawn (0 = the default age mix)
+    bone_glare: float = 0.0  # HU of the glare band under the inner table (0 = none, the default)
 
     @classmethod
     def from_strings(cls, pairs: list[str] | dict[str, str]) -> PhantomOptions:
@@ -61,7 +62,7 @@ class PhantomOptions:
                 kw[key] = tuple(s.strip() for s in raw.split(",") if s.strip())
             elif key in ("size", "internal_size"):
                 kw[key] = int(raw)
-            elif key in ("slice_spacing", "tilt_deg", "noise", "artefacts", "min_atrophy"):
+            elif key in ("slice_spacing", "tilt_deg", "noise", "artefacts", "min_atrophy", "bone_glare"):
                 kw[key] = float(raw)
             elif key == "calcifications":
                 kw[key] = raw.lower() in ("1", "true", "yes", "on")
@@ -89,6 +90,8 @@ class PhantomOptions:
             raise ValueError("tilt_deg must be within +-30")
         if not 0.0 <= self.min_atrophy <= 1.0:
             raise ValueError("min_atrophy must be 0-1")
+        if not 0.0 <= self.bone_glare <= 200.0:
+            raise ValueError("bone_glare must be 0-200 HU")
 
 
 @dataclass
@@ -254,6 +257,8 @@ def _generate(seed: int, opts: PhantomOptions, rng: np.random.Generator) -> Synt
     if strength > 0:
         art.update(artefacts.streaks(head, hu, rng, strength))
         art.update(artefacts.cupping_and_pseudo_enhancement(head, hu, rng, strength))
+    if opts.bone_glare > 0:  # drawn only when asked for: the default stream stays as it was
+        art.update(artefacts.bone_glare(head, hu, rng, opts.bone_glare))
     if rng.random() < 0.5:
         artefacts.head_holder(head, hu, rng)
         art["head_holder"] = True
