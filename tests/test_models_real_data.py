@@ -81,6 +81,10 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     assert report["volume_error_ml"]["n"] == 1
     assert all(report["dice"]["per_subtype_ge_1ml"][s]["n"] == 0 for s in SUBTYPES), "no subtype masks"
     assert (out / "roc.png").exists() or any(p.suffix == ".png" for p in out.iterdir())
+    for line in (out / "rows.jsonl").read_text().splitlines():  # every rule's scores, to compare rules
+        row = json.loads(line)
+        assert set(row["probs_by_rule"]) == {"sequence_max", "segmentation_max", "mean"}
+        assert np.allclose(row["probs_by_rule"][m["exam_score"]], row["probs"], atol=1e-5)
 
     out = tmp_path / "eval-cq500"
     assert triage_main(["evaluate", str(layouts["cq500"]), "--bundle", str(bundle), "--out", str(out)]) == 0

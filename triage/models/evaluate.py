@@ -24,7 +24,7 @@ from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models import metrics
 from triage.models.data import Study, open_source, stored_studies
-from triage.models.inference import Bundle, load_bundle
+from triage.models.inference import EXAM_RULES, Bundle, exam_scores, load_bundle
 
 log = get_logger(__name__)
 
@@ -65,6 +65,10 @@ def evaluate_study(bundle: Bundle, s: Study) -> dict[str, Any]:
         "truth": [int(v) for v in s.exam_labels],
         "probs": [pred.exam_probs[lab] for lab in LABELS],
         "present": [int(pred.present[lab]) for lab in LABELS],
+        # every exam rule's scores, so rules can be compared on one run (the bundle's is "probs")
+        "probs_by_rule": {rule: [round(float(x), 6) for x in exam_scores(keep["outputs"]["slice_probs"],
+                                                                          keep["outputs"]["seg_max"], rule)]
+                          for rule in EXAM_RULES},
         "volume_true": float(truth_any.sum() * vox) if scored else None,
         "volume_pred": pred.volumes_ml["any"],
         "abc2_pred": pred.abc2_ml["any"],
