@@ -621,6 +621,30 @@ def test_stem_segmentation_from_the_unet_grid_equals_the_full_grid_output() -> N
     assert (seg["seg_max"] >= full.flatten(2).amax(dim=2).numpy() - 1e-6).all()
 
 
+def test_flip_augmentation_averages_the_mirrored_pass_and_is_mirror_invariant() -> None:
+    """``flip``: the mean of the plain pass and the mirrored one (masks mirrored back), so a series
+    and its mirror image get the same scores and mirrored masks."""
+    torch.manual_seed(5)
+    net = ICHNet(5, WIDTHS, stem=2).eval()
+    seq = SequenceHead(net.feat_dim).eval()
+    cfg = PreprocessConfig(size=64, context=1)
+    win = (torch.rand(4, 3, 64, 64) * 255).byte().numpy()
+    brain = np.zeros((4, 64, 64), bool)
+    brain[:, 8:56, 6:50] = True  # not symmetric: the mirrored pass sees another mask
+    mirror = (np.ascontiguousarray(win[..., ::-1]), np.ascontiguousarray(brain[..., ::-1]))
+    plain = run_networks(net, seq, win, brain, cfg)
+    plain_m = run_networks(net, seq, *mirror, cfg)
+    tta = run_networks(net, seq, win, brain, cfg, flip=True)
+    tta_m = run_networks(net, seq, *mirror, cfg, flip=True)
+    assert not np.allclose(plain["slice_probs"], plain_m["slice_probs"]), "the network is not mirror-symmetric"
+    for k in ("slice_probs", "cnn_slice_probs", "seg_max"):
+        assert tta[k].shape == plain[k].shape
+        assert np.allclose(tta[k], (plain[k] + plain_m[k]) / 2, atol=1e-6)
+        assert np.allclose(tta[k], tta_m[k], atol=1e-5)
+    assert np.allclose(tta["seg_logits"], (plain["seg_logits"] + plain_m["seg_logits"][..., ::-1]) / 2, atol=1e-5)
+    assert np.allclose(tta["seg_logits"], tta_m["seg_logits"][..., ::-1], atol=1e-5)
+
+
 def test_onnx_export_runs_in_onnxruntime_with_the_same_results(tiny_bundle: Path, tmp_path: Path) -> None:
     import shutil
 

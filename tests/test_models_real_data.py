@@ -14,6 +14,7 @@ from triage.cli import main as triage_main
 from triage.labels import LABELS, SUBTYPES
 from triage.models.bundle import read_manifest
 from triage.models.data import cached_studies, open_source
+from triage.models.inference import load_bundle
 from triage.models.preprocess import PreprocessConfig
 from triage.phantom.generator import PhantomOptions, SyntheticStudy, generate_study
 
@@ -85,6 +86,17 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
         row = json.loads(line)
         assert set(row["probs_by_rule"]) == {"sequence_max", "segmentation_max", "mean"}
         assert np.allclose(row["probs_by_rule"][m["exam_score"]], row["probs"], atol=1e-5)
+
+    # the operating point chosen again without retraining, with mirror test-time augmentation
+    weights = (bundle / m["weights"]["file"]).read_bytes()
+    assert triage_main(["tune", str(bundle), "--val", str(layouts["ctich"]), "--tta", "flip", "--sensitivity", "1.0",
+                        "--version", "tuned-1", "--cache", str(tmp_path / "cache")]) == 0
+    tuned = read_manifest(bundle)
+    assert tuned["test_time_augmentation"] == "flip" and tuned["version"] == "tuned-1"
+    assert tuned["validation"]["operating_points"]["any"]["sensitivity"] == 1.0
+    assert tuned["thresholds"]["any"] == tuned["validation"]["operating_points"]["any"]["threshold"]
+    assert (bundle / m["weights"]["file"]).read_bytes() == weights, "tuning leaves the weights alone"
+    assert load_bundle(bundle, device="cpu").flip
 
     out = tmp_path / "eval-cq500"
     assert triage_main(["evaluate", str(layouts["cq500"]), "--bundle", str(bundle), "--out", str(out)]) == 0

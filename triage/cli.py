@@ -119,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Peak learning rate of the one-cycle schedule (lower it to fine-tune a trained bundle)")
     tr.add_argument("--sensitivity", type=float, default=1.0,
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
+    tr.add_argument("--tta", default="none", choices=["none", "flip"],
+                    help="Test-time augmentation the bundle will run with (validation scores use it too)")
+    tu = add("tune", "triage.models.train:tune",
+             "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
+    tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")
+    tu.add_argument("--val", required=True, help="Validation dataset path")
+    tu.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])
+    tu.add_argument("--tta", default="none", choices=["none", "flip"],
+                    help="Test-time augmentation: 'flip' also reads the series mirrored left-right (2x network time)")
+    tu.add_argument("--sensitivity", type=float, default=0.98,
+                    help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
+    tu.add_argument("--version", default="", help="New bundle version (its answers change with the thresholds)")
+    tu.add_argument("--cache", default="", help="Preprocessed-study cache directory (default: DATA_DIR/cache)")
+    tu.add_argument("--workers", type=int, default=1, help="Processes for preprocessing the studies")
     ex = add("export", "triage.models.export:main", "Export a bundle's slice network to ONNX (faster CPU inference)")
     ex.add_argument("bundle", help="Bundle directory; the export and its sha256 are written into it")
     ev = add("evaluate", "triage.models.evaluate:main", "Evaluate a bundle on a dataset")

@@ -58,8 +58,12 @@ def save_bundle(out: str | Path, net: ICHNet, seq: SequenceHead, manifest: dict[
     manifest["labels"] = list(LABELS)
     manifest["weights"] = {"file": WEIGHTS, "sha256": sha256_file(wpath), "bytes": wpath.stat().st_size}
     manifest["architecture"] = {**manifest.get("architecture", {}), "widths": list(net.widths), "stem": net.stem}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    write_manifest(out, manifest)
     return manifest
+
+
+def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
+    (Path(path) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from triage.logging import get_logger
-from triage.models.bundle import MANIFEST, BundleError, load_weights, read_manifest, sha256_file
+from triage.models.bundle import BundleError, load_weights, read_manifest, sha256_file, write_manifest
 from triage.models.network import ICHNet
 from triage.models.preprocess import PreprocessConfig
 
@@ -84,7 +84,7 @@ def export_onnx(bundle: str | Path) -> dict[str, Any]:
              "weights_sha256": manifest["weights"]["sha256"], "outputs": list(OUTPUTS),
              "max_abs_diff": diff, "torch": torch.__version__, "onnxruntime": ort.__version__}
     manifest["exports"] = {**manifest.get("exports", {}), "onnx": entry}
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    write_manifest(path, manifest)
     log.info("onnx_exported", bundle=str(path), sha256=entry["sha256"][:12], max_abs_diff=diff)
     return entry
 

@@ -65,9 +65,13 @@ def resolve_device(device: str) -> torch.device:
 @torch.no_grad()
 def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_small: np.ndarray,
                  cfg: PreprocessConfig, device: torch.device = torch.device("cpu"),
-                 session: Any | None = None) -> dict[str, np.ndarray]:
+                 session: Any | None = None, flip: bool = False) -> dict[str, np.ndarray]:
     """Network outputs on the network grid. ``session``: an ONNX Runtime session of the slice
     network (:mod:`triage.models.export`) that runs it instead of ``net``.
+
+    ``flip``: test-time augmentation. The series is also run mirrored left-right and the two passes
+    are averaged (probabilities and per-slice maxima; segmentation logits mirrored back), which
+    makes the outputs mirror-invariant, at twice the network time.
 
     Returns ``slice_probs`` (Z, 6) from the sequence head, ``cnn_slice_probs`` (Z, 6) from the slice
     network alone, ``seg_logits`` float32 (Z, 5, G, G) on the U-Net grid (G = S / stem; masks
@@ -75,6 +79,13 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
     ``seg_max`` (Z, 5) the per-slice maximum of the segmentation probabilities inside the
     intracranial space (on the U-Net grid: over the cells that touch it).
     """
+    if flip:
+        a = run_networks(net, seq, windows_u8, brain_small, cfg, device, session)
+        b = run_networks(net, seq, np.ascontiguousarray(windows_u8[..., ::-1]),
+                         np.ascontiguousarray(brain_small[..., ::-1]), cfg, device, session)
+        out = {k: ((a[k] + b[k]) / 2).astype(np.float32) for k in ("slice_probs", "cnn_slice_probs", "seg_max")}
+        out["seg_logits"] = ((a["seg_logits"] + b["seg_logits"][..., ::-1]) / 2).astype(np.float32)
+        return out
     x = network_input(windows_u8, cfg.context)
     segs, logits, feats = [], [], []
     for i in range(0, x.shape[0], CHUNK):
@@ -102,6 +113,7 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
 
 
 EXAM_RULES = ("sequence_max", "segmentation_max", "mean")
+TTA_MODES = ("none", "flip")  # test-time augmentation (manifest "test_time_augmentation")
 
 
 def exam_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: str) -> np.ndarray:
@@ -197,6 +209,11 @@ class Bundle:
         return str(self.manifest.get("exam_score", "sequence_max"))
 
     @property
+    def flip(self) -> bool:
+        """Mirror test-time augmentation (manifest ``test_time_augmentation`` = "flip")."""
+        return self.manifest.get("test_time_augmentation", "none") == "flip"
+
+    @property
     def refine_hu(self) -> bool:
         return bool(self.manifest.get("mask_refinement", {}).get("hu_range", True))
 
@@ -205,7 +222,8 @@ class Bundle:
         lazy start (kernel selection, autograd), measured at several seconds on a busy 2-core host."""
         s = self.cfg.size
         win = np.zeros((2, len(self.cfg.windows), s, s), np.uint8)
-        run_networks(self.net, self.seq, win, np.zeros((2, s, s), bool), self.cfg, self.device, self.session)
+        run_networks(self.net, self.seq, win, np.zeros((2, s, s), bool), self.cfg, self.device, self.session,
+                     self.flip)
         gradcam_maps(self.net, key_slice_input(win, self.cfg.context, [0, 1]).to(self.device), {0: [0, 1]})
 
     def build_masks(self, hu: np.ndarray, prep: Prepared, seg_logits: np.ndarray, present: dict[str, bool],
@@ -254,7 +272,8 @@ class Bundle:
             keep["prep"] = prep
 
         t0 = time.perf_counter()
-        out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device, self.session)
+        out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device, self.session,
+                           self.flip)
         slice_probs = out["slice_probs"]
         probs = exam_scores(slice_probs, out["seg_max"], self.exam_rule)
         exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
@@ -322,6 +341,8 @@ def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto"
     torch.use_deterministic_algorithms(True, warn_only=True)
     p = Path(path) if path else default_bundle_path()
     manifest = read_manifest(p)
+    if manifest.get("test_time_augmentation", "none") not in TTA_MODES:
+        raise BundleError(f"{p}: test_time_augmentation must be one of {TTA_MODES}")
     net, seq = load_weights(p, manifest)
     dev = resolve_device(device)
     thresholds = {lab: float(manifest["thresholds"][lab]) for lab in LABELS}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from triage.labels import LABELS
 from triage.logging import get_logger
-from triage.models.bundle import load_weights, read_manifest, save_bundle
+from triage.models.bundle import load_weights, read_manifest, save_bundle, write_manifest
 from triage.models.data import Cached, cached_studies, known_flags, open_source
 from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks
 from triage.models.metrics import roc_auc
@@ -442,10 +442,10 @@ def pick_threshold(scores: np.ndarray, truth: np.ndarray, sensitivity: float) ->
 
 
 def validation_scores(net: ICHNet, seq: SequenceHead, studies: list[Cached], cfg: PreprocessConfig,
-                      device: torch.device) -> dict[str, np.ndarray]:
+                      device: torch.device, flip: bool = False) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {r: [] for r in EXAM_RULES}
     for s in studies:
-        res = run_networks(net, seq, s.windows, s.brain_small, cfg, device)
+        res = run_networks(net, seq, s.windows, s.brain_small, cfg, device, flip=flip)
         for r in EXAM_RULES:
             out[r].append(exam_scores(res["slice_probs"], res["seg_max"], r))
     return {r: np.stack(v) for r, v in out.items()}
@@ -515,6 +515,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     steps = int(getattr(args, "steps_per_epoch", 0) or 0) or None
     widths = WIDTHS
     seq_epochs = int(getattr(args, "seq_epochs", 15))
+    tta = str(getattr(args, "tta", "none") or "none")
     t_start = time.time()
 
     train_src = open_source(args.dataset, args.format)
@@ -548,7 +549,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     selection: dict[str, Any] = {"rule": "sequence_max", "thresholds": dict.fromkeys(LABELS, 0.5)}
     if val:
         truth = np.stack([s.exam_labels for s in val])
-        scores = validation_scores(net, seq, val, cfg, device)
+        scores = validation_scores(net, seq, val, cfg, device, flip=tta == "flip")
         # kept beside the checkpoints, so another operating point can be chosen without retraining
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         np.savez(out / "checkpoints" / "validation_scores.npz", truth=truth, **scores)
@@ -566,6 +567,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                          "gru_hidden": 48,
                          "parameters": count_params(net) + count_params(seq)},
         "exam_score": selection["rule"],
+        "test_time_augmentation": tta,
         "thresholds": selection["thresholds"],
         "mask_refinement": {"probability": 0.5, "hu_range": True, "intracranial": True},
         "training": {
@@ -573,6 +575,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        f"--seed {args.seed} --size {cfg.size} --stem {stem} --steps-per-epoch {steps or 0}"
                        f" --seq-epochs {seq_epochs} --lr {lr:g}"
                        f" --sensitivity {getattr(args, 'sensitivity', ANY_SENSITIVITY)}"
+                       + (f" --tta {tta}" if tta != "none" else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
             "data": train_src.description,
@@ -594,4 +597,42 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     written = save_bundle(out, net.cpu(), seq.cpu(), manifest)
     print(json.dumps({"bundle": str(out), "sha256": written["weights"]["sha256"], "exam_score": selection["rule"],
                       "thresholds": selection["thresholds"]}, indent=2))
+    return 0
+
+
+def tune(args: argparse.Namespace, settings: Any) -> int:
+    """``triage tune BUNDLE --val DATASET``: choose a bundle's exam rule and thresholds again on a
+    validation set, with or without mirror test-time augmentation, without retraining.
+
+    The weights are untouched; the manifest's ``exam_score``, ``test_time_augmentation``,
+    ``thresholds`` and ``validation`` are rewritten (and ``version`` when given, since the bundle's
+    answers change). The thresholds in config still override the bundle's."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(max(1, int(omp)) if omp.isdigit() else max(1, min(2, os.cpu_count() or 1)))
+    path = Path(args.bundle)
+    manifest = read_manifest(path)
+    net, seq = load_weights(path, manifest)
+    cfg = PreprocessConfig.from_dict(manifest["preprocessing"])
+    cache = Path(getattr(args, "cache", "") or (Path(settings.data_dir) / "cache" / "models"))
+    val_src = open_source(args.val, getattr(args, "format", "auto"))
+    val = cached_studies(val_src, cfg, cache, int(getattr(args, "workers", 1) or 1), target_size=cfg.size // net.stem)
+    if not val:
+        raise SystemExit(f"{args.val}: no validation studies")
+    tta = str(args.tta)
+    truth = np.stack([s.exam_labels for s in val])
+    scores = validation_scores(net.eval(), seq.eval(), val, cfg, torch.device("cpu"), flip=tta == "flip")
+    selection = choose_rule_and_thresholds(scores, truth, float(args.sensitivity))
+    manifest["exam_score"] = selection["rule"]
+    manifest["test_time_augmentation"] = tta
+    manifest["thresholds"] = selection["thresholds"]
+    manifest["validation"] = {k: v for k, v in selection.items() if k != "thresholds"}
+    manifest["tuned"] = {"command": f"triage tune <bundle> --val '{args.val}' --tta {tta}"
+                                    f" --sensitivity {args.sensitivity}",
+                         "validation": val_src.description}
+    if getattr(args, "version", ""):
+        manifest["version"] = str(args.version)
+    write_manifest(path, manifest)
+    print(json.dumps({"bundle": str(path), "exam_score": selection["rule"], "test_time_augmentation": tta,
+                      "thresholds": selection["thresholds"],
+                      "auc_any": selection["rules"][selection["rule"]]["auc"]["any"]}, indent=2))
     return 0
