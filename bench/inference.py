@@ -1,8 +1,9 @@
 """Inference benchmark: seconds per series by stage and peak RSS, for 32- and 64-slice 512x512 series.
 
 Usage: ``.venv/bin/python bench/inference.py [--bundle DIR] [--repeat 3] [--slices 32,64]
-[--runtimes torch,auto]``: each runtime of the slice network in turn (``auto`` = ONNX Runtime when the
-bundle has an ONNX export), with its total time as a ratio to the first.
+[--runtimes torch,auto] [--tta bundle|flip,none]``: each runtime of the slice network in turn (``auto`` =
+ONNX Runtime when the bundle has an ONNX export), and within it each test-time augmentation (``bundle``:
+as the manifest says), with its total time as a ratio to the first row.
 
 Series are synthetic phantom studies (positive, so Grad-CAM runs) generated once before timing;
 "read+preprocess" is the bundle's preprocessing of the in-memory HU array (DICOM decoding is the
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--slices", default="32,64")
     ap.add_argument("--runtimes", default="torch,auto",
                     help="slice-network runtimes to compare (torch, onnx, auto); the first is the reference")
+    ap.add_argument("--tta", default="bundle",
+                    help="test-time augmentation to compare per runtime: bundle (as the manifest says), flip, none")
     a = ap.parse_args()
     series = {n: make_series(n, 4242 + n) for n in (int(x) for x in a.slices.split(","))}
     rows = []
@@ -59,15 +62,19 @@ def main() -> int:
         bundle = load_bundle(a.bundle or None, device="cpu", runtime=runtime)
         load_s = time.perf_counter() - t
         print(f"bundle {bundle.identity}, runtime {runtime} -> {bundle.runtime}: load + warm-up {load_s:.2f} s")
-        for n, vol in series.items():
-            runs = []
-            for _ in range(a.repeat):
-                c0, w0 = time.process_time(), time.perf_counter()
-                pred = bundle.predict(vol)
-                runs.append((pred.timings, time.perf_counter() - w0, time.process_time() - c0, pred.positive))
-            med = {k: float(np.median([r[0][k] for r in runs])) for k in STAGES}
-            rows.append((bundle.runtime, n, vol.shape, med, float(np.median([r[1] for r in runs])),
-                         float(np.median([r[2] for r in runs])), runs[0][3]))
+        shipped = bundle.manifest.get("test_time_augmentation", "none")
+        for tta in a.tta.split(","):
+            bundle.manifest["test_time_augmentation"] = shipped if tta == "bundle" else tta
+            label = bundle.runtime + (" + flip" if bundle.flip else "")
+            for n, vol in series.items():
+                runs = []
+                for _ in range(a.repeat):
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    pred = bundle.predict(vol)
+                    runs.append((pred.timings, time.perf_counter() - w0, time.process_time() - c0, pred.positive))
+                med = {k: float(np.median([r[0][k] for r in runs])) for k in STAGES}
+                rows.append((label, n, vol.shape, med, float(np.median([r[1] for r in runs])),
+                             float(np.median([r[2] for r in runs])), runs[0][3]))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     reference = {n: wall for rt, n, _, _, wall, _, _ in rows if rt == rows[0][0]}
     print("\n| runtime | slices | shape | read+preprocess | detection | segmentation | Grad-CAM | total wall "
