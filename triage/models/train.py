@@ -497,10 +497,14 @@ def init_from_bundle(path: str | Path, cfg: PreprocessConfig, stem: int = 1) -> 
     return net.train(), seq.train()
 
 
-def main(args: argparse.Namespace, settings: Any) -> int:
-    # training takes up to 2 cores; the usual OMP_NUM_THREADS knob wins (e.g. 1 on a shared host)
+def _set_threads() -> None:
+    """Training takes up to 2 cores; the usual OMP_NUM_THREADS knob wins (e.g. 1 on a shared host)."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(max(1, int(omp)) if omp.isdigit() else max(1, min(2, os.cpu_count() or 1)))
+
+
+def main(args: argparse.Namespace, settings: Any) -> int:
+    _set_threads()
     device = resolve_device(getattr(args, "device", "auto"))
     rng = seed_everything(int(args.seed))
     out = Path(args.out)
@@ -607,8 +611,7 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
     The weights are untouched; the manifest's ``exam_score``, ``test_time_augmentation``,
     ``thresholds`` and ``validation`` are rewritten (and ``version`` when given, since the bundle's
     answers change). The thresholds in config still override the bundle's."""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(max(1, int(omp)) if omp.isdigit() else max(1, min(2, os.cpu_count() or 1)))
+    _set_threads()
     path = Path(args.bundle)
     manifest = read_manifest(path)
     net, seq = load_weights(path, manifest)
