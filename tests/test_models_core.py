@@ -645,6 +645,14 @@ def test_flip_augmentation_averages_the_mirrored_pass_and_is_mirror_invariant() 
     assert np.allclose(tta["seg_logits"], tta_m["seg_logits"][..., ::-1], atol=1e-5)
 
 
+def test_cli_choices_match_the_inference_modes() -> None:
+    """The CLI keeps its own copy (it starts without torch); it must not drift from inference's."""
+    from triage.cli import TTA_CHOICES
+    from triage.models.inference import TTA_MODES
+
+    assert tuple(TTA_CHOICES) == TTA_MODES
+
+
 def test_onnx_export_runs_in_onnxruntime_with_the_same_results(tiny_bundle: Path, tmp_path: Path) -> None:
     import shutil
 

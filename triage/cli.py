@@ -14,6 +14,10 @@ from collections.abc import Callable, Sequence
 from triage import __version__
 from triage.config import ConfigError, Settings, load_settings
 
+# Literal here, not imported: the model modules pull in torch, and the CLI starts without it.
+DATASET_FORMATS = ["auto", "phantom", "rsna", "cq500", "ctich"]  # triage.models.data
+TTA_CHOICES = ["none", "flip"]  # triage.models.inference.TTA_MODES
+
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--port", type=int, default=0, help="Node DICOM port (default: config)")
     tr = add("train", "triage.models.train:main", "Train a model bundle")
     tr.add_argument("dataset", help="Dataset path (format detected, or --format)")
-    tr.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])
+    tr.add_argument("--format", default="auto", choices=DATASET_FORMATS)
     tr.add_argument("--out", required=True, help="Output bundle directory")
     tr.add_argument("--epochs", type=int, default=10)
     tr.add_argument("--seed", type=int, default=0)
@@ -119,14 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Peak learning rate of the one-cycle schedule (lower it to fine-tune a trained bundle)")
     tr.add_argument("--sensitivity", type=float, default=1.0,
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
-    tr.add_argument("--tta", default="none", choices=["none", "flip"],
+    tr.add_argument("--tta", default="none", choices=TTA_CHOICES,
                     help="Test-time augmentation the bundle will run with (validation scores use it too)")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")
     tu.add_argument("--val", required=True, help="Validation dataset path")
-    tu.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])
-    tu.add_argument("--tta", default="none", choices=["none", "flip"],
+    tu.add_argument("--format", default="auto", choices=DATASET_FORMATS)
+    tu.add_argument("--tta", default="none", choices=TTA_CHOICES,
                     help="Test-time augmentation: 'flip' also reads the series mirrored left-right (2x network time)")
     tu.add_argument("--sensitivity", type=float, default=0.98,
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
@@ -137,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("bundle", help="Bundle directory; the export and its sha256 are written into it")
     ev = add("evaluate", "triage.models.evaluate:main", "Evaluate a bundle on a dataset")
     ev.add_argument("dataset")
-    ev.add_argument("--format", default="auto", choices=["auto", "phantom", "rsna", "cq500", "ctich"])
+    ev.add_argument("--format", default="auto", choices=DATASET_FORMATS)
     ev.add_argument("--bundle", default="", help="Bundle directory (default: shipped)")
     ev.add_argument("--out", default="evaluation", help="Report directory (JSON + PNG)")
     ev.add_argument("--device", default="auto")
