@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from triage.cli import main as triage_main
 from triage.labels import LABELS, SUBTYPES
-from triage.models.bundle import read_manifest
+from triage.models.bundle import load_weights, read_manifest
 from triage.models.data import cached_studies, open_source
 from triage.models.inference import load_bundle
 from triage.models.preprocess import PreprocessConfig
@@ -97,6 +98,25 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     assert tuned["thresholds"]["any"] == tuned["validation"]["operating_points"]["any"]["threshold"]
     assert (bundle / m["weights"]["file"]).read_bytes() == weights, "tuning leaves the weights alone"
     assert load_bundle(bundle, device="cpu").flip
+
+    # a second stage: only the sequence head learns, from the kept slice network's outputs on
+    # studies that network never saw (here CQ500's exam labels: the multiple-instance loss)
+    stage2 = tmp_path / "stage2"
+    with pytest.raises(SystemExit, match="--init"):
+        triage_main(["train", str(layouts["cq500"]), "--out", str(tmp_path / "no-init"), "--epochs", "0",
+                     "--size", "32", "--cache", str(tmp_path / "cache")])
+    assert triage_main(["train", str(layouts["cq500"]), "--val", str(layouts["ctich"]), "--out", str(stage2),
+                        "--epochs", "0", "--init", str(bundle), "--size", "32", "--seq-epochs", "2", "--tta", "flip",
+                        "--cache", str(tmp_path / "cache"), "--seed", "2"]) == 0
+    m1, m2 = read_manifest(bundle), read_manifest(stage2)
+    net1, seq1 = load_weights(bundle, m1)
+    net2, seq2 = load_weights(stage2, m2)
+    assert all(torch.equal(a, b) for a, b in zip(net1.state_dict().values(), net2.state_dict().values(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(seq1.state_dict().values(), seq2.state_dict().values(),
+                                                     strict=True)), "the sequence head learned"
+    assert m2["training"]["history"] == [] and len(m2["training"]["sequence_history"]) == 2
+    assert m2["training"]["initial_training"]["command"] == m1["training"]["command"], "lineage kept"
+    assert m2["test_time_augmentation"] == "flip"
 
     out = tmp_path / "eval-cq500"
     assert triage_main(["evaluate", str(layouts["cq500"]), "--bundle", str(bundle), "--out", str(out)]) == 0

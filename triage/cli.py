@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("dataset", help="Dataset path (format detected, or --format)")
     tr.add_argument("--format", default="auto", choices=DATASET_FORMATS)
     tr.add_argument("--out", required=True, help="Output bundle directory")
-    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--epochs", type=int, default=10,
+                    help="Slice-network epochs; 0 with --init trains only the sequence head (a second stage "
+                         "on studies the slice network never saw)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true")
     tr.add_argument("--device", default="auto")

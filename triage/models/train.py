@@ -391,15 +391,19 @@ def train_cnn(net: ICHNet, studies: list[Cached], epochs: int, out: Path, device
 
 
 @torch.no_grad()
-def slice_features(net: ICHNet, studies: list[Cached], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+def slice_features(net: ICHNet, studies: list[Cached], device: torch.device,
+                   mirror: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """Per-study slice features and logits for the sequence head. ``mirror``: also the series
+    mirrored left-right (what the head reads under the flip test-time augmentation), as a second
+    sample of the same study."""
     net.eval()
     feats = []
     for s in studies:
-        x = network_input(s.windows, 1).to(device)
-        out = net(x)
         known = torch.from_numpy(known_flags(s.label_known, s.windows.shape[0]))
-        feats.append((out["feat"].cpu(), out["slice"].cpu(), torch.from_numpy(s.slice_labels), known,
-                      torch.from_numpy(s.exam_labels)))
+        for windows in ([s.windows, np.ascontiguousarray(s.windows[..., ::-1])] if mirror else [s.windows]):
+            out = net(network_input(windows, 1).to(device))
+            feats.append((out["feat"].cpu(), out["slice"].cpu(), torch.from_numpy(s.slice_labels), known,
+                          torch.from_numpy(s.exam_labels)))
     return feats
 
 
@@ -497,6 +501,16 @@ def init_from_bundle(path: str | Path, cfg: PreprocessConfig, stem: int = 1) -> 
     return net.train(), seq.train()
 
 
+def _lineage(path: str | Path) -> dict[str, Any]:
+    """What the --init bundle was trained on, kept in the new manifest: a sequence-head-only stage
+    (``--epochs 0``) keeps that bundle's slice network, so its data still describes the weights."""
+    manifest = read_manifest(path)
+    tr = manifest.get("training") or {}
+    return {"version": manifest.get("version"), "sha256": manifest.get("weights", {}).get("sha256"),
+            "command": tr.get("command"), "data": tr.get("data"), "studies": tr.get("studies"),
+            "initial_training": tr.get("initial_training")}
+
+
 def _set_threads() -> None:
     """Training takes up to 2 cores; the usual OMP_NUM_THREADS knob wins (e.g. 1 on a shared host)."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
@@ -540,11 +554,16 @@ def main(args: argparse.Namespace, settings: Any) -> int:
              device=str(device))
     t0 = time.time()
     lr = float(getattr(args, "lr", 2e-3) or 2e-3)
-    history = train_cnn(net, train, int(args.epochs), out, device, rng, bool(args.resume), lr=lr,
-                        steps_per_epoch=steps)
+    if int(args.epochs) > 0:
+        history = train_cnn(net, train, int(args.epochs), out, device, rng, bool(args.resume), lr=lr,
+                            steps_per_epoch=steps)
+    elif init:  # second stage: the slice network is kept; the sequence head learns from its outputs
+        history = []  # on studies it never saw, whose scores are not over-confident (stacking)
+    else:
+        raise SystemExit("--epochs 0 trains only the sequence head, on an --init bundle's slice network")
     t_cnn = time.time() - t0
     t0 = time.time()
-    feats = slice_features(net, train, device)
+    feats = slice_features(net, train, device, mirror=tta == "flip")
     seq_hist = train_sequence(seq.to(device), feats, seq_epochs, rng)
     t_seq = time.time() - t0
 
@@ -582,6 +601,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --tta {tta}" if tta != "none" else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
+            "initial_training": _lineage(init) if init else None,
             "data": train_src.description,
             "validation": val_src.description if val_src else None,
             "studies": len(train),
