@@ -84,11 +84,12 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, toy_cache: list) -> Pa
     net = ICHNet(SMALL.channels, WIDTHS)
     hist = train_cnn(net, toy_cache, 4, out, torch.device("cpu"), np.random.default_rng(0), False,
                      batch_size=8, lr=5e-3, steps_per_epoch=12, progress=False)
-    seq = SequenceHead(net.feat_dim)
+    seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
     from triage.models.train import slice_features
 
     train_sequence(seq, slice_features(net, toy_cache, torch.device("cpu")), 2, np.random.default_rng(0),
                    progress=False)
+    assert seq.seg_proj is not None and seq.seg_proj.weight.abs().sum() > 0, "it learned from the segmentation"
     manifest = {"name": "tiny", "version": "0", "preprocessing": SMALL.to_dict(),
                 "architecture": {"gru_hidden": 48}, "exam_score": "sequence_max",
                 "thresholds": dict.fromkeys(LABELS, 0.5), "training": {"history": hist}}
@@ -410,6 +411,34 @@ def test_init_from_bundle_loads_its_weights(tiny_bundle: Path) -> None:
     assert bigger(torch.zeros(1, SMALL.channels, 48, 48))["seg"].shape[-1] == 48
     with pytest.raises(SystemExit, match="preprocessing"):
         init_from_bundle(tiny_bundle, replace(SMALL, context=2))
+    assert seq.seg_inputs == len(SUBTYPES) and read_manifest(tiny_bundle)["architecture"]["sequence_seg_inputs"] == 5
+    for a, b in zip(seq.state_dict().values(), ref.seq.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_older_sequence_head_gains_the_segmentation_evidence_unchanged(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A bundle whose sequence head reads only the slice network's features and logits (every bundle
+    before 2026.11.24.6) starts a fine-tune with a head that also reads the per-slice segmentation
+    maxima, through a zero projection: at first it answers exactly as the old head did."""
+    from triage.models.train import init_from_bundle
+
+    ref = load_bundle(tiny_bundle, device="cpu")
+    torch.manual_seed(3)
+    old = SequenceHead(ref.net.feat_dim).eval()
+    torch.nn.init.normal_(old.out.weight, std=0.1)  # a trained head's residual is not zero
+    manifest = read_manifest(tiny_bundle)
+    manifest["architecture"] = {k: v for k, v in manifest["architecture"].items() if k != "sequence_seg_inputs"}
+    save_bundle(tmp_path / "old", ref.net, old, manifest)
+    assert read_manifest(tmp_path / "old")["architecture"]["sequence_seg_inputs"] == 0
+    assert load_bundle(tmp_path / "old", device="cpu").seq.seg_proj is None
+    _, seq = init_from_bundle(tmp_path / "old", SMALL)
+    assert seq.seg_inputs == len(SUBTYPES)
+    seq.eval()
+    feat, logits, evidence = torch.rand(1, 7, ref.net.feat_dim), torch.randn(1, 7, 6), torch.rand(1, 7, 5)
+    with torch.no_grad():
+        assert torch.allclose(seq(feat, logits, evidence), old(feat, logits), atol=1e-6)
+        with pytest.raises(ValueError, match="seg_evidence"):
+            seq(feat, logits)
 
 
 def test_stem_network_sees_the_finer_grid_and_widening_keeps_the_function(tiny_bundle: Path) -> None:

@@ -41,7 +41,7 @@ def build_models(manifest: dict[str, Any]) -> tuple[ICHNet, SequenceHead]:
     arch = manifest["architecture"]
     cfg = PreprocessConfig.from_dict(manifest["preprocessing"])
     net = ICHNet(in_ch=cfg.channels, widths=tuple(arch["widths"]), stem=int(arch.get("stem", 1)))
-    seq = SequenceHead(net.feat_dim, hidden=int(arch["gru_hidden"]))
+    seq = SequenceHead(net.feat_dim, hidden=int(arch["gru_hidden"]), seg_inputs=int(arch.get("sequence_seg_inputs", 0)))
     return net, seq
 
 
@@ -57,7 +57,8 @@ def save_bundle(out: str | Path, net: ICHNet, seq: SequenceHead, manifest: dict[
     manifest["format_version"] = FORMAT_VERSION
     manifest["labels"] = list(LABELS)
     manifest["weights"] = {"file": WEIGHTS, "sha256": sha256_file(wpath), "bytes": wpath.stat().st_size}
-    manifest["architecture"] = {**manifest.get("architecture", {}), "widths": list(net.widths), "stem": net.stem}
+    manifest["architecture"] = {**manifest.get("architecture", {}), "widths": list(net.widths), "stem": net.stem,
+                                "sequence_seg_inputs": seq.seg_inputs}
     write_manifest(out, manifest)
     return manifest
 

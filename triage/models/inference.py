@@ -62,6 +62,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def seg_evidence(seg_logits: torch.Tensor, brain_small: np.ndarray) -> torch.Tensor:
+    """(Z, 5): the per-slice maximum of each subtype's segmentation probability inside the
+    intracranial space, from logits on the U-Net grid (on a coarser grid than ``brain_small``: over
+    the cells that touch it)."""
+    brain = torch.from_numpy(np.asarray(brain_small))[:, None].float()
+    if brain.shape[-2:] != seg_logits.shape[-2:]:  # a stem network: the U-Net grid is coarser
+        brain = F.adaptive_max_pool2d(brain, seg_logits.shape[-2:])
+    return (torch.sigmoid(seg_logits.float().cpu()) * brain).flatten(2).amax(dim=2)
+
+
 @torch.no_grad()
 def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_small: np.ndarray,
                  cfg: PreprocessConfig, device: torch.device = torch.device("cpu"),
@@ -98,12 +108,10 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
         logits.append(slice_i.float().cpu())
         feats.append(feat_i.float().cpu())
     seg_logits = torch.cat(segs)
-    brain = torch.from_numpy(brain_small)[:, None].float()
-    if brain.shape[-2:] != seg_logits.shape[-2:]:  # a stem network: the U-Net grid is coarser
-        brain = F.adaptive_max_pool2d(brain, seg_logits.shape[-2:])
-    seg_max = (torch.sigmoid(seg_logits) * brain).flatten(2).amax(dim=2)
+    seg_max = seg_evidence(seg_logits, brain_small)
     cnn_logits = torch.cat(logits)
-    seq_logits = seq(torch.cat(feats)[None].to(device), cnn_logits[None].to(device))[0].cpu()
+    seq_logits = seq(torch.cat(feats)[None].to(device), cnn_logits[None].to(device),
+                     seg_max[None].to(device) if seq.seg_inputs else None)[0].cpu()
     return {
         "slice_probs": torch.sigmoid(seq_logits).numpy().astype(np.float32),
         "cnn_slice_probs": torch.sigmoid(cnn_logits).numpy().astype(np.float32),

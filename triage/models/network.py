@@ -104,20 +104,33 @@ class SequenceHead(nn.Module):
 
     Input: per-slice features (B, Z, F) and the CNN slice logits (B, Z, 6); the GRU output is added
     to the CNN logits (residual), so an untrained head starts from the slice network's answer.
+    ``seg_inputs`` > 0: the head also reads the segmentation's per-slice evidence (B, Z, seg_inputs),
+    the maximum probability of each subtype inside the skull, through its own projection. It starts
+    at zero, so a head widened from one without it starts out computing exactly what that one did.
     """
 
-    def __init__(self, feat_dim: int, hidden: int = 48) -> None:
+    def __init__(self, feat_dim: int, hidden: int = 48, seg_inputs: int = 0) -> None:
         super().__init__()
+        self.seg_inputs = int(seg_inputs)
         self.norm = nn.LayerNorm(feat_dim + N_LABELS)
         self.proj = nn.Linear(feat_dim + N_LABELS, hidden)
+        self.seg_proj = nn.Linear(self.seg_inputs, hidden) if self.seg_inputs else None
+        if self.seg_proj is not None:
+            nn.init.zeros_(self.seg_proj.weight)
+            nn.init.zeros_(self.seg_proj.bias)
         self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         self.out = nn.Linear(2 * hidden, N_LABELS)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, feat: torch.Tensor, slice_logits: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.proj(self.norm(torch.cat([feat, slice_logits], dim=-1))))
-        h, _ = self.gru(h)
+    def forward(self, feat: torch.Tensor, slice_logits: torch.Tensor,
+                seg_evidence: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.proj(self.norm(torch.cat([feat, slice_logits], dim=-1)))
+        if self.seg_proj is not None:
+            if seg_evidence is None:
+                raise ValueError("this sequence head reads the segmentation evidence: pass seg_evidence")
+            h = h + self.seg_proj(seg_evidence)
+        h, _ = self.gru(torch.relu(h))
         return slice_logits + self.out(h)
 
 

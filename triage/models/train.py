@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from triage.labels import LABELS
+from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.bundle import load_weights, read_manifest, save_bundle, write_manifest
 from triage.models.data import Cached, cached_studies, known_flags, open_source
-from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks
+from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks, seg_evidence
 from triage.models.metrics import roc_auc
 from triage.models.network import ICHNet, SequenceHead, count_params, widen_stem
 from triage.models.preprocess import PreprocessConfig, key_slice_input, network_input
@@ -400,10 +400,13 @@ def slice_features(net: ICHNet, studies: list[Cached], device: torch.device,
     feats = []
     for s in studies:
         known = torch.from_numpy(known_flags(s.label_known, s.windows.shape[0]))
-        for windows in ([s.windows, np.ascontiguousarray(s.windows[..., ::-1])] if mirror else [s.windows]):
-            out = net(network_input(windows, 1).to(device))
+        views = [(s.windows, s.brain_small)]
+        if mirror:
+            views.append((np.ascontiguousarray(s.windows[..., ::-1]), np.ascontiguousarray(s.brain_small[..., ::-1])))
+        for windows, brain in views:
+            out = net(network_input(windows, 1).to(device), full_seg=False)
             feats.append((out["feat"].cpu(), out["slice"].cpu(), torch.from_numpy(s.slice_labels), known,
-                          torch.from_numpy(s.exam_labels)))
+                          torch.from_numpy(s.exam_labels), seg_evidence(out["seg"], brain)))
     return feats
 
 
@@ -417,9 +420,9 @@ def train_sequence(seq: SequenceHead, feats: list[tuple[torch.Tensor, ...]], epo
     for _ in tqdm(range(epochs), desc="sequence head", disable=not progress, unit="epoch"):
         tot = 0.0
         for i in rng.permutation(len(feats)):
-            f, logit, lab, known, exam = feats[i]
+            f, logit, lab, known, exam, segev = feats[i]
             f = f + torch.randn_like(f) * 0.05  # features from the training set are over-confident
-            pred = seq(f[None], logit[None])[0]
+            pred = seq(f[None], logit[None], segev[None] if seq.seg_inputs else None)[0]
             if bool(known.all()):
                 loss = (F.binary_cross_entropy_with_logits(pred, lab, reduction="none") * w).mean()
             else:  # exam labels only (CQ500): multiple-instance loss on the most suspicious slice
@@ -497,6 +500,12 @@ def init_from_bundle(path: str | Path, cfg: PreprocessConfig, stem: int = 1) -> 
         wide = ICHNet(cfg.channels, net.widths, stem=stem)
         wide.load_state_dict(widen_stem(net.state_dict(), stem))
         net = wide
+    if not seq.seg_inputs:  # an older head: it gains the segmentation evidence, starting from zero weights
+        wider = SequenceHead(net.feat_dim, hidden=seq.gru.hidden_size, seg_inputs=len(SUBTYPES))
+        missing = wider.load_state_dict(seq.state_dict(), strict=False).missing_keys
+        if any(not k.startswith("seg_proj.") for k in missing):
+            raise SystemExit(f"--init bundle {path}: its sequence head lacks {missing}")
+        seq = wider
     log.info("initialised", bundle=str(path), sha256=manifest["weights"]["sha256"][:12], stem=stem)
     return net.train(), seq.train()
 
@@ -546,7 +555,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     t_data = time.time() - t_start
 
     net = ICHNet(cfg.channels, widths, stem=stem)
-    seq = SequenceHead(net.feat_dim)
+    seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
     init = getattr(args, "init", "") or ""
     if init:  # fine-tune: start from a bundle's weights (e.g. the synthetic bundle before real data)
         net, seq = init_from_bundle(init, cfg, stem)
