@@ -87,8 +87,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, toy_cache: list) -> Pa
     seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
     from triage.models.train import slice_features
 
-    train_sequence(seq, slice_features(net, toy_cache, torch.device("cpu")), 2, np.random.default_rng(0),
-                   progress=False)
+    feats = slice_features(net, toy_cache, torch.device("cpu"), progress=False)
+    train_sequence(seq, feats, 2, np.random.default_rng(0), progress=False)
     assert seq.seg_proj is not None and seq.seg_proj.weight.abs().sum() > 0, "it learned from the segmentation"
     manifest = {"name": "tiny", "version": "0", "preprocessing": SMALL.to_dict(),
                 "architecture": {"gru_hidden": 48}, "exam_score": "sequence_max",

@@ -392,13 +392,13 @@ def train_cnn(net: ICHNet, studies: list[Cached], epochs: int, out: Path, device
 
 @torch.no_grad()
 def slice_features(net: ICHNet, studies: list[Cached], device: torch.device,
-                   mirror: bool = False) -> list[tuple[torch.Tensor, ...]]:
+                   mirror: bool = False, progress: bool = True) -> list[tuple[torch.Tensor, ...]]:
     """Per-study slice features and logits for the sequence head. ``mirror``: also the series
     mirrored left-right (what the head reads under the flip test-time augmentation), as a second
     sample of the same study."""
     net.eval()
     feats = []
-    for s in studies:
+    for s in tqdm(studies, desc="slice features", disable=not progress, unit="study"):
         known = torch.from_numpy(known_flags(s.label_known, s.windows.shape[0]))
         views = [(s.windows, s.brain_small)]
         if mirror:
