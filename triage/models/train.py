@@ -544,6 +544,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     seq_epochs = int(getattr(args, "seq_epochs", 15))
     tta = str(getattr(args, "tta", "none") or "none")
     t_start = time.time()
+    if int(args.epochs) <= 0 and not getattr(args, "init", ""):  # refused before minutes of preprocessing
+        raise SystemExit("--epochs 0 trains only the sequence head, on an --init bundle's slice network")
 
     train_src = open_source(args.dataset, args.format)
     val_src = open_source(args.val, args.format) if args.val else None
@@ -566,10 +568,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     if int(args.epochs) > 0:
         history = train_cnn(net, train, int(args.epochs), out, device, rng, bool(args.resume), lr=lr,
                             steps_per_epoch=steps)
-    elif init:  # second stage: the slice network is kept; the sequence head learns from its outputs
+    else:  # second stage: the slice network is kept; the sequence head learns from its outputs
         history = []  # on studies it never saw, whose scores are not over-confident (stacking)
-    else:
-        raise SystemExit("--epochs 0 trains only the sequence head, on an --init bundle's slice network")
     t_cnn = time.time() - t0
     t0 = time.time()
     feats = slice_features(net, train, device, mirror=tta == "flip")
