@@ -202,6 +202,11 @@ def test_bundle_round_trip_and_sha256(tiny_bundle: Path, tmp_path: Path) -> None
         load_bundle(bad)
     with pytest.raises(BundleError, match="not a model bundle"):
         load_bundle(tmp_path / "nowhere")
+    odd = tmp_path / "odd-rule"
+    shutil.copytree(tiny_bundle, odd)
+    (odd / "manifest.json").write_text(json.dumps({**manifest, "exam_score": {"any": "median"}}))
+    with pytest.raises(BundleError, match="exam_score"):
+        load_bundle(odd)
 
 
 def test_predict_fills_every_field_in_volume_geometry(tiny_bundle: Path) -> None:
@@ -269,8 +274,15 @@ def test_exam_score_rules() -> None:
     assert exam_scores(sp, sm, "sequence_max").tolist() == pytest.approx([0.7, 0.2, 0.6, 0, 0, 0])
     assert exam_scores(sp, sm, "segmentation_max").tolist() == pytest.approx([0.9, 0.2, 0.9, 0, 0, 0])
     assert exam_scores(sp, sm, "mean")[0] == pytest.approx(0.8)
+    assert exam_scores(sp, sm, "max").tolist() == pytest.approx([0.9, 0.2, 0.9, 0, 0, 0])
+    # a rule per label; a label left out keeps sequence_max
+    per = exam_scores(sp, sm, {"any": "mean", "intraparenchymal": "max"})
+    assert per.tolist() == pytest.approx([0.8, 0.2, 0.9, 0, 0, 0])
+    assert exam_scores(sp, sm, {"intraparenchymal": "sequence_max"})[2] == pytest.approx(0.6)
     with pytest.raises(ValueError):
         exam_scores(sp, sm, "median")
+    with pytest.raises(ValueError, match="unknown labels"):
+        exam_scores(sp, sm, {"bleed": "mean"})
 
 
 def test_abc2_of_an_ellipsoid() -> None:
@@ -306,6 +318,23 @@ def test_threshold_selection_for_full_sensitivity() -> None:
     tr = np.tile(truth[:, None], (1, 6))
     sel = choose_rule_and_thresholds({"sequence_max": sc, "mean": sc * 0.5}, tr)
     assert sel["rule"] == "sequence_max" and sel["operating_points"]["any"]["sensitivity"] == 1.0
+
+
+def test_a_rule_per_label_is_chosen_on_each_labels_own_auc() -> None:
+    rng = np.random.default_rng(0)
+    truth = (rng.random((40, 6)) < 0.4).astype(int)
+    noise = rng.random((40, 6))
+    good, poor = truth * 0.5 + noise * 0.6, noise  # "good" ranks well; "poor" is chance
+    seq, seg = good.copy(), poor.copy()
+    seq[:, 1], seg[:, 1] = poor[:, 1], good[:, 1]  # the segmentation is better for epidural only
+    scores = {"sequence_max": seq, "segmentation_max": seg}
+    one = choose_rule_and_thresholds(scores, truth, 0.95)
+    assert one["rule"] == "sequence_max"
+    per = choose_rule_and_thresholds(scores, truth, 0.95, per_label=True)
+    assert per["rule"] == {lab: "segmentation_max" if lab == "epidural" else "sequence_max" for lab in LABELS}
+    # each threshold is picked on the score of the label's own rule
+    assert per["thresholds"]["epidural"] == pytest.approx(pick_threshold(seg[:, 1], truth[:, 1], 0.95), abs=1e-6)
+    assert per["thresholds"]["epidural"] != one["thresholds"]["epidural"]
 
 
 def test_intensity_augment_stays_inside_and_rim_hugs_the_edge() -> None:

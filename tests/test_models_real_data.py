@@ -85,14 +85,16 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     assert (out / "roc.png").exists() or any(p.suffix == ".png" for p in out.iterdir())
     for line in (out / "rows.jsonl").read_text().splitlines():  # every rule's scores, to compare rules
         row = json.loads(line)
-        assert set(row["probs_by_rule"]) == {"sequence_max", "segmentation_max", "mean"}
+        assert set(row["probs_by_rule"]) == {"sequence_max", "segmentation_max", "mean", "max"}
         assert np.allclose(row["probs_by_rule"][m["exam_score"]], row["probs"], atol=1e-5)
 
     # the operating point chosen again without retraining, with mirror test-time augmentation
     weights = (bundle / m["weights"]["file"]).read_bytes()
     assert triage_main(["tune", str(bundle), "--val", str(layouts["ctich"]), "--tta", "flip", "--sensitivity", "1.0",
-                        "--version", "tuned-1", "--cache", str(tmp_path / "cache")]) == 0
+                        "--version", "tuned-1", "--cache", str(tmp_path / "cache"), "--per-label-rules"]) == 0
     tuned = read_manifest(bundle)
+    assert set(tuned["exam_score"]) == set(LABELS), "a rule per label"
+    assert "--per-label-rules" in tuned["tuned"]["command"]
     assert tuned["test_time_augmentation"] == "flip" and tuned["version"] == "tuned-1"
     assert tuned["validation"]["operating_points"]["any"]["sensitivity"] == 1.0
     assert tuned["thresholds"]["any"] == tuned["validation"]["operating_points"]["any"]["threshold"]

@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
     tr.add_argument("--tta", default="none", choices=TTA_CHOICES,
                     help="Test-time augmentation the bundle will run with (validation scores use it too)")
+    tr.add_argument("--per-label-rules", action="store_true",
+                    help="Choose each label's exam rule on validation (default: one rule, best for 'any')")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Test-time augmentation: 'flip' also reads the series mirrored left-right (2x network time)")
     tu.add_argument("--sensitivity", type=float, default=0.98,
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
+    tu.add_argument("--per-label-rules", action="store_true",
+                    help="Choose each label's exam rule on validation (default: one rule, best for 'any')")
     tu.add_argument("--version", default="", help="New bundle version (its answers change with the thresholds)")
     tu.add_argument("--cache", default="", help="Preprocessed-study cache directory (default: DATA_DIR/cache)")
     tu.add_argument("--workers", type=int, default=1, help="Processes for preprocessing the studies")

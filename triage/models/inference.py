@@ -120,27 +120,42 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
     }
 
 
-EXAM_RULES = ("sequence_max", "segmentation_max", "mean")
+EXAM_RULES = ("sequence_max", "segmentation_max", "mean", "max")
 TTA_MODES = ("none", "flip")  # test-time augmentation (manifest "test_time_augmentation")
+ExamRule = str | dict[str, str]  # one rule for every label, or a rule per label (manifest "exam_score")
 
 
-def exam_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: str) -> np.ndarray:
+def exam_rules(rule: ExamRule) -> dict[str, str]:
+    """The rule of each label: ``rule`` itself for all, or a per-label mapping (a label left out
+    keeps ``sequence_max``). Unknown rules or labels raise ValueError."""
+    if isinstance(rule, str):
+        rules = dict.fromkeys(LABELS, rule)
+    else:
+        unknown = set(rule) - set(LABELS)
+        if unknown:
+            raise ValueError(f"exam score rule for unknown labels {sorted(unknown)} (labels: {LABELS})")
+        rules = {lab: str(rule.get(lab, "sequence_max")) for lab in LABELS}
+    for r in rules.values():
+        if r not in EXAM_RULES:
+            raise ValueError(f"unknown exam score rule {r!r} (choose from {EXAM_RULES})")
+    return rules
+
+
+def exam_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: ExamRule) -> np.ndarray:
     """Exam probabilities (6,) from slice probabilities and segmentation evidence.
 
     ``sequence_max``: max over slices of the sequence-head probabilities (CNN-RNN).
     ``segmentation_max``: max segmentation probability per subtype, "any" = max over subtypes
-    (PatchFCN's exam score = max). ``mean``: the average of the two.
+    (PatchFCN's exam score = max). ``mean``: the average of the two; ``max``: the larger.
+    A per-label mapping applies each label's own rule (chosen on validation by ``triage tune``).
     """
+    rules = exam_rules(rule)
     seq = slice_probs.max(axis=0) if len(slice_probs) else np.zeros(6, np.float32)
     segm = seg_max.max(axis=0) if len(seg_max) else np.zeros(5, np.float32)
     seg6 = np.concatenate([[segm.max() if segm.size else 0.0], segm]).astype(np.float32)
-    if rule == "sequence_max":
-        return seq.astype(np.float32)
-    if rule == "segmentation_max":
-        return seg6
-    if rule == "mean":
-        return ((seq + seg6) / 2.0).astype(np.float32)
-    raise ValueError(f"unknown exam score rule {rule!r} (choose from {EXAM_RULES})")
+    by_rule = {"sequence_max": seq, "segmentation_max": seg6, "mean": (seq + seg6) / 2.0,
+               "max": np.maximum(seq, seg6)}
+    return np.array([by_rule[rules[lab]][i] for i, lab in enumerate(LABELS)], dtype=np.float32)
 
 
 def decide(exam: dict[str, float], thresholds: dict[str, float]) -> dict[str, bool]:
@@ -213,8 +228,10 @@ class Bundle:
                               self.manifest["weights"]["sha256"])
 
     @property
-    def exam_rule(self) -> str:
-        return str(self.manifest.get("exam_score", "sequence_max"))
+    def exam_rule(self) -> ExamRule:
+        """The manifest's ``exam_score``: one rule, or a rule per label."""
+        rule = self.manifest.get("exam_score", "sequence_max")
+        return dict(rule) if isinstance(rule, dict) else str(rule)
 
     @property
     def flip(self) -> bool:
@@ -351,6 +368,10 @@ def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto"
     manifest = read_manifest(p)
     if manifest.get("test_time_augmentation", "none") not in TTA_MODES:
         raise BundleError(f"{p}: test_time_augmentation must be one of {TTA_MODES}")
+    try:
+        exam_rules(manifest.get("exam_score", "sequence_max"))
+    except ValueError as exc:
+        raise BundleError(f"{p}: exam_score: {exc}") from exc
     net, seq = load_weights(p, manifest)
     dev = resolve_device(device)
     thresholds = {lab: float(manifest["thresholds"][lab]) for lab in LABELS}

@@ -30,7 +30,7 @@ from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.bundle import load_weights, read_manifest, save_bundle, write_manifest
 from triage.models.data import Cached, cached_studies, known_flags, open_source
-from triage.models.inference import EXAM_RULES, exam_scores, resolve_device, run_networks, seg_evidence
+from triage.models.inference import EXAM_RULES, exam_rules, exam_scores, resolve_device, run_networks, seg_evidence
 from triage.models.metrics import roc_auc
 from triage.models.network import ICHNet, SequenceHead, count_params, widen_stem
 from triage.models.preprocess import PreprocessConfig, key_slice_input, network_input
@@ -459,14 +459,25 @@ def validation_scores(net: ICHNet, seq: SequenceHead, studies: list[Cached], cfg
 
 
 def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray,
-                               any_sensitivity: float = ANY_SENSITIVITY) -> dict[str, Any]:
+                               any_sensitivity: float = ANY_SENSITIVITY, per_label: bool = False) -> dict[str, Any]:
+    """The exam rule with the best validation AUC for "any" (then mean AUC), and each label's
+    threshold on it. ``per_label``: each label takes the rule with its own best validation AUC
+    (ties go to the overall rule), and the result's ``rule`` is a label -> rule mapping."""
     table = {}
     for rule, sc in scores.items():
         aucs = {lab: roc_auc(truth[:, i], sc[:, i]) for i, lab in enumerate(LABELS)}
         valid = [a for a in aucs.values() if not math.isnan(a)]
         table[rule] = {"auc": aucs, "mean_auc": float(np.mean(valid)) if valid else float("nan")}
     best = max(table, key=lambda r: (round(table[r]["auc"]["any"], 4), table[r]["mean_auc"]))
-    sc = scores[best]
+    rule: str | dict[str, str] = best
+    if per_label:
+        def label_key(r: str, lab: str) -> tuple[float, bool]:
+            a = table[r]["auc"][lab]
+            return (-1.0 if math.isnan(a) else round(a, 4), r == best)
+
+        rule = {lab: max(table, key=lambda r, lab=lab: label_key(r, lab)) for lab in LABELS}
+    sc = np.stack([scores[rule if isinstance(rule, str) else rule[lab]][:, i] for i, lab in enumerate(LABELS)],
+                  axis=1)
     thresholds, stats = {}, {}
     for i, lab in enumerate(LABELS):
         target = any_sensitivity if lab == "any" else SUBTYPE_SENSITIVITY
@@ -480,7 +491,7 @@ def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray,
             "positives": int(pos.sum()),
             "negatives": int(neg.sum()),
         }
-    return {"rule": best, "rules": table, "thresholds": thresholds, "operating_points": stats}
+    return {"rule": rule, "rules": table, "thresholds": thresholds, "operating_points": stats}
 
 
 def init_from_bundle(path: str | Path, cfg: PreprocessConfig, stem: int = 1) -> tuple[ICHNet, SequenceHead]:
@@ -543,6 +554,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     widths = WIDTHS
     seq_epochs = int(getattr(args, "seq_epochs", 15))
     tta = str(getattr(args, "tta", "none") or "none")
+    per_label = bool(getattr(args, "per_label_rules", False))
     t_start = time.time()
     if int(args.epochs) <= 0 and not getattr(args, "init", ""):  # refused before minutes of preprocessing
         raise SystemExit("--epochs 0 trains only the sequence head, on an --init bundle's slice network")
@@ -585,7 +597,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         # kept beside the checkpoints, so another operating point can be chosen without retraining
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         np.savez(out / "checkpoints" / "validation_scores.npz", truth=truth, **scores)
-        selection = choose_rule_and_thresholds(scores, truth, float(getattr(args, "sensitivity", ANY_SENSITIVITY)))
+        selection = choose_rule_and_thresholds(scores, truth, float(getattr(args, "sensitivity", ANY_SENSITIVITY)),
+                                               per_label=per_label)
     kinds: dict[str, int] = {}
     for s in train:
         kinds[s.meta.get("kind", "")] = kinds.get(s.meta.get("kind", ""), 0) + 1
@@ -608,6 +621,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        f" --seq-epochs {seq_epochs} --lr {lr:g}"
                        f" --sensitivity {getattr(args, 'sensitivity', ANY_SENSITIVITY)}"
                        + (f" --tta {tta}" if tta != "none" else "")
+                       + (" --per-label-rules" if per_label else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
             "initial_training": _lineage(init) if init else None,
@@ -653,18 +667,20 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
     tta = str(args.tta)
     truth = np.stack([s.exam_labels for s in val])
     scores = validation_scores(net.eval(), seq.eval(), val, cfg, torch.device("cpu"), flip=tta == "flip")
-    selection = choose_rule_and_thresholds(scores, truth, float(args.sensitivity))
+    per_label = bool(getattr(args, "per_label_rules", False))
+    selection = choose_rule_and_thresholds(scores, truth, float(args.sensitivity), per_label=per_label)
     manifest["exam_score"] = selection["rule"]
     manifest["test_time_augmentation"] = tta
     manifest["thresholds"] = selection["thresholds"]
     manifest["validation"] = {k: v for k, v in selection.items() if k != "thresholds"}
     manifest["tuned"] = {"command": f"triage tune <bundle> --val '{args.val}' --tta {tta}"
-                                    f" --sensitivity {args.sensitivity}",
+                                    f" --sensitivity {args.sensitivity}"
+                                    + (" --per-label-rules" if per_label else ""),
                          "validation": val_src.description}
     if getattr(args, "version", ""):
         manifest["version"] = str(args.version)
     write_manifest(path, manifest)
     print(json.dumps({"bundle": str(path), "exam_score": selection["rule"], "test_time_augmentation": tta,
                       "thresholds": selection["thresholds"],
-                      "auc_any": selection["rules"][selection["rule"]]["auc"]["any"]}, indent=2))
+                      "auc_any": selection["rules"][exam_rules(selection["rule"])["any"]]["auc"]["any"]}, indent=2))
     return 0
