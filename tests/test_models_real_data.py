@@ -91,7 +91,11 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     # the operating point chosen again without retraining, with mirror test-time augmentation
     weights = (bundle / m["weights"]["file"]).read_bytes()
     assert triage_main(["tune", str(bundle), "--val", str(layouts["ctich"]), "--tta", "flip", "--sensitivity", "1.0",
-                        "--version", "tuned-1", "--cache", str(tmp_path / "cache"), "--per-label-rules"]) == 0
+                        "--version", "tuned-1", "--cache", str(tmp_path / "cache"), "--per-label-rules",
+                        "--scores-out", str(tmp_path / "val.npz")]) == 0
+    with np.load(tmp_path / "val.npz") as v:  # every rule's scores per validation study
+        assert v["truth"].shape == v["max"].shape == v["sequence_max"].shape == (2, len(LABELS))
+        assert len(v["keys"]) == 2
     tuned = read_manifest(bundle)
     assert set(tuned["exam_score"]) == set(LABELS), "a rule per label"
     assert "--per-label-rules" in tuned["tuned"]["command"]

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Validation sensitivity the 'any' threshold must keep (subtypes: 0.95)")
     tu.add_argument("--per-label-rules", action="store_true",
                     help="Choose each label's exam rule on validation (default: one rule, best for 'any')")
+    tu.add_argument("--scores-out", default="",
+                    help="Also write each validation study's exam scores under every rule (.npz)")
     tu.add_argument("--version", default="", help="New bundle version (its answers change with the thresholds)")
     tu.add_argument("--cache", default="", help="Preprocessed-study cache directory (default: DATA_DIR/cache)")
     tu.add_argument("--workers", type=int, default=1, help="Processes for preprocessing the studies")

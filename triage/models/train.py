@@ -667,6 +667,9 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
     tta = str(args.tta)
     truth = np.stack([s.exam_labels for s in val])
     scores = validation_scores(net.eval(), seq.eval(), val, cfg, torch.device("cpu"), flip=tta == "flip")
+    scores_out = str(getattr(args, "scores_out", "") or "")
+    if scores_out:  # every rule's exam scores per study, to study other operating points offline
+        np.savez(scores_out, truth=truth, keys=np.array([s.key for s in val]), **scores)
     per_label = bool(getattr(args, "per_label_rules", False))
     selection = choose_rule_and_thresholds(scores, truth, float(args.sensitivity), per_label=per_label)
     manifest["exam_score"] = selection["rule"]
