@@ -458,6 +458,13 @@ def validation_scores(net: ICHNet, seq: SequenceHead, studies: list[Cached], cfg
     return {r: np.stack(v) for r, v in out.items()}
 
 
+def save_validation_scores(path: Path, studies: list[Cached], truth: np.ndarray,
+                           scores: dict[str, np.ndarray]) -> None:
+    """Every rule's exam scores per validation study (.npz with ``truth`` and ``keys``), so another
+    operating point can be weighed offline without running the networks again."""
+    np.savez(path, truth=truth, keys=np.array([s.key for s in studies]), **scores)
+
+
 def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray,
                                any_sensitivity: float = ANY_SENSITIVITY, per_label: bool = False) -> dict[str, Any]:
     """The exam rule with the best validation AUC for "any" (then mean AUC), and each label's
@@ -476,8 +483,8 @@ def choose_rule_and_thresholds(scores: dict[str, np.ndarray], truth: np.ndarray,
             return (-1.0 if math.isnan(a) else round(a, 4), r == best)
 
         rule = {lab: max(table, key=lambda r, lab=lab: label_key(r, lab)) for lab in LABELS}
-    sc = np.stack([scores[rule if isinstance(rule, str) else rule[lab]][:, i] for i, lab in enumerate(LABELS)],
-                  axis=1)
+    rules = exam_rules(rule)
+    sc = np.stack([scores[rules[lab]][:, i] for i, lab in enumerate(LABELS)], axis=1)
     thresholds, stats = {}, {}
     for i, lab in enumerate(LABELS):
         target = any_sensitivity if lab == "any" else SUBTYPE_SENSITIVITY
@@ -596,7 +603,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         scores = validation_scores(net, seq, val, cfg, device, flip=tta == "flip")
         # kept beside the checkpoints, so another operating point can be chosen without retraining
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        np.savez(out / "checkpoints" / "validation_scores.npz", truth=truth, **scores)
+        save_validation_scores(out / "checkpoints" / "validation_scores.npz", val, truth, scores)
         selection = choose_rule_and_thresholds(scores, truth, float(getattr(args, "sensitivity", ANY_SENSITIVITY)),
                                                per_label=per_label)
     kinds: dict[str, int] = {}
@@ -668,8 +675,8 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
     truth = np.stack([s.exam_labels for s in val])
     scores = validation_scores(net.eval(), seq.eval(), val, cfg, torch.device("cpu"), flip=tta == "flip")
     scores_out = str(getattr(args, "scores_out", "") or "")
-    if scores_out:  # every rule's exam scores per study, to study other operating points offline
-        np.savez(scores_out, truth=truth, keys=np.array([s.key for s in val]), **scores)
+    if scores_out:
+        save_validation_scores(Path(scores_out), val, truth, scores)
     per_label = bool(getattr(args, "per_label_rules", False))
     selection = choose_rule_and_thresholds(scores, truth, float(args.sensitivity), per_label=per_label)
     manifest["exam_score"] = selection["rule"]
