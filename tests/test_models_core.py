@@ -536,6 +536,32 @@ def test_sampler_over_samples_hard_negatives(toy_cache: list) -> None:
     assert share < 0.1 and abs(picked / (200 * 16) - HARD_FRACTION) < 0.1
 
 
+def test_sampler_hard_fraction_is_a_setting(toy_cache: list) -> None:
+    """`--hard-fraction` sets the share of blood-mimic negatives drawn on purpose per batch; the
+    plain negatives still bring their natural share of them. A share that leaves no room is refused."""
+    from triage.models.train import POS_FRACTION, SliceSampler
+
+    studies = [replace(c, meta=dict(c.meta)) for c in toy_cache]
+    next(c for c in studies if not c.exam_labels[0]).meta["kind"] = "hard_negative_calcification"
+
+    def hard_share(fraction: float) -> tuple[float, float]:
+        sampler = SliceSampler(studies, np.random.default_rng(1), hard_fraction=fraction)
+        hard = {(int(i), int(z)) for i, z in sampler.hard}
+        natural = len(hard) / len(sampler.neg)
+        drawn = 0
+        for _ in range(100):
+            x, *_ = sampler.batch(16)
+            drawn += sum(any(torch.equal(x[k], sampler.slice_input(i, z)) for i, z in hard) for k in range(len(x)))
+        expected = fraction + (1 - POS_FRACTION - fraction) * natural
+        return drawn / (100 * 16), expected
+
+    low, high = hard_share(0.0), hard_share(0.5)
+    assert abs(low[0] - low[1]) < 0.08 and abs(high[0] - high[1]) < 0.08
+    assert high[0] > low[0] + 0.25
+    with pytest.raises(ValueError, match="hard fraction"):
+        SliceSampler(studies, np.random.default_rng(1), hard_fraction=0.7)
+
+
 def test_sampler_favours_positive_studies_with_few_positive_slices(toy_cache: list) -> None:
     """A study's positive slices together are drawn in proportion to sqrt(their number), not to
     their number: a one-slice bleed is not drowned by bleeds spanning many slices."""

@@ -271,9 +271,13 @@ class SliceSampler:
     """Draws (study, slice) pairs with positive slices over-sampled; slices with neither labels nor
     masks known (CQ500 positives) are left to the sequence head's exam-level loss."""
 
-    def __init__(self, studies: list[Cached], rng: np.random.Generator) -> None:
+    def __init__(self, studies: list[Cached], rng: np.random.Generator,
+                 hard_fraction: float = HARD_FRACTION) -> None:
+        if not 0.0 <= hard_fraction <= 1.0 - POS_FRACTION:
+            raise ValueError(f"hard fraction {hard_fraction} outside [0, {1.0 - POS_FRACTION:g}]")
         self.studies = studies
         self.rng = rng
+        self.hard_fraction = hard_fraction
         self.label_known = [known_flags(s.label_known, s.windows.shape[0]) for s in studies]
         self.seg_known = [known_flags(s.seg_known, s.windows.shape[0]) for s in studies]
         idx = [(i, z) for i, s in enumerate(studies) for z in range(s.windows.shape[0])
@@ -314,7 +318,7 @@ class SliceSampler:
 
     def batch(self, n: int) -> tuple[torch.Tensor, ...]:
         n_pos = int(self.rng.binomial(n, POS_FRACTION)) if len(self.pos) else 0
-        n_hard = int(self.rng.binomial(n - n_pos, HARD_FRACTION / (1 - POS_FRACTION))) if len(self.hard) else 0
+        n_hard = int(self.rng.binomial(n - n_pos, self.hard_fraction / (1 - POS_FRACTION))) if len(self.hard) else 0
         picks = []
         if n_pos:
             picks.append(self.pos[self.rng.choice(len(self.pos), n_pos, p=self.pos_p)])
@@ -336,8 +340,9 @@ class SliceSampler:
 
 def train_cnn(net: ICHNet, studies: list[Cached], epochs: int, out: Path, device: torch.device,
               rng: np.random.Generator, resume: bool, batch_size: int = 16, lr: float = 2e-3,
-              steps_per_epoch: int | None = None, progress: bool = True) -> list[dict[str, float]]:
-    sampler = SliceSampler(studies, rng)
+              steps_per_epoch: int | None = None, progress: bool = True,
+              hard_fraction: float = HARD_FRACTION) -> list[dict[str, float]]:
+    sampler = SliceSampler(studies, rng, hard_fraction)
     steps = steps_per_epoch or max(1, len(sampler) // batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     pct = min(0.3, max(0.1, 2.5 / (epochs * steps)))
@@ -562,6 +567,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     seq_epochs = int(getattr(args, "seq_epochs", 15))
     tta = str(getattr(args, "tta", "none") or "none")
     per_label = bool(getattr(args, "per_label_rules", False))
+    hard_fraction = float(getattr(args, "hard_fraction", HARD_FRACTION))
+    if not 0.0 <= hard_fraction <= 1.0 - POS_FRACTION:
+        raise SystemExit(f"--hard-fraction must lie in [0, {1.0 - POS_FRACTION:g}]")
     t_start = time.time()
     if int(args.epochs) <= 0 and not getattr(args, "init", ""):  # refused before minutes of preprocessing
         raise SystemExit("--epochs 0 trains only the sequence head, on an --init bundle's slice network")
@@ -586,7 +594,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     lr = float(getattr(args, "lr", 2e-3) or 2e-3)
     if int(args.epochs) > 0:
         history = train_cnn(net, train, int(args.epochs), out, device, rng, bool(args.resume), lr=lr,
-                            steps_per_epoch=steps)
+                            steps_per_epoch=steps, hard_fraction=hard_fraction)
     else:  # second stage: the slice network is kept; the sequence head learns from its outputs
         history = []  # on studies it never saw, whose scores are not over-confident (stacking)
     t_cnn = time.time() - t0
@@ -629,6 +637,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        f" --sensitivity {getattr(args, 'sensitivity', ANY_SENSITIVITY)}"
                        + (f" --tta {tta}" if tta != "none" else "")
                        + (" --per-label-rules" if per_label else "")
+                       + (f" --hard-fraction {hard_fraction:g}" if hard_fraction != HARD_FRACTION else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
             "initial_training": _lineage(init) if init else None,
