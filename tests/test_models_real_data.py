@@ -66,10 +66,12 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     bundle = tmp_path / "bundle"
     rc = triage_main(["train", str(layouts["rsna"]), "--val", str(layouts["ctich"]), "--out", str(bundle),
                       "--epochs", "1", "--steps-per-epoch", "2", "--size", "32", "--seq-epochs", "1",
-                      "--cache", str(tmp_path / "cache"), "--seed", "1", "--lr", "0.001"])
+                      "--cache", str(tmp_path / "cache"), "--seed", "1", "--lr", "0.001",
+                      "--hard-fraction", "0.3"])
     assert rc == 0
     m = read_manifest(bundle)
     assert "--lr 0.001" in m["training"]["command"], "the recorded command reproduces the run"
+    assert "--hard-fraction 0.3" in m["training"]["command"]
     assert m["training"]["studies"] == 3 and "rsna" in m["training"]["data"]
     assert set(m["thresholds"]) == set(LABELS)
     with np.load(bundle / "checkpoints" / "validation_scores.npz") as v:  # to re-pick an operating point
@@ -111,6 +113,9 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     with pytest.raises(SystemExit, match="--init"):
         triage_main(["train", str(layouts["cq500"]), "--out", str(tmp_path / "no-init"), "--epochs", "0",
                      "--size", "32", "--cache", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit, match="--hard-fraction"):  # refused before any preprocessing
+        triage_main(["train", str(layouts["cq500"]), "--out", str(tmp_path / "bad-hard"), "--epochs", "1",
+                     "--size", "32", "--cache", str(tmp_path / "cache"), "--hard-fraction", "0.8"])
     assert triage_main(["train", str(layouts["cq500"]), "--val", str(layouts["ctich"]), "--out", str(stage2),
                         "--epochs", "0", "--init", str(bundle), "--size", "32", "--seq-epochs", "2", "--tta", "flip",
                         "--cache", str(tmp_path / "cache"), "--seed", "2"]) == 0
