@@ -513,6 +513,32 @@ def test_stem_network_sees_the_finer_grid_and_widening_keeps_the_function(tiny_b
         init_from_bundle(out, replace(SMALL, size=96, base_size=128), stem=3)
 
 
+def test_cached_studies_memory_mapped(tmp_path: Path) -> None:
+    """With ``mmap`` the network-grid arrays are memory-mapped .npy files beside the cache, equal to
+    the in-memory arrays; a second load reuses them, and a sampler batch reads from them."""
+    from triage.models.train import SliceSampler
+
+    src = Source("toy:0-4", [str(i) for i in range(4)], toy_study, "toy")
+    plain = cached_studies(src, SMALL, tmp_path, progress=False, target_size=SMALL.size // 2)
+    mapped = cached_studies(src, SMALL, tmp_path, progress=False, target_size=SMALL.size // 2, mmap=True)
+    grid = sorted((tmp_path / "grid").glob("*.npy"))
+    assert len(grid) == 3 * len(plain)
+    for a, b in zip(plain, mapped, strict=True):
+        for name in ("windows", "brain_small", "target"):
+            assert isinstance(getattr(b, name), np.memmap) and not isinstance(getattr(a, name), np.memmap)
+            assert np.array_equal(getattr(a, name), getattr(b, name))
+        assert np.array_equal(a.slice_labels, b.slice_labels) and a.meta == b.meta
+    stamps = [f.stat().st_mtime_ns for f in grid]
+    again = cached_studies(src, SMALL, tmp_path, progress=False, target_size=SMALL.size // 2, mmap=True)
+    assert [f.stat().st_mtime_ns for f in grid] == stamps, "the grid files are reused"
+    assert np.array_equal(again[0].windows, plain[0].windows)
+    x, y, *_ = SliceSampler(again, np.random.default_rng(0)).batch(4)
+    assert x.shape[0] == 4 and torch.isfinite(x).all() and y.shape[1] == len(SUBTYPES)
+    again[0].windows[0, 0, 0, 0] = 7  # copy-on-write: the file on disk is not changed
+    assert np.array_equal(cached_studies(src, SMALL, tmp_path, progress=False, target_size=SMALL.size // 2,
+                                         mmap=True)[0].windows, plain[0].windows)
+
+
 def test_sampler_over_samples_hard_negatives(toy_cache: list) -> None:
     """Negative slices with calcium-bright voxels, or from a hard-negative study, make up about
     HARD_FRACTION of each batch although they are rare in the data."""

@@ -260,9 +260,14 @@ def _save(path: Path, c: Cached) -> None:
     os.replace(tmp, path)
 
 
-def _load(path: Path, key: str) -> Cached:
+_GRID_ARRAYS = ("windows", "brain_small", "target")  # the large arrays, memory-mapped with ``mmap``
+
+
+def _load(path: Path, key: str, arrays: bool = True) -> Cached:
+    """One cached study; ``arrays=False`` leaves the large arrays empty (memory-mapped elsewhere)."""
     with np.load(path) as z:
-        return Cached(key, z["windows"], z["brain_small"], z["target"], z["slice_labels"], z["exam_labels"],
+        big = [z[n] if arrays else np.zeros(0, np.uint8) for n in _GRID_ARRAYS]
+        return Cached(key, *big, z["slice_labels"], z["exam_labels"],
                       json.loads(bytes(z["meta"]).decode()),
                       z["label_known"] if "label_known" in z.files else None,
                       z["seg_known"] if "seg_known" in z.files else None)
@@ -278,11 +283,14 @@ def _build_one(args: tuple[Source, str, PreprocessConfig, str]) -> str:
 
 
 def cached_studies(source: Source, cfg: PreprocessConfig, cache_dir: Path, workers: int = 1,
-                   progress: bool = True, target_size: int | None = None) -> list[Cached]:
+                   progress: bool = True, target_size: int | None = None, mmap: bool = False) -> list[Cached]:
     """Preprocess every study of the source once (in ``workers`` processes) and load the cache.
 
     ``target_size``: the grid of the segmentation targets when it is coarser than the input grid
     (a stem network's U-Net grid), which keeps a 256 px training set in memory.
+    ``mmap``: the large arrays (windows, intracranial mask, targets) on the network grid are kept
+    as uncompressed ``.npy`` files beside the cache and memory-mapped (copy-on-write), so a training
+    set larger than RAM is paged in by the kernel instead of being held by the process.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     def name_of(k: str) -> str:
@@ -305,12 +313,30 @@ def cached_studies(source: Source, cfg: PreprocessConfig, cache_dir: Path, worke
         bar.close()
     out = []
     for k, p in paths.items():
-        c = _load(p, k)
-        c.windows, c.brain_small, c.target = downsize(c.windows, c.brain_small, c.target, cfg.size)
-        if target_size and c.target is not None:
-            c.target = resize_u8(c.target, target_size)
+        grid = p.parent / "grid" / f"{p.stem}-{cfg.size}-{target_size or 0}"
+        if mmap and all(grid.with_suffix(f".{name}.npy").exists() for name in _GRID_ARRAYS):
+            c = _load(p, k, arrays=False)
+        else:
+            c = _load(p, k)
+            c.windows, c.brain_small, c.target = downsize(c.windows, c.brain_small, c.target, cfg.size)
+            if target_size and c.target is not None:
+                c.target = resize_u8(c.target, target_size)
+            if mmap:
+                _save_grid(grid, c)
+        if mmap:
+            c.windows, c.brain_small, c.target = (np.load(grid.with_suffix(f".{name}.npy"), mmap_mode="c")
+                                                  for name in _GRID_ARRAYS)
         out.append(c)
     return out
+
+
+def _save_grid(grid: Path, c: Cached) -> None:
+    """The network-grid arrays of one study as .npy files (written whole, then renamed)."""
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    for name in _GRID_ARRAYS:
+        tmp = grid.with_suffix(f".{name}.tmp.npy")
+        np.save(tmp, getattr(c, name))
+        os.replace(tmp, grid.with_suffix(f".{name}.npy"))
 
 
 def iter_studies(source: Source) -> Iterator[Study]:

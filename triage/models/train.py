@@ -579,8 +579,10 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     same_kind = val_src is not None and val_src.name.split(":")[0] == train_src.name.split(":")[0]
     if val_src and same_kind and set(val_src.keys) & set(train_src.keys):
         raise SystemExit("training and validation sets overlap; use disjoint seeds")
-    train = cached_studies(train_src, cfg, cache, workers, target_size=size // stem)
-    val = cached_studies(val_src, cfg, cache, workers, target_size=size // stem) if val_src else []
+    # memory-mapped: a training set larger than RAM is paged by the kernel (session 12's 640 + 600
+    # studies at 256 px were killed for memory when held in the process)
+    train = cached_studies(train_src, cfg, cache, workers, target_size=size // stem, mmap=True)
+    val = cached_studies(val_src, cfg, cache, workers, target_size=size // stem, mmap=True) if val_src else []
     t_data = time.time() - t_start
 
     net = ICHNet(cfg.channels, widths, stem=stem)
@@ -677,7 +679,8 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
     cfg = PreprocessConfig.from_dict(manifest["preprocessing"])
     cache = Path(getattr(args, "cache", "") or (Path(settings.data_dir) / "cache" / "models"))
     val_src = open_source(args.val, getattr(args, "format", "auto"))
-    val = cached_studies(val_src, cfg, cache, int(getattr(args, "workers", 1) or 1), target_size=cfg.size // net.stem)
+    val = cached_studies(val_src, cfg, cache, int(getattr(args, "workers", 1) or 1), target_size=cfg.size // net.stem,
+                         mmap=True)
     if not val:
         raise SystemExit(f"{args.val}: no validation studies")
     tta = str(args.tta)
