@@ -31,6 +31,7 @@ from triage.logging import get_logger
 from triage.models.bundle import load_weights, read_manifest, save_bundle, write_manifest
 from triage.models.data import Cached, cached_studies, known_flags, open_source
 from triage.models.inference import EXAM_RULES, exam_rules, exam_scores, resolve_device, run_networks, seg_evidence
+from triage.models.memory import release_heap
 from triage.models.metrics import roc_auc
 from triage.models.network import ICHNet, SequenceHead, count_params, widen_stem
 from triage.models.preprocess import PreprocessConfig, key_slice_input, network_input
@@ -412,6 +413,7 @@ def slice_features(net: ICHNet, studies: list[Cached], device: torch.device,
             out = net(network_input(windows, 1).to(device), full_seg=False)
             feats.append((out["feat"].cpu(), out["slice"].cpu(), torch.from_numpy(s.slice_labels), known,
                           torch.from_numpy(s.exam_labels), seg_evidence(out["seg"], brain)))
+        release_heap()  # else the heap keeps every series' freed buffers (GBs over a training set)
     return feats
 
 
@@ -460,6 +462,7 @@ def validation_scores(net: ICHNet, seq: SequenceHead, studies: list[Cached], cfg
         res = run_networks(net, seq, s.windows, s.brain_small, cfg, device, flip=flip)
         for r in EXAM_RULES:
             out[r].append(exam_scores(res["slice_probs"], res["seg_max"], r))
+        release_heap()
     return {r: np.stack(v) for r, v in out.items()}
 
 
