@@ -129,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Test-time augmentation the bundle will run with (validation scores use it too)")
     tr.add_argument("--per-label-rules", action="store_true",
                     help="Choose each label's exam rule on validation (default: one rule, best for 'any')")
-    tr.add_argument("--hard-fraction", type=float, default=0.2,
+    tr.add_argument("--hard-fraction", type=float, default=None,
                     help="Share of each training batch drawn from negative slices with blood mimics "
-                         "(calcification, artefact); positives take 0.4")
+                         "(calcification, artefact; default 0.2); positives take 0.4")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")

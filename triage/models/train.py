@@ -268,17 +268,22 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | N
     return bce + 0.5 * dice_term
 
 
+def check_hard_fraction(fraction: float) -> float:
+    """The share of blood-mimic negatives per batch must leave room beside the positives."""
+    if not 0.0 <= fraction <= 1.0 - POS_FRACTION:
+        raise ValueError(f"hard fraction {fraction} outside [0, {1.0 - POS_FRACTION:g}]")
+    return fraction
+
+
 class SliceSampler:
     """Draws (study, slice) pairs with positive slices over-sampled; slices with neither labels nor
     masks known (CQ500 positives) are left to the sequence head's exam-level loss."""
 
     def __init__(self, studies: list[Cached], rng: np.random.Generator,
                  hard_fraction: float = HARD_FRACTION) -> None:
-        if not 0.0 <= hard_fraction <= 1.0 - POS_FRACTION:
-            raise ValueError(f"hard fraction {hard_fraction} outside [0, {1.0 - POS_FRACTION:g}]")
         self.studies = studies
         self.rng = rng
-        self.hard_fraction = hard_fraction
+        self.hard_fraction = check_hard_fraction(hard_fraction)
         self.label_known = [known_flags(s.label_known, s.windows.shape[0]) for s in studies]
         self.seg_known = [known_flags(s.seg_known, s.windows.shape[0]) for s in studies]
         idx = [(i, z) for i, s in enumerate(studies) for z in range(s.windows.shape[0])
@@ -570,9 +575,11 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     seq_epochs = int(getattr(args, "seq_epochs", 15))
     tta = str(getattr(args, "tta", "none") or "none")
     per_label = bool(getattr(args, "per_label_rules", False))
-    hard_fraction = float(getattr(args, "hard_fraction", HARD_FRACTION))
-    if not 0.0 <= hard_fraction <= 1.0 - POS_FRACTION:
-        raise SystemExit(f"--hard-fraction must lie in [0, {1.0 - POS_FRACTION:g}]")
+    hard = getattr(args, "hard_fraction", None)
+    try:  # refused before minutes of preprocessing
+        hard_fraction = check_hard_fraction(HARD_FRACTION if hard is None else float(hard))
+    except ValueError as exc:
+        raise SystemExit(f"--hard-fraction: {exc}") from None
     t_start = time.time()
     if int(args.epochs) <= 0 and not getattr(args, "init", ""):  # refused before minutes of preprocessing
         raise SystemExit("--epochs 0 trains only the sequence head, on an --init bundle's slice network")
