@@ -67,9 +67,11 @@ def test_destination_down_then_back_delivers_everything_once_in_order(tmp_path: 
         assert attempted == 1, attempted
         assert scalar(url, "select count(*) from jobs where lane = :l and attempts = 0", l=f"dicom:{down}") \
             == objects - 1
-        failures, blocked = db_rows(url, "select failures, blocked_until from job_lanes where key = :k",
-                                    k=f"dicom:{down}")[0]
-        assert failures >= 3 and blocked is not None
+        # The lane's back-off is written by the queue just after the delivery row (its own
+        # transaction), so it is waited for rather than read at once.
+        lane_sql = "select failures, blocked_until from job_lanes where key = :k"
+        wait_for(lambda: (row := db_rows(url, lane_sql, k=f"dicom:{down}")) != [] and row[0][0] >= 3
+                 and row[0][1] is not None, timeout=30, message="the down lane to back off after 3 failures")
 
         procs.append(_storescp(down_port, down_dir))
         wait_port(down_port, timeout=15)
