@@ -56,19 +56,32 @@ def drop_pg_schema(schema: str) -> None:
     eng.dispose()
 
 
+def _pg_schema_url() -> Iterator[str]:
+    """A throw-away PostgreSQL schema's URL; fails under CI when the server is not reachable."""
+    if not PG_AVAILABLE:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL not reachable at {PG_URL} (CI must start it)")
+        pytest.skip("PostgreSQL not reachable")
+    url, schema = make_pg_schema_url()
+    try:
+        yield url
+    finally:
+        drop_pg_schema(schema)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database URL, once for SQLite and once for PostgreSQL."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'triage.sqlite3'}"
         return
-    if not PG_AVAILABLE:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL not reachable at {PG_URL} (CI must start it)")
-        pytest.skip("PostgreSQL not reachable")
-    url, schema = make_pg_schema_url()
-    yield url
-    drop_pg_schema(schema)
+    yield from _pg_schema_url()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """An empty PostgreSQL database URL (a throw-away schema), for PostgreSQL-only tests."""
+    yield from _pg_schema_url()
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:

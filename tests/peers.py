@@ -2,7 +2,8 @@
 
 * :func:`make_ct_series` writes a small synthetic head CT series with pydicom (any geometry,
   compression via pydicom encoders or DCMTK ``dcmcjpeg``/``dcmcrle``).
-* :func:`free_port`, :func:`wait_port` pick and poll loopback ports.
+* :func:`free_port`, :func:`wait_port` pick and poll loopback ports; :func:`serving` runs a
+  ``socketserver`` server (HL7, webhook receivers) in a thread.
 * :class:`StoreSCP` runs DCMTK ``storescp`` on a free port (a destination that records files).
 * :class:`Orthanc` runs an Orthanc server with its own configuration on free ports (a stand-in
   PACS): REST helpers to upload files, push to a modality and list what it holds.
@@ -22,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -90,6 +92,19 @@ def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1, messa
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {message}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def serving(server: Any) -> Iterator[Any]:
+    """Run a ``socketserver`` server in a daemon thread; shut it down and close it on exit."""
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join(timeout=10)
 
 
 # --------------------------------------------------------------------------- synthetic CT

@@ -4,9 +4,7 @@ and several receivers sharing one PostgreSQL database."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ from sqlalchemy import func, select
 
 from storage import audit
 from storage.models import AuditEvent, Instance, Job, Series, Study, utcnow
-from tests.conftest import PG_AVAILABLE, PG_URL, drop_pg_schema, make_pg_schema_url
 from tests.peers import SeriesSpec, make_ct_series, node_context, running_node, storescu, wait_for
 from triage.dicom.completion import SeriesMonitor
 from triage.dicom.scp import DicomNode
@@ -165,17 +162,6 @@ def test_stat_study_gets_priority(ctx, tmp_path: Path) -> None:  # noqa: ANN001
         study = s.scalars(select(Study)).one()
     assert job.priority == 10 and study.stat and study.priority == 10
     assert events(ctx, audit.QUEUED)[0].details["stat_keyword"] == "CODE STROKE"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    if not PG_AVAILABLE:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL not reachable at {PG_URL}")
-        pytest.skip("PostgreSQL not reachable")
-    url, schema = make_pg_schema_url()
-    yield url
-    drop_pg_schema(schema)
 
 
 @pytest.mark.postgres

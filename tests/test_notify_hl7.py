@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import socketserver
-import threading
 import time
 from collections.abc import Iterator
 
@@ -12,6 +11,7 @@ import pytest
 
 from reports.dicom.synthetic import IDENTITY, make_prediction, make_series
 from tests.conftest import make_settings
+from tests.peers import serving
 from triage import notify
 
 
@@ -65,13 +65,8 @@ class MLLPHandler(socketserver.BaseRequestHandler):
 
 @pytest.fixture
 def listener() -> Iterator[MLLPServer]:
-    srv = MLLPServer()
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join(timeout=10)
+    with serving(MLLPServer()) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +12,7 @@ import pytest
 
 from reports.dicom.synthetic import IDENTITY, make_prediction, make_series
 from tests.conftest import make_settings
+from tests.peers import serving
 from triage import notify
 from triage.labels import LABELS
 
@@ -49,13 +49,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    srv = Receiver()
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join(timeout=10)
+    with serving(Receiver()) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -22,22 +22,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import PG_AVAILABLE
 from tests.node_process import NodeProcess
 from tests.peers import SeriesSpec, make_ct_series, storescu, wait_for
-from tests.resilience_support import AckingSCU, build_tiny_bundle, db_rows, pg_schema, scalar, slow_hook_dir
+from tests.resilience_support import AckingSCU, build_tiny_bundle, db_rows, scalar, slow_hook_dir
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    if not PG_AVAILABLE:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL not reachable (CI must start it)")
-        pytest.skip("PostgreSQL not reachable")
-    with pg_schema() as url:
-        yield url
 
 
 def _instances(url: str) -> dict[str, str]:

@@ -9,30 +9,17 @@ once (counted by SOP Instance UID).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import PG_AVAILABLE
 from tests.node_process import NodeProcess
 from tests.peers import SeriesSpec, StoreSCP, make_ct_series, storescu, wait_for
-from tests.resilience_support import build_tiny_bundle, db_rows, pg_schema, scalar, slow_hook_dir
+from tests.resilience_support import build_tiny_bundle, db_rows, scalar, slow_hook_dir
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.postgres]
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    if not PG_AVAILABLE:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL not reachable (CI must start it)")
-        pytest.skip("PostgreSQL not reachable")
-    with pg_schema() as url:
-        yield url
 
 
 def test_sigkill_worker_mid_inference_other_worker_finishes_once(tmp_path: Path, pg_url: str) -> None:

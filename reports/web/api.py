@@ -154,25 +154,31 @@ def result_dict(r: Result, study: Study, findings: dict[str, Finding]) -> dict[s
     }
 
 
-def list_results(ctx: AppContext, params: dict[str, str]) -> dict[str, Any]:
-    positive = _bool(params.get("positive"), "positive")
+def _filtered_page(stmt: Select[Any], params: dict[str, str]) -> tuple[Select[Any], int, int]:
+    """Apply the filters every list shares (``since``, ``study_id``, ``accession``) to a query
+    joining Result and Study; return it with the page's ``limit`` and ``offset``."""
     since = parse_since(params.get("since"))
     study_id = _int(params.get("study_id"), "study_id", 0, 0, 2**31 - 1) or None
     accession = _accession(params.get("accession"))
-    include_superseded = bool(_bool(params.get("include_superseded"), "include_superseded"))
     limit = _int(params.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     offset = _int(params.get("offset"), "offset", 0, 0, 10_000_000)
-    stmt: Select[Any] = select(Result, Study).join(Study, Study.id == Result.study_id)
-    if not include_superseded:
-        stmt = stmt.where(Result.superseded.is_(False))
-    if positive is not None:
-        stmt = stmt.where(Result.positive.is_(positive))
     if since:
         stmt = stmt.where(Result.created_at >= since)
     if study_id:
         stmt = stmt.where(Result.study_id == study_id)
     if accession:
         stmt = stmt.where(Study.accession == accession)
+    return stmt, limit, offset
+
+
+def list_results(ctx: AppContext, params: dict[str, str]) -> dict[str, Any]:
+    positive = _bool(params.get("positive"), "positive")
+    include_superseded = bool(_bool(params.get("include_superseded"), "include_superseded"))
+    stmt, limit, offset = _filtered_page(select(Result, Study).join(Study, Study.id == Result.study_id), params)
+    if not include_superseded:
+        stmt = stmt.where(Result.superseded.is_(False))
+    if positive is not None:
+        stmt = stmt.where(Result.positive.is_(positive))
     with session_scope(ctx.sessions) as s:
         total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
         rows = s.execute(stmt.order_by(Result.created_at.desc(), Result.id.desc()).limit(limit).offset(offset)).all()
@@ -184,23 +190,13 @@ def list_results(ctx: AppContext, params: dict[str, str]) -> dict[str, Any]:
 def list_findings(ctx: AppContext, params: dict[str, str]) -> dict[str, Any]:
     label = _choice(params.get("label"), "label", LABELS)
     present = _bool(params.get("present"), "present")
-    since = parse_since(params.get("since"))
-    study_id = _int(params.get("study_id"), "study_id", 0, 0, 2**31 - 1) or None
-    accession = _accession(params.get("accession"))
-    limit = _int(params.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    offset = _int(params.get("offset"), "offset", 0, 0, 10_000_000)
-    stmt: Select[Any] = (select(Finding, Result, Study).join(Result, Result.id == Finding.result_id)
-                         .join(Study, Study.id == Result.study_id).where(Result.superseded.is_(False)))
+    stmt, limit, offset = _filtered_page(
+        select(Finding, Result, Study).join(Result, Result.id == Finding.result_id)
+        .join(Study, Study.id == Result.study_id).where(Result.superseded.is_(False)), params)
     if label:
         stmt = stmt.where(Finding.label == label)
     if present is not None:
         stmt = stmt.where(Finding.present.is_(present))
-    if since:
-        stmt = stmt.where(Result.created_at >= since)
-    if study_id:
-        stmt = stmt.where(Result.study_id == study_id)
-    if accession:
-        stmt = stmt.where(Study.accession == accession)
     with session_scope(ctx.sessions) as s:
         total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
         rows = s.execute(stmt.order_by(Result.created_at.desc(), Finding.id).limit(limit).offset(offset)).all()
