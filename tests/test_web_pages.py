@@ -218,6 +218,26 @@ def test_worklist_order_status_and_rows_endpoint(app_ctx: AppContext, client: Te
     assert "IPH 90%" in rows
 
 
+def test_a_result_outside_the_models_input_domain_is_marked(app_ctx: AppContext, client: TestClient) -> None:
+    ood = seed_study(app_ctx, accession="ACC-OOD", flagged=True, probabilities={"any": 0.97, "subarachnoid": 0.96},
+                     input_domain={"distance": 41.27, "threshold": 9.5, "in_domain": False})
+    ind = seed_study(app_ctx, accession="ACC-IND", input_domain={"distance": 4.2, "threshold": 9.5, "in_domain": True})
+    old = seed_study(app_ctx, accession="ACC-NOCHECK")
+    assert log_in(client, "rad")[0] == 303
+    rows = client.get("/worklist/rows").text
+    marked = {m for m in re.findall(r'data-study-id="(\d+)"', rows.split("OUT OF DOMAIN")[0])}
+    assert rows.count("OUT OF DOMAIN") == 1 and str(ood.study_id) in marked
+    assert "distance 41.3 &gt; 9.5" in rows
+    page = client.get(f"/studies/{ood.study_id}").text
+    assert "OUT OF DOMAIN" in page and "do not rely on this result" in page
+    assert "like the training studies (distance 4.2" in client.get(f"/studies/{ind.study_id}").text
+    assert "not checked" in client.get(f"/studies/{old.study_id}").text
+    api = {r["accession"]: r["input_domain"] for r in client.get("/api/v1/results").json()["items"]}
+    assert api["ACC-OOD"] == {"distance": 41.27, "threshold": 9.5, "in_domain": False}
+    assert api["ACC-IND"]["in_domain"] is True and api["ACC-NOCHECK"] is None
+    assert client.get(f"/api/v1/studies/{ood.study_id}").json()["input_domain"]["in_domain"] is False
+
+
 def test_audit_page_filters_csv_and_verification(app_ctx: AppContext, client: TestClient) -> None:
     seed_study(app_ctx, accession="ACC-AUD")
     seed_study(app_ctx, accession="ACC-OTHER")

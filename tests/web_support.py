@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -80,6 +81,7 @@ def seed_study(
     ttr_s: float = 95.0,
     with_previews: bool = True,
     deliveries: tuple[tuple[str, bool], ...] = (("PACS@127.0.0.1:4242", True),),
+    input_domain: dict[str, Any] | None = None,
 ) -> Seeded:
     """One study with a series; for done studies a result, findings, previews, deliveries and audit events."""
     now = dt.datetime.now(dt.UTC)
@@ -128,7 +130,7 @@ def seed_study(
                 study_id=study.id, series_id=series.id, model_version_id=mv.id, positive=positive,
                 total_volume_ml=12.4 if positive else 0.0, abc2_ml=11.8 if positive else 0.0,
                 timings={"assemble": 0.41, "predict": 3.2, "seg": 0.3, "sr": 0.1, "total": 4.3},
-                summary={"previews": previews}, device="cpu", created_at=study.result_at,
+                summary={"previews": previews, "input_domain": input_domain}, device="cpu", created_at=study.result_at,
             )
             s.add(result)
             s.flush()

@@ -151,6 +151,7 @@ def result_dict(r: Result, study: Study, findings: dict[str, Finding]) -> dict[s
         "timings": {k: float(v) for k, v in (r.timings or {}).items()
                     if isinstance(v, int | float) and not isinstance(v, bool)},
         "findings": q.ordered_findings(findings),
+        "input_domain": q.input_domain(r),
     }
 
 
@@ -351,6 +352,7 @@ STUDY_SCHEMA: dict[str, Any] = {
         "abc2_ml": _nullable("number"),
         "findings": {"type": "array", "items": {"$ref": "#/components/schemas/Finding"}},
         "feedback": _nullable({"type": "object"}),
+        "input_domain": {"$ref": "#/components/schemas/InputDomain"},
         "model": _nullable({"type": "object", "properties": {"name": {"type": "string"},
                                                               "version": {"type": "string"},
                                                               "sha256": {"type": "string"}}}),
@@ -378,8 +380,17 @@ RESULT_SCHEMA: dict[str, Any] = {
         "created_at": _DT,
         "timings": {"type": "object", "additionalProperties": {"type": "number"}},
         "findings": {"type": "array", "items": {"$ref": "#/components/schemas/Finding"}},
+        "input_domain": {"$ref": "#/components/schemas/InputDomain"},
     },
 }
+INPUT_DOMAIN_SCHEMA: dict[str, Any] = _nullable({
+    "type": "object",
+    "description": "The bundle's input-domain check: in_domain false means the series is unlike the studies "
+                   "the model was trained on, so its result must not be relied on. Null when the bundle has no check.",
+    "required": ["distance", "threshold", "in_domain"],
+    "properties": {"distance": {"type": "number", "minimum": 0}, "threshold": {"type": "number"},
+                   "in_domain": {"type": "boolean"}},
+})
 FINDING_ROW_SCHEMA: dict[str, Any] = {
     "allOf": [
         {"$ref": "#/components/schemas/Finding"},
@@ -495,6 +506,7 @@ def openapi_schema() -> dict[str, Any]:
                 "FindingRow": FINDING_ROW_SCHEMA,
                 "Study": STUDY_SCHEMA,
                 "Result": RESULT_SCHEMA,
+                "InputDomain": INPUT_DOMAIN_SCHEMA,
                 "StudyPage": _page_of("Study"),
                 "ResultPage": _page_of("Result"),
                 "FindingPage": _page_of("FindingRow"),

@@ -150,7 +150,18 @@ def study_row(study: Study, result: Result | None, findings: dict[str, Finding],
         "abc2_ml": round(float(result.abc2_ml), 2) if result else None,
         "findings": ordered_findings(findings),
         "feedback": feedback,
+        "input_domain": input_domain(result),
     }
+
+
+def input_domain(result: Result | None) -> dict[str, Any] | None:
+    """The input-domain check of a result (``distance``, ``threshold``, ``in_domain``), or None when
+    the bundle had none (triage/models/domain.py)."""
+    d = (result.summary or {}).get("input_domain") if result is not None else None
+    if not isinstance(d, dict) or "in_domain" not in d:
+        return None
+    return {"distance": float(d.get("distance", 0.0)), "threshold": float(d.get("threshold", 0.0)),
+            "in_domain": bool(d["in_domain"])}
 
 
 def worklist(s: Session, phi: bool, limit: int = 200) -> list[dict[str, Any]]:

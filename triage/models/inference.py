@@ -23,6 +23,8 @@ from triage.imaging.volume import Volume
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.bundle import BundleError, default_bundle_path, load_weights, read_manifest
+from triage.models.domain import DomainCheck
+from triage.models.domain import load as load_domain
 from triage.models.export import onnx_session
 from triage.models.gradcam import gradcam_heatmaps, gradcam_maps
 from triage.models.network import ICHNet, SequenceHead
@@ -87,13 +89,15 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
     network alone, ``seg_logits`` float32 (Z, 5, G, G) on the U-Net grid (G = S / stem; masks
     are made from them by :func:`seg_probs_on_input_grid`, only on the slices that need it) and
     ``seg_max`` (Z, 5) the per-slice maximum of the segmentation probabilities inside the
-    intracranial space (on the U-Net grid: over the cells that touch it).
+    intracranial space (on the U-Net grid: over the cells that touch it), and ``feat`` (Z, F) the
+    slice network's pooled features (the input-domain check, :mod:`triage.models.domain`).
     """
     if flip:
         a = run_networks(net, seq, windows_u8, brain_small, cfg, device, session)
         b = run_networks(net, seq, np.ascontiguousarray(windows_u8[..., ::-1]),
                          np.ascontiguousarray(brain_small[..., ::-1]), cfg, device, session)
-        out = {k: ((a[k] + b[k]) / 2).astype(np.float32) for k in ("slice_probs", "cnn_slice_probs", "seg_max")}
+        out = {k: ((a[k] + b[k]) / 2).astype(np.float32)
+               for k in ("slice_probs", "cnn_slice_probs", "seg_max", "feat")}
         out["seg_logits"] = ((a["seg_logits"] + b["seg_logits"][..., ::-1]) / 2).astype(np.float32)
         return out
     x = network_input(windows_u8, cfg.context)
@@ -110,13 +114,15 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
     seg_logits = torch.cat(segs)
     seg_max = seg_evidence(seg_logits, brain_small)
     cnn_logits = torch.cat(logits)
-    seq_logits = seq(torch.cat(feats)[None].to(device), cnn_logits[None].to(device),
+    feat = torch.cat(feats)
+    seq_logits = seq(feat[None].to(device), cnn_logits[None].to(device),
                      seg_max[None].to(device) if seq.seg_inputs else None)[0].cpu()
     return {
         "slice_probs": torch.sigmoid(seq_logits).numpy().astype(np.float32),
         "cnn_slice_probs": torch.sigmoid(cnn_logits).numpy().astype(np.float32),
         "seg_logits": seg_logits.numpy(),
         "seg_max": seg_max.numpy(),
+        "feat": feat.numpy().astype(np.float32),
     }
 
 
@@ -216,6 +222,7 @@ class Bundle:
     device: torch.device
     cfg: PreprocessConfig
     session: Any | None = None  # ONNX Runtime session of the slice network (CPU), else PyTorch
+    domain: DomainCheck | None = None  # the input-domain check (manifest ``input_domain``), if any
 
     @property
     def runtime(self) -> str:
@@ -303,6 +310,10 @@ class Bundle:
         probs = exam_scores(slice_probs, out["seg_max"], self.exam_rule)
         exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
         present = decide(exam, self.thresholds)
+        domain = None
+        if self.domain is not None:
+            brain_fraction = prep.brain_small.reshape(prep.brain_small.shape[0], -1).mean(axis=1)
+            domain = self.domain.assess(out["feat"], brain_fraction)
         timings["detection"] = time.perf_counter() - t0
         if keep is not None:
             keep["outputs"] = out
@@ -343,6 +354,7 @@ class Bundle:
             timings=timings,
             bundle=self.identity,
             device=str(self.device) + ("+onnxruntime" if self.session is not None else ""),
+            input_domain=domain,
         )
 
 
@@ -388,7 +400,8 @@ def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto"
         raise BundleError(f"runtime 'onnx' asked for, but {p} has no ONNX export (`triage export`), onnxruntime "
                           "is not installed, or the device is not the CPU")
     bundle = Bundle(p, manifest, net.to(dev), seq.to(dev), thresholds, dev,
-                    PreprocessConfig.from_dict(manifest["preprocessing"]), session)
+                    PreprocessConfig.from_dict(manifest["preprocessing"]), session,
+                    load_domain(p, manifest, net.feat_dim))
     bundle.warm_up()
     log.info("bundle_loaded", bundle=str(bundle.identity), device=str(dev), runtime=bundle.runtime)
     return bundle
@@ -449,6 +462,7 @@ def prediction_summary(pred: Prediction) -> dict[str, Any]:
         "abc2_ml": {k: round(v, 2) for k, v in pred.abc2_ml.items()},
         "key_slices": pred.key_slices,
         "timings_s": {k: round(v, 3) for k, v in pred.timings.items()},
+        "input_domain": pred.input_domain,
     }
 
 

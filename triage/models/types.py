@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,8 @@ class Prediction:
     ``key_slices``: label -> slice indices (most informative first).
     ``brain_mask``: bool (Z, Y, X) intracranial space, or None.
     ``timings``: stage -> seconds (preprocess, detection, segmentation, gradcam).
+    ``input_domain``: ``{"distance", "threshold", "in_domain"}`` from the bundle's input-domain
+    check (:mod:`triage.models.domain`), or None when the bundle has none.
     """
 
     exam_probs: dict[str, float]
@@ -46,7 +49,13 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     bundle: BundleIdentity | None = None
     device: str = "cpu"
+    input_domain: dict[str, Any] | None = None
 
     @property
     def positive(self) -> bool:
         return bool(self.present.get("any", False))
+
+    @property
+    def out_of_domain(self) -> bool:
+        """True when the bundle's input-domain check found the series unlike its training studies."""
+        return self.input_domain is not None and not self.input_domain.get("in_domain", True)

@@ -180,6 +180,7 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
                 "previews": previews,
                 "bundle": {"name": ident.name, "version": ident.version, "sha256": ident.sha256},
                 "exam_probs": prediction.exam_probs,
+                "input_domain": prediction.input_domain,
                 "volume": {"shape": list(volume.shape), "tilt_deg": volume.tilt_deg,
                            "slice_spacing": volume.slice_spacing, "pixel_spacing": list(volume.pixel_spacing)},
             },
@@ -216,7 +217,7 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
         study.priority = max(study.priority or 0, priority)  # never lowered
         details = {
             "job_id": job.id, "result_id": result.id, "positive": positive, "generation": generation,
-            "bundle": str(ident), "device": prediction.device,
+            "bundle": str(ident), "device": prediction.device, "input_domain": prediction.input_domain,
             "probabilities": {k: round(float(v), 4) for k, v in prediction.exam_probs.items()},
             "volumes_ml": {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()},
             "timings": {k: round(v, 3) for k, v in timings.items()},
