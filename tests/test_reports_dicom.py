@@ -243,6 +243,28 @@ def test_overlay_differs_from_plain_where_the_mask_is(case: dict) -> None:
         assert ki.overlay_rgb[h:].max() > 0, "legend panel has text"
 
 
+def test_a_series_outside_the_models_input_domain_says_so_in_every_object(tmp_path: Path) -> None:
+    sources, volume = make_series(n_slices=12, size=128, with_pixels=False, seed="ood")
+    pred = make_prediction(volume, subtypes=("subdural",))
+    pred.input_domain = {"distance": 38.2, "threshold": 9.1, "in_domain": False}
+    seg = build_seg(sources, pred, IDENTITY)
+    sr = build_sr(sources, pred, IDENTITY, seg)
+    scs = build_sc(sources, volume, pred, IDENTITY)
+    for name, ds in [("seg", seg), ("sr", sr), *((f"sc{i}", sc) for i, sc in enumerate(scs))]:
+        assert ds is not None
+        kind = name.rstrip("0123456789").upper()
+        assert ds.SeriesDescription == f"ICH AI {kind}: POSITIVE (OUT OF DOMAIN) - NOT FOR DIAGNOSTIC USE"
+        assert len(ds.SeriesDescription) <= 64
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        assert_valid(tmp_path / f"{name}.dcm")
+    # The key images carry the warning in their burned-in legend (one more text line than without it).
+    with_flag = render_key_images(volume, pred)[0].overlay_rgb
+    pred.input_domain = {**pred.input_domain, "in_domain": True}
+    assert "OUT OF DOMAIN" not in build_sr(sources, pred, IDENTITY, seg).SeriesDescription
+    without = render_key_images(volume, pred)[0].overlay_rgb
+    assert with_flag.shape[0] > without.shape[0] or (with_flag != without).any()
+
+
 # --------------------------------------------------------------------------- negatives, errors, UIDs
 def test_negative_exam(tmp_path: Path) -> None:
     sources, volume = make_series(n_slices=12, size=128, with_pixels=False, seed="neg")

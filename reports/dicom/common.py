@@ -113,11 +113,15 @@ def findings_short(prediction: Prediction) -> list[str]:
 
 
 def flag_text(prediction: Prediction) -> str:
-    return "POSITIVE" if prediction.positive else "NEGATIVE"
+    """POSITIVE or NEGATIVE, with "(OUT OF DOMAIN)" when the input-domain check found the series
+    unlike the model's training studies (triage/models/domain.py)."""
+    flag = "POSITIVE" if prediction.positive else "NEGATIVE"
+    return f"{flag} (OUT OF DOMAIN)" if prediction.out_of_domain else flag
 
 
 def series_description(kind: str, prediction: Prediction) -> str:
-    """E.g. ``ICH AI SR: POSITIVE - NOT FOR DIAGNOSTIC USE`` (LO, at most 64 characters, ASCII)."""
+    """E.g. ``ICH AI SR: POSITIVE - NOT FOR DIAGNOSTIC USE`` or ``ICH AI SR: POSITIVE (OUT OF DOMAIN) -
+    NOT FOR DIAGNOSTIC USE`` (LO, at most 64 characters, ASCII)."""
     text = f"ICH AI {kind.upper()}: {flag_text(prediction)} - {NOT_FOR_DIAGNOSIS}"
     return text[:64]
 

@@ -99,6 +99,8 @@ def _legend_lines(prediction: Prediction, label: str, k: int, n: int) -> list[tu
         p = prediction.exam_probs.get("any", 0.0)
         lines.append(("ICH AI: NEGATIVE - no hemorrhage above threshold", (120, 220, 120)))
         lines.append((f"Most suspicious slice {k + 1}/{n}  (ICH p={p:.2f})", white))
+    if prediction.out_of_domain:
+        lines.append(("OUT OF DOMAIN: unlike the training studies - do not rely on it", (255, 160, 0)))
     lines.append((NOT_FOR_DIAGNOSIS + " - triage aid only", (255, 220, 0)))
     return lines
 
