@@ -150,6 +150,12 @@ def test_send_notification_hl7_from_settings(listener: MLLPServer, result, tmp_p
     assert receipt.status == "AA"
     msh = fields(listener.messages[0], "MSH")[0]
     assert msh[2] == settings.ae_title and msh[4] == "PACSRIS"
+    assert not any(o[3].startswith("ICHDOMAIN") for o in fields(listener.messages[0], "OBX"))
+    for inside, value, abnormal in ((False, "N^No^HL70136", "A"), (True, "Y^Yes^HL70136", "N")):
+        notify.send_notification("hl7", settings, *result, bundle=IDENTITY,
+                                 input_domain={"distance": 3.0, "threshold": 9.5, "in_domain": inside})
+        obx = [o for o in fields(listener.messages[-1], "OBX") if o[3].startswith("ICHDOMAIN^")]
+        assert len(obx) == 1 and obx[0][5] == value and obx[0][8] == abnormal, obx
 
 
 def test_negative_exam_message(result) -> None:  # noqa: ANN001

@@ -128,6 +128,10 @@ def test_send_notification_uses_settings(receiver: Receiver, result, tmp_path) -
     assert notify.configured_channels(settings) == ["webhook"]
     receipt = notify.send_notification("webhook", settings, *result, bundle=IDENTITY)
     assert receipt.status == "200" and receiver.requests[0]["signature_ok"]
+    assert json.loads(receiver.requests[0]["body"])["input_domain"] is None, "a bundle without the check says nothing"
+    ood = {"distance": 40.1, "threshold": 9.5, "in_domain": False}
+    notify.send_notification("webhook", settings, *result, bundle=IDENTITY, input_domain=ood)
+    assert json.loads(receiver.requests[1]["body"])["input_domain"] == ood and receiver.requests[1]["signature_ok"]
     with pytest.raises(notify.NotifyError, match="unknown notification channel"):
         notify.send_notification("pager", settings, *result)
     with pytest.raises(notify.NotifyError, match="hl7_destination is not configured"):

@@ -119,8 +119,10 @@ def build_payload(
     *,
     bundle: BundleIdentity | None = None,
     sent_at: dt.datetime | None = None,
+    input_domain: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The webhook JSON document (schema in docs/results-format.md)."""
+    """The webhook JSON document (schema in docs/results-format.md). ``input_domain``: the bundle's
+    input-domain check of the series (``distance``, ``threshold``, ``in_domain``), None without one."""
     ordered = _ordered(findings)
     any_f = ordered[0]
     positive = bool(any_f.present)
@@ -150,6 +152,7 @@ def build_payload(
         "model": (
             {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256} if bundle is not None else None
         ),
+        "input_domain": dict(input_domain) if input_domain else None,
     }
 
 
@@ -254,13 +257,15 @@ def build_oru(
     control_id: str | None = None,
     bundle: BundleIdentity | None = None,
     now: dt.datetime | None = None,
+    input_domain: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
     """An ORU^R01 (HL7 v2.5.1) message and its control id; segments separated by ``\\r``.
 
     MSH, PID, OBR (the AI triage observation of the accession), then OBX: the exam flag (CWE),
     for each label the probability (NM, UCUM 1), the presence (CWE) and the volume (NM, mL), the
-    Study Instance UID, the model and the disclaimer (ST). Result status ``P`` (preliminary:
-    not verified by a physician).
+    Study Instance UID, the model, whether the series is within the model's input domain (CWE,
+    when the bundle checks it; abnormal flag ``A`` when it is not) and the disclaimer (ST). Result
+    status ``P`` (preliminary: not verified by a physician).
     """
     ordered = _ordered(findings)
     control_id = control_id or uuid.uuid4().hex[:20]
@@ -310,6 +315,10 @@ def build_oru(
     add("ST", "110180^Study Instance UID^DCM", e(study.study_uid))
     if bundle is not None:
         add("ST", "ICHMODEL^AI model^L", e(f"{bundle.name} {bundle.version} sha256:{bundle.sha256}"))
+    if input_domain:
+        inside = bool(input_domain.get("in_domain", True))
+        add("CWE", "ICHDOMAIN^Series within the model's training domain^L", "Y^Yes^HL70136" if inside else
+            "N^No^HL70136", abnormal="N" if inside else "A")
     add("ST", "ICHNOTE^Disclaimer^L", e(NOT_FOR_DIAGNOSIS))
     return "\r".join(segments + obx) + "\r", control_id
 
@@ -388,10 +397,11 @@ def send_notification(
     *,
     bundle: BundleIdentity | None = None,
     timeout: float = 10.0,
+    input_domain: Mapping[str, Any] | None = None,
 ) -> DeliveryReceipt:
     """Send on ``channel`` ("webhook" or "hl7") as configured in :class:`~triage.config.Settings`."""
     if channel == "webhook":
-        payload = build_payload(study, findings, bundle=bundle)
+        payload = build_payload(study, findings, bundle=bundle, input_domain=input_domain)
         return send_webhook(settings.webhook_url, payload, settings.webhook_secret, timeout=timeout)
     if channel == "hl7":
         if not settings.hl7_destination:
@@ -405,6 +415,7 @@ def send_notification(
             sending_facility=settings.hl7_sending_facility,
             receiving_application=settings.hl7_receiving_application,
             bundle=bundle,
+            input_domain=input_domain,
         )
     raise NotifyError(f"unknown notification channel {channel!r}")
 

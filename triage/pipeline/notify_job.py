@@ -47,13 +47,15 @@ def handle_notify(ctx: AppContext, job: Any) -> None:
         attempt = 1 + (s.scalar(select(func.count()).select_from(Delivery).where(
             Delivery.result_id == result_id, Delivery.channel == channel)) or 0)
         superseded = result.superseded
+        domain = (result.summary or {}).get("input_domain")
+        input_domain = domain if isinstance(domain, dict) else None
     destination = ctx.settings.webhook_url if channel == "webhook" else ctx.settings.hl7_destination
     if superseded:
         return  # a newer result of the series has its own notification
     started = utcnow()
     t0 = time.perf_counter()
     try:
-        receipt = send_notification(channel, ctx.settings, info, findings, bundle=bundle)
+        receipt = send_notification(channel, ctx.settings, info, findings, bundle=bundle, input_domain=input_domain)
     except Exception as exc:
         with ctx.sessions.begin() as s:
             s.add(Delivery(result_id=result_id, job_id=job.id, channel=channel, destination=_safe(destination),
