@@ -392,6 +392,10 @@ def test_health_ready_and_metrics(app_ctx: AppContext, client: TestClient) -> No
     assert 'triage_stage_duration_seconds_bucket{le="5.0",stage="predict"} 1.0' in body
     assert 'triage_stage_duration_seconds_count{stage="total"} 1.0' in body
     assert "triage_instances_received_total 32.0" in body
+    assert "triage_results_out_of_domain_total 0.0" in body, "a result without the check is not counted"
+    for i, inside in enumerate((False, True, False)):
+        seed_study(app_ctx, accession=f"D{i}", input_domain={"distance": 1.0, "threshold": 2.0, "in_domain": inside})
+    assert "triage_results_out_of_domain_total 2.0" in client.get("/metrics").text
 
 
 def test_cli_user_add_and_token(tmp_path) -> None:

@@ -94,6 +94,14 @@ class NodeCollector(Collector):
                 results.add_metric(["true" if pos else "false"], by_pos.get(pos, 0))
             yield results
 
+            # A rise means series unlike the model's training studies are arriving (a new scanner or
+            # protocol): the results on them are not to be relied on (triage/models/domain.py).
+            ood = CounterMetricFamily("triage_results_out_of_domain",
+                                      "Inference results on series outside the model's input domain")
+            ood.add_metric([], s.scalar(select(func.count()).select_from(Result).where(
+                Result.summary["input_domain"]["in_domain"].as_boolean().is_(False))) or 0)
+            yield ood
+
             deliveries = CounterMetricFamily("triage_deliveries", "Delivery attempts by channel and outcome",
                                              labels=["channel", "outcome"])
             seen = False
