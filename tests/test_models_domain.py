@@ -1,9 +1,9 @@
 """Input-domain check (triage/models/domain.py): fit, threshold, bundle file, and the prediction.
 
-Unit tests on Gaussian descriptors, then a tiny bundle (trained on toy heads) fitted on toy studies:
-its predictions carry the check, toy heads like the fit are inside, and a head unlike them (another
-"scanner": noisier, brighter brain) is outside. The shipped bundle on the real CT is tested in
-test_models_bundle.py.
+Unit tests on the descriptor and on Gaussian descriptors, then a tiny bundle (trained on toy heads)
+fitted on toy studies: its predictions carry the check, toy heads like the fit are inside, and a head
+unlike them (another "scanner": partial-volumed bone along the inner table, more noise) is outside.
+The shipped bundle on the real CT is tested in test_models_bundle.py.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from scipy import ndimage
 
 from tests.test_models_core import SMALL, tiny_bundle, toy_cache, toy_study, toy_volume  # noqa: F401 (fixtures)
 from triage.models import domain
-from triage.models.bundle import BundleError, read_manifest, write_manifest
+from triage.models.bundle import BundleError, read_manifest, sha256_file, write_manifest
 from triage.models.data import Source, cached_studies
-from triage.models.inference import load_bundle, prediction_summary, run_networks
-from triage.models.preprocess import PreprocessConfig
+from triage.models.inference import load_bundle, prediction_summary
+from triage.models.preprocess import PreprocessConfig, prepare
 
-F = 12
+F = len(domain.FEATURES)
+WINDOWS = ((40.0, 80.0), (80.0, 200.0), (40.0, 380.0))
 
 
 def _gaussian(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -32,63 +33,88 @@ def _gaussian(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
     return rng.normal(size=(n, F)) @ mix + shift
 
 
-def test_descriptor_averages_the_intracranial_slices_only() -> None:
-    feats = np.array([[100.0, 100.0], [1.0, 2.0], [3.0, 4.0], [-50.0, 7.0]])
-    frac = np.array([0.0, 0.5, 0.3, 0.05])
-    assert domain.descriptor(feats, frac).tolist() == [2.0, 3.0]
-    # No slice inside the skull: the slices with the most intracranial space stand in.
-    assert domain.descriptor(feats, np.array([0.0, 0.02, 0.01, 0.02])).tolist() == [-24.5, 4.5]
+def _windows(hu: np.ndarray) -> np.ndarray:
+    """(Z, 3, S, S) uint8 windows of an HU array, as preprocessing makes them."""
+    return np.stack([np.clip((hu - (c - w / 2)) / w, 0, 1) * 255 for c, w in WINDOWS], axis=1).round().astype(np.uint8)
+
+
+def test_descriptor_reads_the_intracranial_composition_in_hu() -> None:
+    z, size = 6, 64
+    hu = np.full((z, size, size), 30.0)
+    hu[:, :, :16] = 140.0  # a quarter of the space dense (100-175 HU)
+    hu[:, :8, 16:] = -50.0  # some fat
+    brain = np.ones((z, size, size), bool)
+    brain[0] = False  # a slice outside the skull does not count
+    hu[0] = 1000.0
+    d = domain.descriptor(_windows(hu), brain, WINDOWS)
+    assert d.shape == (F,)
+    inner = np.zeros((size, size), bool)
+    inner[1:-1, 1:-1] = True  # the mask eroded by one pixel on a 64 px grid
+    expect_dense = (hu[1][inner] == 140.0).mean()
+    expect_fat = (hu[1][inner] == -50.0).mean()
+    assert d[1] == pytest.approx(expect_dense, abs=1e-9) and d[0] == pytest.approx(expect_fat, abs=1e-9)
+    assert d[2] == 0.0, "no bone inside"
+    noisy = hu + np.random.default_rng(0).normal(0, 6, hu.shape)
+    assert domain.descriptor(_windows(noisy), brain, WINDOWS)[8] > d[8] + 1, "noise raises the residual SD"
     with pytest.raises(ValueError, match="must match"):
-        domain.descriptor(feats, frac[:3])
+        domain.descriptor(_windows(hu), brain[:, :10], WINDOWS)
+    with pytest.raises(ValueError, match="window settings"):
+        domain.descriptor(_windows(hu), brain, WINDOWS[:2])
 
 
 def test_fit_sets_the_threshold_on_validation_and_flags_a_shifted_population() -> None:
-    check, summary = domain.fit(_gaussian(400, 0), _gaussian(200, 1))
+    check, summary = domain.fit(_gaussian(400, 0), _gaussian(200, 1), WINDOWS)
     val = np.array([check.distance(r) for r in _gaussian(200, 1)])
     assert check.threshold == pytest.approx(np.quantile(val, domain.QUANTILE) * domain.MARGIN)
-    assert summary["validation_in_domain"] == pytest.approx((val <= check.threshold).mean())
-    assert summary["fitted_on_studies"] == 400 and summary["features"] == F
+    assert summary["validation_distance"]["in_domain"] == pytest.approx((val <= check.threshold).mean())
+    assert summary["fitted_on_studies"] == 400 and summary["features"] == list(domain.FEATURES)
     held = np.array([check.distance(r) for r in _gaussian(500, 2)])
     assert (held <= check.threshold).mean() >= 0.98, "new draws from the same population stay inside"
     shifted = np.array([check.distance(r) for r in _gaussian(100, 3, shift=3.0)])
     assert (shifted > check.threshold).all(), "a population shifted by 3 SD is outside"
-    res = check.assess(np.repeat(_gaussian(1, 3, shift=3.0), 4, axis=0), np.ones(4))
-    assert res["in_domain"] is False and res["distance"] > res["threshold"]
 
 
 def test_fit_refuses_too_few_studies_or_bad_settings() -> None:
     with pytest.raises(ValueError, match="at least 10"):
-        domain.fit(_gaussian(5, 0), _gaussian(50, 1))
+        domain.fit(_gaussian(5, 0), _gaussian(50, 1), WINDOWS)
     with pytest.raises(ValueError, match="one width"):
-        domain.fit(_gaussian(50, 0), _gaussian(50, 1)[:, :5])
+        domain.fit(_gaussian(50, 0), _gaussian(50, 1)[:, :5], WINDOWS)
     with pytest.raises(ValueError, match="margin"):
-        domain.fit(_gaussian(50, 0), _gaussian(50, 1), margin=0.5)
+        domain.fit(_gaussian(50, 0), _gaussian(50, 1), WINDOWS, margin=0.5)
 
 
 def test_the_statistics_file_round_trips_and_a_changed_file_is_refused(tmp_path: Path) -> None:
-    check, summary = domain.fit(_gaussian(100, 0), _gaussian(50, 1))
+    check, summary = domain.fit(_gaussian(100, 0), _gaussian(50, 1), WINDOWS)
     section = domain.save(tmp_path, check, summary, "gaussian test data")
-    manifest = {"input_domain": section}
-    back = domain.load(tmp_path, manifest, F)
+    manifest = {"input_domain": section, "preprocessing": {"windows": [list(w) for w in WINDOWS]}}
+    back = domain.load(tmp_path, manifest)
     assert back is not None and back.threshold == pytest.approx(check.threshold, abs=1e-4)
+    assert back.window_settings == WINDOWS
     probe = _gaussian(1, 5)[0]
     assert back.distance(probe) == pytest.approx(check.distance(probe))
-    assert domain.load(tmp_path, {}, F) is None, "no section: no check"
-    with pytest.raises(BundleError, match="do not match"):
-        domain.load(tmp_path, manifest, F + 1)
-    (tmp_path / domain.DOMAIN_FILE).write_bytes((tmp_path / domain.DOMAIN_FILE).read_bytes()[:-8] + b"\0" * 8)
+    assert domain.load(tmp_path, {}) is None, "no section: no check"
+    path = tmp_path / domain.DOMAIN_FILE
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(BundleError, match="sha256"):
-        domain.load(tmp_path, manifest, F)
-    (tmp_path / domain.DOMAIN_FILE).unlink()
+        domain.load(tmp_path, manifest)
+    from safetensors.numpy import save_file
+
+    save_file({"mean": np.zeros(3)}, str(path))
+    with pytest.raises(BundleError, match="statistics of 10"):
+        domain.load(tmp_path, {**manifest, "input_domain": {**section, "sha256": sha256_file(path)}})
+    path.unlink()
     with pytest.raises(BundleError, match="missing"):
-        domain.load(tmp_path, manifest, F)
+        domain.load(tmp_path, manifest)
 
 
 def _other_scanner(seed: int):  # noqa: ANN202
-    """A toy head from "another scanner": the brain 25 HU brighter and four times the noise."""
+    """A toy head from "another scanner": partial-volumed bone (130 HU) along the inner table and
+    four times the noise."""
     s = toy_study(seed)
-    brain = (s.hu > 0) & (s.hu < 200)
-    hu = s.hu + np.where(brain, 25.0, 0.0).astype(np.float32)
+    hu = s.hu.copy()
+    brain = (hu > 0) & (hu < 200)
+    rim = brain & ~np.stack([ndimage.binary_erosion(b, iterations=3) for b in brain])
+    hu[rim] = 130.0
     hu += np.random.default_rng(seed).normal(0, 12, hu.shape).astype(np.float32)
     return replace(s, hu=hu.astype(np.float32))
 
@@ -105,21 +131,18 @@ def test_a_fitted_tiny_bundle_flags_a_series_unlike_its_training_studies(
     cfg = PreprocessConfig.from_dict(manifest["preprocessing"])
     val = cached_studies(Source("toy:100-116", [str(i) for i in range(100, 116)], toy_study, "toy"), cfg,
                          tmp_path / "cache", progress=False)
-    with torch.no_grad():
-        fit_desc = domain.study_descriptors(b.net, b.seq, toy_cache, cfg, flip=False)
-        val_desc = domain.study_descriptors(b.net, b.seq, val, cfg, flip=False)
-    check, summary = domain.fit(fit_desc, val_desc)
+    fit_desc = domain.study_descriptors(toy_cache, cfg.windows)
+    check, summary = domain.fit(fit_desc, domain.study_descriptors(val, cfg.windows), cfg.windows)
     manifest["input_domain"] = domain.save(bundle, check, summary, "toy heads")
     write_manifest(bundle, manifest)
 
     b = load_bundle(bundle, device="cpu", runtime="torch")
     assert b.domain is not None
-    # The prediction's descriptor is the one the fit used (same network pass, same slices).
-    study = toy_cache[0]
-    res = run_networks(b.net, b.seq, study.windows, study.brain_small, cfg)
-    frac = study.brain_small.reshape(len(study.brain_small), -1).mean(axis=1)
-    assert b.domain.distance(domain.descriptor(res["feat"], frac)) == pytest.approx(
-        b.domain.distance(fit_desc[0]), rel=1e-4)
+    # The prediction reads the same network input the fit read.
+    study = toy_study(int(toy_cache[0].key))
+    prep = prepare(study.hu, study.pixel_spacing, cfg)
+    assert b.domain.distance(domain.descriptor(prep.windows, prep.brain_small, cfg.windows)) == pytest.approx(
+        b.domain.distance(fit_desc[0]), rel=1e-6)
     inside = [b.predict(toy_volume(toy_study(i)), gradcam=False).input_domain for i in range(200, 206)]
     assert all(d is not None and d["in_domain"] for d in inside), inside
     outside = [b.predict(toy_volume(_other_scanner(i)), gradcam=False) for i in range(200, 204)]

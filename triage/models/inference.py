@@ -89,15 +89,13 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
     network alone, ``seg_logits`` float32 (Z, 5, G, G) on the U-Net grid (G = S / stem; masks
     are made from them by :func:`seg_probs_on_input_grid`, only on the slices that need it) and
     ``seg_max`` (Z, 5) the per-slice maximum of the segmentation probabilities inside the
-    intracranial space (on the U-Net grid: over the cells that touch it), and ``feat`` (Z, F) the
-    slice network's pooled features (the input-domain check, :mod:`triage.models.domain`).
+    intracranial space (on the U-Net grid: over the cells that touch it).
     """
     if flip:
         a = run_networks(net, seq, windows_u8, brain_small, cfg, device, session)
         b = run_networks(net, seq, np.ascontiguousarray(windows_u8[..., ::-1]),
                          np.ascontiguousarray(brain_small[..., ::-1]), cfg, device, session)
-        out = {k: ((a[k] + b[k]) / 2).astype(np.float32)
-               for k in ("slice_probs", "cnn_slice_probs", "seg_max", "feat")}
+        out = {k: ((a[k] + b[k]) / 2).astype(np.float32) for k in ("slice_probs", "cnn_slice_probs", "seg_max")}
         out["seg_logits"] = ((a["seg_logits"] + b["seg_logits"][..., ::-1]) / 2).astype(np.float32)
         return out
     x = network_input(windows_u8, cfg.context)
@@ -114,15 +112,13 @@ def run_networks(net: ICHNet, seq: SequenceHead, windows_u8: np.ndarray, brain_s
     seg_logits = torch.cat(segs)
     seg_max = seg_evidence(seg_logits, brain_small)
     cnn_logits = torch.cat(logits)
-    feat = torch.cat(feats)
-    seq_logits = seq(feat[None].to(device), cnn_logits[None].to(device),
+    seq_logits = seq(torch.cat(feats)[None].to(device), cnn_logits[None].to(device),
                      seg_max[None].to(device) if seq.seg_inputs else None)[0].cpu()
     return {
         "slice_probs": torch.sigmoid(seq_logits).numpy().astype(np.float32),
         "cnn_slice_probs": torch.sigmoid(cnn_logits).numpy().astype(np.float32),
         "seg_logits": seg_logits.numpy(),
         "seg_max": seg_max.numpy(),
-        "feat": feat.numpy().astype(np.float32),
     }
 
 
@@ -310,10 +306,7 @@ class Bundle:
         probs = exam_scores(slice_probs, out["seg_max"], self.exam_rule)
         exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
         present = decide(exam, self.thresholds)
-        domain = None
-        if self.domain is not None:
-            brain_fraction = prep.brain_small.reshape(prep.brain_small.shape[0], -1).mean(axis=1)
-            domain = self.domain.assess(out["feat"], brain_fraction)
+        domain = self.domain.assess(prep.windows, prep.brain_small) if self.domain is not None else None
         timings["detection"] = time.perf_counter() - t0
         if keep is not None:
             keep["outputs"] = out
@@ -401,7 +394,7 @@ def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto"
                           "is not installed, or the device is not the CPU")
     bundle = Bundle(p, manifest, net.to(dev), seq.to(dev), thresholds, dev,
                     PreprocessConfig.from_dict(manifest["preprocessing"]), session,
-                    load_domain(p, manifest, net.feat_dim))
+                    load_domain(p, manifest))
     bundle.warm_up()
     log.info("bundle_loaded", bundle=str(bundle.identity), device=str(dev), runtime=bundle.runtime)
     return bundle
