@@ -74,6 +74,40 @@ def test_real_ct_runs_and_is_negative(shipped) -> None:
     assert pred.masks == {} and pred.volumes_ml["any"] == 0.0
 
 
+def test_shipped_bundle_has_its_input_domain_check(shipped) -> None:
+    m = read_manifest(default_bundle_path())
+    section = m["input_domain"]
+    assert section["sha256"] == sha256_file(default_bundle_path() / section["file"])
+    assert "synthetic phantom" in section["data"] and section["validation_distance"]["in_domain"] >= 0.98
+    assert shipped.domain is not None and shipped.domain.threshold == pytest.approx(section["threshold"])
+
+
+def test_synthetic_test_studies_are_inside_the_input_domain(shipped) -> None:
+    """Held-out synthetic studies (test seeds, never used for the fit or its threshold) are inside."""
+    from triage.imaging.volume import Volume
+    from triage.models.data import open_source
+
+    src = open_source("phantom:200000-200002")
+    for key in src.keys:
+        st = src.load(key)
+        z = st.hu.shape[0]
+        volume = Volume(hu=st.hu, pixel_spacing=st.pixel_spacing, slice_spacing=st.slice_spacing,
+                        positions=np.stack([np.zeros(z), np.zeros(z), np.arange(z) * st.slice_spacing], axis=1))
+        d = shipped.predict(volume, gradcam=False).input_domain
+        assert d is not None and d["in_domain"] and d["distance"] < 0.8 * d["threshold"], (key, d)
+
+
+@needs_real_ct
+def test_real_ct_is_flagged_outside_the_input_domain(shipped) -> None:
+    """What the synthetic-only bundle can honestly say about a real scanner's CT: it is unlike its
+    training studies (2026.11.24.7 + the session-14 check: distance 10.1, threshold 6.07; the
+    intracranial space holds 9 SD more 100-175 HU voxels than the phantoms'). The check was chosen
+    with this CT in view (domain.py says how), its threshold on synthetic validation studies only."""
+    pred = shipped.predict(load_dicom_folder(REAL_CT), gradcam=False)
+    assert pred.input_domain is not None and pred.out_of_domain, pred.input_domain
+    assert pred.input_domain["distance"] > 1.3 * pred.input_domain["threshold"]
+
+
 @needs_real_ct
 def test_real_ct_deterministic(shipped) -> None:
     volume = load_dicom_folder(REAL_CT)
