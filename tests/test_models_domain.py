@@ -166,3 +166,17 @@ def test_cli_fits_a_bundle_from_dataset_specs(tiny_bundle: Path, tmp_path: Path)
     assert "seeds 0..9" in section["data"] and "seeds 10..19" in section["data"]
     assert 0 < section["validation_distance"]["median"] < section["threshold"]
     assert load_bundle(bundle, device="cpu", runtime="torch").domain is not None
+
+
+def test_training_fits_the_check_into_every_new_bundle(tmp_path: Path) -> None:
+    from triage.cli import main
+
+    bundle = tmp_path / "bundle"
+    rc = main(["train", "phantom:0-10:size=128", "--val", "phantom:10-20:size=128", "--out", str(bundle),
+               "--epochs", "1", "--steps-per-epoch", "1", "--size", "32", "--seq-epochs", "1",
+               "--cache", str(tmp_path / "cache"), "--seed", "3"])
+    assert rc == 0
+    section = read_manifest(bundle)["input_domain"]
+    assert section["fitted_on_studies"] == 10 and "seeds 10..19" in section["data"]
+    b = load_bundle(bundle, device="cpu", runtime="torch")
+    assert b.domain is not None and b.domain.threshold == pytest.approx(section["threshold"])

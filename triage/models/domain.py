@@ -51,6 +51,7 @@ DOMAIN_FILE = "domain.safetensors"
 MIN_BRAIN_FRACTION = 0.1  # a slice counts as intracranial when this share of its grid is inside the skull
 SHRINKAGE = 0.5  # correlation = (1 - s) * sample correlation + s * identity
 RIDGE = 1e-3
+MIN_STUDIES = 10  # fewest fitting and threshold studies accepted
 QUANTILE = 0.99  # of the validation distances ...
 MARGIN = 1.25  # ... times this margin gives the threshold
 HU_BINS = ((-1e9, -15.0), (100.0, 175.0), (175.0, 1e9))  # intracranial composition (HU ranges)
@@ -127,9 +128,9 @@ def fit(train_desc: np.ndarray, val_desc: np.ndarray, window_settings: Sequence[
     Returns the check and a summary of the distances (for the manifest and the model card)."""
     x = np.asarray(train_desc, np.float64)
     v = np.asarray(val_desc, np.float64)
-    if x.ndim != 2 or x.shape[0] < 10 or v.ndim != 2 or v.shape[0] < 10 or v.shape[1] != x.shape[1]:
-        raise ValueError(f"need at least 10 training and 10 validation descriptors of one width, got {x.shape}"
-                         f" and {v.shape}")
+    if x.ndim != 2 or min(x.shape[0], v.shape[0] if v.ndim == 2 else 0) < MIN_STUDIES or v.shape[1] != x.shape[1]:
+        raise ValueError(f"need at least {MIN_STUDIES} training and {MIN_STUDIES} validation descriptors of one "
+                         f"width, got {x.shape} and {v.shape}")
     if not 0.0 < shrinkage <= 1.0 or not 0.5 <= quantile <= 1.0 or margin < 1.0:
         raise ValueError("shrinkage must be in (0, 1], quantile in [0.5, 1] and margin >= 1")
     mean = x.mean(axis=0)

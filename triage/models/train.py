@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
+from triage.models import domain
 from triage.models.bundle import load_weights, read_manifest, save_bundle, write_manifest
 from triage.models.data import Cached, cached_studies, known_flags, open_source
 from triage.models.inference import EXAM_RULES, exam_rules, exam_scores, resolve_device, run_networks, seg_evidence
@@ -669,6 +670,16 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         },
         "validation": {k: v for k, v in selection.items() if k != "thresholds"},
     }
+    if len(train) >= domain.MIN_STUDIES and len(val) >= domain.MIN_STUDIES:
+        # every new bundle says when a series is unlike its training studies (triage/models/domain.py)
+        check, summary = domain.fit(domain.study_descriptors(train, cfg.windows),
+                                    domain.study_descriptors(val, cfg.windows), cfg.windows)
+        val_name = val_src.description if val_src else ""
+        manifest["input_domain"] = domain.save(out, check, summary,
+                                               f"fitted on {train_src.description}; threshold on {val_name}")
+    else:
+        log.warning("no input-domain check: it needs training and validation sets of at least "
+                    f"{domain.MIN_STUDIES} studies each (`triage domain` can add it later)")
     written = save_bundle(out, net.cpu(), seq.cpu(), manifest)
     print(json.dumps({"bundle": str(out), "sha256": written["weights"]["sha256"], "exam_score": selection["rule"],
                       "thresholds": selection["thresholds"]}, indent=2))
