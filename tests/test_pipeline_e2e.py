@@ -183,6 +183,7 @@ def test_positive_study_results_and_alarms(stack: dict[str, Any]) -> None:
         assert study is not None and study.flagged and study.status == "done"
         result = s.scalar(select(Result).where(Result.study_id == study.id, Result.superseded.is_(False)))
         assert result is not None and result.positive
+        input_domain = result.summary["input_domain"]
         findings = {f.label: f for f in s.scalars(select(Finding).where(Finding.result_id == result.id))}
         series = s.get(Series, result.series_id)
         # the phantom writes ImagesInAcquisition, as scanners do: no quiet period to wait for
@@ -218,6 +219,9 @@ def test_positive_study_results_and_alarms(stack: dict[str, Any]) -> None:
         np.testing.assert_array_equal(arr, prediction.masks[label], err_msg=label)
     present_masks = {t for t in SUBTYPES if prediction.masks.get(t) is not None and prediction.masks[t].any()}
     assert set(seg_labels.values()) == present_masks
+    # The shipped bundle's input-domain check: a synthetic study is like its training studies.
+    assert input_domain == prediction.input_domain and input_domain["in_domain"] is True
+    assert "OUT OF DOMAIN" not in str(sr.SeriesDescription) and "OUT OF DOMAIN" not in str(seg.SeriesDescription)
 
     # Alarms: signed webhook and an HL7 ORU for this study.
     hook, mllp = stack["hook"], stack["mllp"]
@@ -227,6 +231,7 @@ def test_positive_study_results_and_alarms(stack: dict[str, Any]) -> None:
     assert req["signature_ok"]
     body = json.loads(req["body"])
     assert json.dumps(body).count(info["uid"]) >= 1
+    assert body["input_domain"] == input_domain
     wait_for(lambda: any("ORU^R01" in m for m in mllp.messages), timeout=60, message="HL7 ORU")
     assert notify.verify_signature(req["body"], req["headers"].get(notify.SIGNATURE_HEADER), SECRET)
 
