@@ -116,10 +116,16 @@ def test_radiologist_and_admin_flow(site: dict[str, Any], browser: Any, tmp_path
     # Live update: a new flagged study appears at the top without a reload.
     marker = page.evaluate("() => (window.__marker = Math.random())")
     seed_study(ctx, accession="CT-24-0110", flagged=True, received_ago_s=5, patient_name="LEE^SAM",
-               probabilities={"any": 0.88, "epidural": 0.8})
+               probabilities={"any": 0.88, "epidural": 0.8},
+               input_domain={"distance": 10.04, "threshold": 6.05, "in_domain": False})
     page.wait_for_function("() => document.querySelector('#worklist-body tr.study').innerText.includes('CT-24-0110')",
                            timeout=TIMEOUT_MS)
     assert page.evaluate("() => window.__marker") == marker, "the page reloaded"
+    # A series unlike the model's training studies is marked, with the numbers on hover.
+    badge = rows.first.locator(".ood-badge")
+    assert badge.is_visible() and badge.inner_text() == "OUT OF DOMAIN"
+    assert "distance 10.0 > 6.0" in (badge.get_attribute("title") or "")
+    assert page.locator("#worklist-body .ood-badge").count() == 1
     shot(page, tmp_path, "worklist")
 
     # Open the flagged study: overlay image loaded, then acknowledge.
