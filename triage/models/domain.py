@@ -54,7 +54,6 @@ RIDGE = 1e-3
 MIN_STUDIES = 10  # fewest fitting and threshold studies accepted
 QUANTILE = 0.99  # of the validation distances ...
 MARGIN = 1.25  # ... times this margin gives the threshold
-HU_BINS = ((-1e9, -15.0), (100.0, 175.0), (175.0, 1e9))  # intracranial composition (HU ranges)
 FEATURES = ("share_le_-15HU", "share_100-175HU", "share_ge_175HU", "laplacian_mean", "laplacian_median",
             "gradient_mean", "gradient_median", "gradient_p90", "noise_sd", "noise_median_abs")
 
@@ -86,8 +85,7 @@ def descriptor(windows_u8: np.ndarray, brain_small: np.ndarray,
     wide = int(np.argmax([w for _, w in window_settings]))
     centre, width = window_settings[wide]
     hu = win[keep, wide][inner].astype(np.float64) / 255.0 * width + (centre - width / 2.0)
-    shares = [float(np.mean((hu > lo) & (hu < hi))) if lo > -1e8 and hi < 1e8 else
-              float(np.mean(hu <= hi)) if lo < -1e8 else float(np.mean(hu >= lo)) for lo, hi in HU_BINS]
+    shares = [float(np.mean(hu <= -15.0)), float(np.mean((hu > 100.0) & (hu < 175.0))), float(np.mean(hu >= 175.0))]
     b = win[keep, 0].astype(np.float32)
     lap = np.abs(np.stack([ndimage.laplace(x) for x in b])[inner])
     grad = np.stack([np.hypot(ndimage.sobel(x, 0), ndimage.sobel(x, 1)) for x in b])[inner]
