@@ -304,8 +304,9 @@ def test_quality_ppv_and_ttr(app_ctx: AppContext, client: TestClient) -> None:
 
     a = seed_study(app_ctx, accession="Q1", flagged=True, probabilities={"any": 0.9}, ttr_s=60)
     b = seed_study(app_ctx, accession="Q2", flagged=True, probabilities={"any": 0.9}, ttr_s=120)
-    seed_study(app_ctx, accession="Q3", ttr_s=180)
-    seed_study(app_ctx, accession="Q4", ttr_s=240)
+    seed_study(app_ctx, accession="Q3", ttr_s=180,
+               input_domain={"distance": 10.0, "threshold": 6.0, "in_domain": False})
+    seed_study(app_ctx, accession="Q4", ttr_s=240, input_domain={"distance": 2.0, "threshold": 6.0, "in_domain": True})
     with session_scope(app_ctx.sessions) as s:
         uid = s.scalars(select(User.id).where(User.username == "rad")).one()
         s.add_all([Feedback(study_id=a.study_id, user_id=uid, action="disagree"),
@@ -316,6 +317,10 @@ def test_quality_ppv_and_ttr(app_ctx: AppContext, client: TestClient) -> None:
     assert qd["done"] == 4 and qd["flagged"] == 2 and qd["flag_rate"] == pytest.approx(0.5)
     assert qd["verdicts"] == 2 and qd["agree"] == 1 and qd["ppv"] == pytest.approx(0.5)
     assert qd["ttr_p50"] == pytest.approx(150, abs=1)
+    assert qd["out_of_domain"] == 1 and qd["out_of_domain_rate"] == pytest.approx(0.25)
+    assert log_in(client, "alice")[0] == 303
+    ops = client.get("/ops").text
+    assert re.search(r'class="num ood">1 \(25', ops), "the operations page shows the out-of-domain count"
     assert q.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
 
 

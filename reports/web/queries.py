@@ -301,7 +301,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
-    """Flag rate, PPV from radiologist feedback, time-to-result percentiles."""
+    """Flag rate, PPV from radiologist feedback, results outside the model's input domain,
+    time-to-result percentiles."""
     cond = [Study.status == "done"]
     if since is not None:
         cond.append(Study.first_received_at >= since)
@@ -320,6 +321,12 @@ def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
         latest.setdefault(sid, action)
     agree = sum(1 for a in latest.values() if a == "agree")
     disagree = len(latest) - agree
+    # current results on series unlike the model's training studies (triage/models/domain.py)
+    ood = s.scalar(
+        select(func.count()).select_from(Result).join(Study, Study.id == Result.study_id)
+        .where(*cond, Result.superseded.is_(False),
+               Result.summary["input_domain"]["in_domain"].as_boolean().is_(False))
+    ) or 0
     ttr = [
         (ra - fr).total_seconds()
         for fr, ra in s.execute(
@@ -336,6 +343,8 @@ def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
         "agree": agree,
         "disagree": disagree,
         "ppv": (agree / len(latest)) if latest else None,
+        "out_of_domain": ood,
+        "out_of_domain_rate": (ood / done) if done else None,
         "ttr_n": len(ttr),
         "ttr_p50": percentile(ttr, 50),
         "ttr_p90": percentile(ttr, 90),
