@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Set up everything the node and its tests need on a fresh Debian 12 machine:
-# Debian packages (DICOM peers, validators, headless Chromium), a virtual environment in
+# Debian packages (DICOM peers, validators, headless Chromium, promtool), a virtual environment in
 # .venv with the project installed (torch resolves to the local CPU build 2.13.0).
 # Idempotent: a second run only checks. Needs root (or sudo) for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-DEB_PACKAGES=(dcmtk orthanc dicom3tools chromium)
+DEB_PACKAGES=(dcmtk orthanc dicom3tools chromium prometheus)  # prometheus: promtool for the alert rules
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
