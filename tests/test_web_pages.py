@@ -232,6 +232,8 @@ def test_a_result_outside_the_models_input_domain_is_marked(app_ctx: AppContext,
     assert "OUT OF DOMAIN" in page and "do not rely on this result" in page
     assert "like the training studies (distance 4.2" in client.get(f"/studies/{ind.study_id}").text
     assert "not checked" in client.get(f"/studies/{old.study_id}").text
+    waiting = seed_study(app_ctx, accession="ACC-WAIT", status="processing")
+    assert "Input domain" not in client.get(f"/studies/{waiting.study_id}").text, "no result: nothing to say"
     api = {r["accession"]: r["input_domain"] for r in client.get("/api/v1/results").json()["items"]}
     assert api["ACC-OOD"] == {"distance": 41.27, "threshold": 9.5, "in_domain": False}
     assert api["ACC-IND"]["in_domain"] is True and api["ACC-NOCHECK"] is None
