@@ -257,6 +257,13 @@ def test_a_series_outside_the_models_input_domain_says_so_in_every_object(tmp_pa
         assert len(ds.SeriesDescription) <= 64
         ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
         assert_valid(tmp_path / f"{name}.dcm")
+    # The SR says it in its content too: a coded evaluation in the "any" group (private concept).
+    report = hd.sr.srread(tmp_path / "sr.dcm")
+    any_group = report.ContentSequence[-1].ContentSequence[0].ContentSequence
+    domain = [it for it in any_group if it.ValueType == "CODE"
+              and it.ConceptNameCodeSequence[0].CodeValue == rc.INPUT_DOMAIN.value]
+    assert len(domain) == 1 and domain[0].ConceptCodeSequence[0].CodeValue == rc.NO.value
+    assert domain[0].ConceptNameCodeSequence[0].CodingSchemeDesignator == "99ICHT"
     # The key images carry the warning in their burned-in legend (one more text line than without it).
     with_flag = render_key_images(volume, pred)[0].overlay_rgb
     pred.input_domain = {**pred.input_domain, "in_domain": True}
@@ -280,6 +287,8 @@ def test_negative_exam(tmp_path: Path) -> None:
     flat = [it for it in report.ContentSequence[-1].ContentSequence[0].ContentSequence if it.ValueType == "CODE"]
     prio = [it for it in flat if it.ConceptNameCodeSequence[0].CodeValue == rc.PRIORITY.value]
     assert prio[0].ConceptCodeSequence[0].CodeValue == rc.ROUTINE.value
+    assert not [it for it in flat if it.ConceptNameCodeSequence[0].CodeValue == rc.INPUT_DOMAIN.value], \
+        "no input-domain item when the bundle has no check"
     ki = render_key_images(volume, pred)[0]
     assert ki.slice_index == int(np.argmax(pred.slice_probs[:, 0]))
 

@@ -79,6 +79,10 @@ PRIORITY = _cc(codes.SCT.Priority)  # SCT 260870009
 URGENT = _cc(codes.SCT.UrgentProcedure)  # SCT 103391001 (CID 3414 meaning "Urgent Procedure")
 ROUTINE = _cc(codes.SCT.Routine)  # SCT 373115008
 THRESHOLD = _cc(codes.DCM.ThresholdValue)  # DCM 122411 "Threshold Value"
+# The bundle's input-domain check (triage/models/domain.py), answered Yes / No: private, no standard concept
+INPUT_DOMAIN = _private("DOMAIN", "Input within the model's training domain")
+YES = _cc(codes.SCT.Yes)  # SCT 373066001
+NO = _cc(codes.SCT.No)  # SCT 373067005
 PROCEDURE_CT = _cc(codes.LN.CTUnspecifiedBodyRegion)  # LN 25045-6, CID 100
 ALGORITHM_FAMILY = _cc(codes.DCM.ArtificialIntelligence)  # CID 7162 "Segmentation Algorithm Families"
 

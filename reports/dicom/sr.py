@@ -75,6 +75,9 @@ def _evaluations(label: str, prediction: Prediction) -> list[hd.sr.QualitativeEv
     out = [hd.sr.QualitativeEvaluation(codes.FINDING[label], codes.PRESENT if present else codes.ABSENT)]
     if label == "any":
         out.append(hd.sr.QualitativeEvaluation(codes.PRIORITY, codes.URGENT if prediction.positive else codes.ROUTINE))
+        if prediction.input_domain is not None:  # only when the bundle checks it
+            out.append(hd.sr.QualitativeEvaluation(codes.INPUT_DOMAIN,
+                                                   codes.NO if prediction.out_of_domain else codes.YES))
     return out
 
 
