@@ -180,3 +180,12 @@ def test_training_fits_the_check_into_every_new_bundle(tmp_path: Path) -> None:
     assert section["fitted_on_studies"] == 10 and "seeds 10..19" in section["data"]
     b = load_bundle(bundle, device="cpu", runtime="torch")
     assert b.domain is not None and b.domain.threshold == pytest.approx(section["threshold"])
+    # `triage evaluate` says how much of a dataset the check finds like the training studies.
+    out = tmp_path / "eval"
+    assert main(["evaluate", "phantom:20-23:size=128", "--bundle", str(bundle), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert report["input_domain"]["checked"] == 3 and len(rows) == 3
+    assert report["input_domain"]["outside"] == sum(not r["input_domain"]["in_domain"] for r in rows)
+    assert report["input_domain"]["distance_max"] == pytest.approx(max(r["input_domain"]["distance"] for r in rows),
+                                                                  abs=1e-3)

@@ -82,6 +82,7 @@ def test_train_on_rsna_then_evaluate_on_ctich_and_cq500(layouts: dict[str, Path]
     assert triage_main(["evaluate", str(layouts["ctich"]), "--bundle", str(bundle), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["studies"] == 2 and report["positives"] == 1
+    assert report["input_domain"] is None, "a bundle without the check reports none"
     assert report["dice"]["any_ge_1ml"]["n"] == 1, "CT-ICH's blood mask scores Dice and volume"
     assert report["volume_error_ml"]["n"] == 1
     assert all(report["dice"]["per_subtype_ge_1ml"][s]["n"] == 0 for s in SUBTYPES), "no subtype masks"

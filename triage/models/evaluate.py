@@ -75,6 +75,7 @@ def evaluate_study(bundle: Bundle, s: Study) -> dict[str, Any]:
         "dice_any": metrics.dice(pred_any, truth_any) if scored else None,
         "dice_any_raw": metrics.dice(raw_any, truth_any) if scored else None,
         "timings": pred.timings,
+        "input_domain": pred.input_domain,
     }
     subtype_truth = scored and s.mask_any is None  # CT-ICH's one blood mask has no subtypes
     for sub in SUBTYPES:
@@ -90,6 +91,19 @@ def evaluate_study(bundle: Bundle, s: Study) -> dict[str, Any]:
 
 def _fmt(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+
+def domain_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How many of the evaluated series the bundle's input-domain check found like its training
+    studies (None without a check): on another site's data, the first thing to look at."""
+    checked = [r["input_domain"] for r in rows if r.get("input_domain")]
+    if not checked:
+        return None
+    dist = np.array([d["distance"] for d in checked], float)
+    inside = [bool(d["in_domain"]) for d in checked]
+    return {"checked": len(checked), "in_domain": _fmt(float(np.mean(inside))),
+            "outside": int(len(inside) - sum(inside)), "threshold": checked[0]["threshold"],
+            "distance_median": _fmt(float(np.median(dist))), "distance_max": _fmt(float(dist.max()))}
 
 
 def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[str, Any]:
@@ -153,6 +167,7 @@ def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[
         "false_positive_rate_by_kind": fp,
         "mean_seconds": {k: _fmt(float(np.mean([r["timings"].get(k, 0.0) for r in rows])))
                          for k in ("preprocess", "detection", "segmentation")},
+        "input_domain": domain_summary(rows),
     }
     observed = {
         "any_auc": per_label["any"]["auc"],
