@@ -245,6 +245,21 @@ class Result(Base):
     findings: Mapped[list[Finding]] = relationship(back_populates="result", cascade="all, delete-orphan")
     objects: Mapped[list[ResultObject]] = relationship(back_populates="result", cascade="all, delete-orphan")
 
+    @property
+    def input_domain(self) -> dict[str, Any] | None:
+        """The model's input-domain check of this result (``summary["input_domain"]``:
+        ``distance``, ``threshold``, ``in_domain``), or None when the bundle had none."""
+        d = (self.summary or {}).get("input_domain")
+        if not isinstance(d, dict) or "in_domain" not in d:
+            return None
+        return {"distance": float(d.get("distance", 0.0)), "threshold": float(d.get("threshold", 0.0)),
+                "in_domain": bool(d["in_domain"])}
+
+
+# SQL condition: the result's series was outside the model's input domain (a result without the
+# check does not match). Counted by the metrics and the operations page.
+RESULT_OUT_OF_DOMAIN = Result.summary["input_domain"]["in_domain"].as_boolean().is_(False)
+
 
 class Finding(Base):
     """Per-label output of a result (any ICH and each of the five subtypes)."""

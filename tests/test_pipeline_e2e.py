@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from storage.models import Finding, Instance, Result, Series, Study
 from tests.node_process import NodeProcess
-from tests.peers import Orthanc, wait_for
+from tests.peers import Orthanc, serving, wait_for
 from tests.test_notify_hl7 import MLLPServer
 from tests.test_notify_webhook import SECRET, Receiver
 from triage import notify
@@ -36,57 +35,46 @@ SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-def _serve(srv: Any) -> threading.Thread:
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    return t
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from triage.phantom.dicom_writer import Identity, write_study
     from triage.phantom.generator import PhantomOptions, generate_study
 
     work = tmp_path_factory.mktemp("e2e")
-    hook, mllp = Receiver(), MLLPServer()
-    threads = [_serve(hook), _serve(mllp)]
-    pacs = Orthanc(work / "orthanc")
-    node: NodeProcess | None = None
-    try:
-        pacs.start()
-        node = NodeProcess(work / "node", "serve", env={
-            "TRIAGE_AE_TITLE": "ICHTRIAGE",
-            "TRIAGE_ALLOWED_AETS": "ORTHANC",
-            "TRIAGE_DESTINATIONS": f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
-            "TRIAGE_WEBHOOK_URL": f"http://127.0.0.1:{hook.server_address[1]}/hook",
-            "TRIAGE_WEBHOOK_SECRET": SECRET,
-            "TRIAGE_HL7_DESTINATION": f"127.0.0.1:{mllp.server_address[1]}",
-        })
-        node.start(timeout=180)
-        pacs.put_modality("TRIAGE", "ICHTRIAGE", "127.0.0.1", node.dicom_port)
-        studies = {}
-        for name, seed, opts in (
-            ("positive", 4101, PhantomOptions(subtypes=("intraparenchymal",), size_class="medium")),
-            ("negative", 4102, PhantomOptions(kind="negative")),
-        ):
-            study = generate_study(seed, opts)
-            ident = Identity(index=7000 + seed % 100, seed=seed)
-            files = write_study(study, ident, work / name)["head"]
-            uploaded = pacs.upload(files)
-            studies[name] = {"truth": study, "uid": ident.study_uid, "series_orthanc": uploaded[0]["ParentSeries"],
-                             "study_orthanc": uploaded[0]["ParentStudy"], "n": len(files)}
-        for info in studies.values():
-            pacs.store_to("TRIAGE", [info["series_orthanc"]])
-        yield {"pacs": pacs, "node": node, "hook": hook, "mllp": mllp, "studies": studies}
-    finally:
-        if node is not None:
-            node.stop()
-        pacs.stop()
-        for srv in (hook, mllp):
-            srv.shutdown()
-            srv.server_close()
-        for t in threads:
-            t.join(timeout=5)
+    with serving(Receiver()) as hook, serving(MLLPServer()) as mllp:
+        pacs = Orthanc(work / "orthanc")
+        node: NodeProcess | None = None
+        try:
+            pacs.start()
+            node = NodeProcess(work / "node", "serve", env={
+                "TRIAGE_AE_TITLE": "ICHTRIAGE",
+                "TRIAGE_ALLOWED_AETS": "ORTHANC",
+                "TRIAGE_DESTINATIONS": f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
+                "TRIAGE_WEBHOOK_URL": f"http://127.0.0.1:{hook.server_address[1]}/hook",
+                "TRIAGE_WEBHOOK_SECRET": SECRET,
+                "TRIAGE_HL7_DESTINATION": f"127.0.0.1:{mllp.server_address[1]}",
+            })
+            node.start(timeout=180)
+            pacs.put_modality("TRIAGE", "ICHTRIAGE", "127.0.0.1", node.dicom_port)
+            studies = {}
+            for name, seed, opts in (
+                ("positive", 4101, PhantomOptions(subtypes=("intraparenchymal",), size_class="medium")),
+                ("negative", 4102, PhantomOptions(kind="negative")),
+            ):
+                study = generate_study(seed, opts)
+                ident = Identity(index=7000 + seed % 100, seed=seed)
+                files = write_study(study, ident, work / name)["head"]
+                uploaded = pacs.upload(files)
+                studies[name] = {"truth": study, "uid": ident.study_uid,
+                                 "series_orthanc": uploaded[0]["ParentSeries"],
+                                 "study_orthanc": uploaded[0]["ParentStudy"], "n": len(files)}
+            for info in studies.values():
+                pacs.store_to("TRIAGE", [info["series_orthanc"]])
+            yield {"pacs": pacs, "node": node, "hook": hook, "mllp": mllp, "studies": studies}
+        finally:
+            if node is not None:
+                node.stop()
+            pacs.stop()
 
 
 def _objects(pacs: Orthanc, study_orthanc: str) -> dict[str, list[str]]:

@@ -151,7 +151,7 @@ def result_dict(r: Result, study: Study, findings: dict[str, Finding]) -> dict[s
         "timings": {k: float(v) for k, v in (r.timings or {}).items()
                     if isinstance(v, int | float) and not isinstance(v, bool)},
         "findings": q.ordered_findings(findings),
-        "input_domain": q.input_domain(r),
+        "input_domain": r.input_domain,
     }
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from storage import audit
 from storage.db import session_scope
-from storage.models import AuditEvent, Delivery, Instance, Job, Result, Study, Worker
+from storage.models import RESULT_OUT_OF_DOMAIN, AuditEvent, Delivery, Instance, Job, Result, Study, Worker
 from triage.context import AppContext
 from triage.logging import get_logger
 
@@ -98,8 +98,7 @@ class NodeCollector(Collector):
             # protocol): the results on them are not to be relied on (triage/models/domain.py).
             ood = CounterMetricFamily("triage_results_out_of_domain",
                                       "Inference results on series outside the model's input domain")
-            ood.add_metric([], s.scalar(select(func.count()).select_from(Result).where(
-                Result.summary["input_domain"]["in_domain"].as_boolean().is_(False))) or 0)
+            ood.add_metric([], s.scalar(select(func.count()).select_from(Result).where(RESULT_OUT_OF_DOMAIN)) or 0)
             yield ood
 
             deliveries = CounterMetricFamily("triage_deliveries", "Delivery attempts by channel and outcome",

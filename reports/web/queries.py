@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from storage.models import (
+    RESULT_OUT_OF_DOMAIN,
     AuditEvent,
     Delivery,
     Feedback,
@@ -150,18 +151,8 @@ def study_row(study: Study, result: Result | None, findings: dict[str, Finding],
         "abc2_ml": round(float(result.abc2_ml), 2) if result else None,
         "findings": ordered_findings(findings),
         "feedback": feedback,
-        "input_domain": input_domain(result),
+        "input_domain": result.input_domain if result else None,
     }
-
-
-def input_domain(result: Result | None) -> dict[str, Any] | None:
-    """The input-domain check of a result (``distance``, ``threshold``, ``in_domain``), or None when
-    the bundle had none (triage/models/domain.py)."""
-    d = (result.summary or {}).get("input_domain") if result is not None else None
-    if not isinstance(d, dict) or "in_domain" not in d:
-        return None
-    return {"distance": float(d.get("distance", 0.0)), "threshold": float(d.get("threshold", 0.0)),
-            "in_domain": bool(d["in_domain"])}
 
 
 def worklist(s: Session, phi: bool, limit: int = 200) -> list[dict[str, Any]]:
@@ -324,8 +315,7 @@ def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
     # current results on series unlike the model's training studies (triage/models/domain.py)
     ood = s.scalar(
         select(func.count()).select_from(Result).join(Study, Study.id == Result.study_id)
-        .where(*cond, Result.superseded.is_(False),
-               Result.summary["input_domain"]["in_domain"].as_boolean().is_(False))
+        .where(*cond, Result.superseded.is_(False), RESULT_OUT_OF_DOMAIN)
     ) or 0
     ttr = [
         (ra - fr).total_seconds()

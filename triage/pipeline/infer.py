@@ -231,8 +231,8 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
         if positive:
             audit.record(s, "flagged", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
                          accession=accession, details={"subtypes": [t for t in SUBTYPES if prediction.present[t]]})
-    domain = prediction.input_domain
-    if prediction.out_of_domain and domain is not None:  # ids only: no PHI in logs
+    if prediction.out_of_domain:  # ids only: no PHI in logs
+        domain = prediction.input_domain or {}
         log.warning("series outside the model's input domain", result_id=result.id, job_id=job.id,
                     distance=domain.get("distance"), threshold=domain.get("threshold"))
     # 5. Deliveries and notifications (own transactions; dedupe keys make this idempotent).

@@ -47,8 +47,7 @@ def handle_notify(ctx: AppContext, job: Any) -> None:
         attempt = 1 + (s.scalar(select(func.count()).select_from(Delivery).where(
             Delivery.result_id == result_id, Delivery.channel == channel)) or 0)
         superseded = result.superseded
-        domain = (result.summary or {}).get("input_domain")
-        input_domain = domain if isinstance(domain, dict) else None
+        input_domain = result.input_domain
     destination = ctx.settings.webhook_url if channel == "webhook" else ctx.settings.hl7_destination
     if superseded:
         return  # a newer result of the series has its own notification
