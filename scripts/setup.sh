@@ -11,7 +11,8 @@ DEB_PACKAGES=(dcmtk orthanc dicom3tools chromium prometheus)  # prometheus: prom
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  # installed, not merely known to dpkg (a removed package keeps "deinstall ok config-files")
+  [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ] || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
