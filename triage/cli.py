@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--hard-fraction", type=float, default=None,
                     help="Share of each training batch drawn from negative slices with blood mimics "
                          "(calcification, artefact; default 0.2); positives take 0.4")
+    tr.add_argument("--input", default="hu", choices=("hu", "brain_window"),
+                    help="'brain_window': the real-data recipe (slice sets, phantoms, pasted bleed shapes; "
+                         "triage/models/train_mixed.py); 'hu': the synthetic multi-window recipe")
+    tr.add_argument("--shapes", default="", help="brain_window: folder of real 3-D bleed masks to paste (shapes.csv)")
+    tr.add_argument("--batch", type=int, default=0, help="brain_window: slices per batch (default 24)")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")

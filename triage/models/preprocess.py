@@ -20,6 +20,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (40.0, 380.0))
+# The input both DICOM (HU) and publishers' windowed 8-bit slices can give: one brain window.
+BRAIN_WINDOW: tuple[tuple[float, float], ...] = ((40.0, 80.0),)
+INPUTS = ("hu", "brain_window")
+HEAD_LEVEL = 12  # uint8 brain-window level above which a pixel is head (about 4 HU), not air or fat
+HEAD_MARGIN = 0.04  # crop margin around the head, as a share of its larger side
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,10 @@ class PreprocessConfig:
     # vertex and skull-base caps of thick slices are partial volume of the inner table (a real 5 mm
     # tilted CT reads 88 HU median over its 13 cm2 top slice), not readable brain.
     min_area_cm2: float = 20.0
+    # "hu": skull-stripped multi-window input from HU (synthetic bundles). "brain_window": one brain
+    # window, cropped around the head, not skull-stripped, computed from 8-bit windowed pixels only,
+    # so a publisher's windowed PNG and the node's HU give the same tensor (:func:`brain_window_u8`).
+    input: str = "hu"
 
     @property
     def channels(self) -> int:
@@ -51,6 +60,9 @@ class PreprocessConfig:
         d["windows"] = tuple(tuple(w) for w in d.get("windows", WINDOWS))
         d["blood_hu"] = tuple(d.get("blood_hu", (40.0, 100.0)))
         d.setdefault("min_area_cm2", 0.0)  # bundles from before the rule keep every slice
+        d.setdefault("input", "hu")
+        if d["input"] not in INPUTS:
+            raise ValueError(f"unknown preprocessing input {d['input']!r} (known: {', '.join(INPUTS)})")
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -174,12 +186,104 @@ def window(hu: np.ndarray | torch.Tensor, center: float, width: float) -> torch.
     return ((t - (center - width / 2.0)) / width).clamp_(0.0, 1.0)
 
 
+def brain_window_u8(hu: np.ndarray, window_setting: tuple[float, float] = BRAIN_WINDOW[0]) -> np.ndarray:
+    """(Z, Y, X) HU -> uint8 brain window at the original resolution, rounded as a publisher's PNG is.
+
+    Everything of the ``brain_window`` input is computed from this array, so a slice given as an
+    8-bit PNG in the same window (read back as HU by :func:`pixels_to_hu`) yields the same tensor."""
+    centre, width = window_setting
+    t = (np.asarray(hu, np.float32) - (centre - width / 2.0)) / width
+    return np.round(np.clip(t, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def pixels_to_hu(pixels: np.ndarray, window_setting: tuple[float, float]) -> np.ndarray:
+    """8-bit pixels of a windowed image -> the HU each level stands for (float32): the inverse of the
+    window inside its range (saturated levels read as the window's ends)."""
+    centre, width = window_setting
+    return (np.asarray(pixels, np.float32) / 255.0 * width + (centre - width / 2.0)).astype(np.float32)
+
+
+def head_mask(win_u8: np.ndarray) -> np.ndarray:
+    """Bool (Z, Y, X): the head (skin, skull, brain) in a uint8 brain window, without air, fat, the
+    table or head-holder arcs: above :data:`HEAD_LEVEL`, holes filled per slice, opened by a disk of
+    about 9 mm diameter (an arc or a cushion edge is thinner; a head is not), then the largest 3D
+    component. Computed on a 2x coarser grid for large slices."""
+    z, y, x = win_u8.shape
+    step = 2 if min(y, x) >= 384 else 1
+    plane8 = np.zeros((3, 3, 3), bool)
+    plane8[1] = True
+    fg = ndimage.binary_fill_holes(win_u8[:, ::step, ::step] > HEAD_LEVEL, structure=plane8)
+    r = max(1, int(round(10 / step)))  # pixels of a 512 px slice (~0.45 mm)
+    fg = ndimage.binary_opening(fg, structure=_plane(r))
+    lab, n = ndimage.label(fg)
+    if n == 0:
+        return np.zeros(win_u8.shape, bool)
+    sizes = ndimage.sum_labels(fg, lab, index=np.arange(1, n + 1))
+    keep = lab == (int(np.argmax(sizes)) + 1)
+    if step > 1:
+        keep = np.repeat(np.repeat(keep, step, axis=1), step, axis=2)[:, :y, :x]
+    return keep
+
+
+def head_box(mask: np.ndarray, margin: float = HEAD_MARGIN) -> tuple[int, int, int, int]:
+    """Square crop (in pixels) around the union of the head mask, with ``margin`` of its larger side;
+    it may reach outside the image (the outside reads as air)."""
+    _, ny, nx = mask.shape
+    proj = mask.any(axis=0)
+    if not proj.any():
+        return 0, ny, 0, nx
+    ys, xs = np.nonzero(proj)
+    cy, cx = (ys.min() + ys.max() + 1) / 2.0, (xs.min() + xs.max() + 1) / 2.0
+    half = max(ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()) * (0.5 + margin)
+    return (int(np.floor(cy - half)), int(np.ceil(cy + half)), int(np.floor(cx - half)), int(np.ceil(cx + half)))
+
+
+def crop_padded(arr: np.ndarray, box: tuple[int, int, int, int], fill: float = 0) -> np.ndarray:
+    """``arr[..., y0:y1, x0:x1]`` where the box may reach outside the array (filled with ``fill``)."""
+    y0, y1, x0, x1 = box
+    ny, nx = arr.shape[-2:]
+    out = np.full(arr.shape[:-2] + (y1 - y0, x1 - x0), fill, dtype=arr.dtype)
+    sy0, sy1, sx0, sx1 = max(0, y0), min(ny, y1), max(0, x0), min(nx, x1)
+    if sy1 > sy0 and sx1 > sx0:
+        out[..., sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[..., sy0:sy1, sx0:sx1]
+    return out
+
+
+def prepare_brain_window(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessConfig,
+                         brain_mask: np.ndarray | None = None) -> Prepared:
+    """The ``brain_window`` input: uint8 brain window -> head crop -> area resampling.
+
+    ``brain_mask`` (for the output masks) is the HU intracranial mask when the volume holds bone (the
+    node's DICOM, HU-valued slice sets), else the head mask (a brain-windowed PNG has no bone HU).
+    ``brain_small`` is the head on the network grid. ``extra["intracranial_cm2"]`` (Z,) is each
+    slice's intracranial area where the mask comes from HU (NaN otherwise)."""
+    u8 = brain_window_u8(hu, cfg.windows[0])
+    head = head_mask(u8)
+    box = head_box(head)
+    s = (cfg.base_size, cfg.base_size)
+    crop = torch.from_numpy(crop_padded(u8, box).astype(np.float32) / 255.0)
+    small = resample(crop, s)
+    frac = resample(torch.from_numpy(crop_padded(head, box).astype(np.float32)), s)
+    win_u8 = (small * 255.0).round().clamp_(0, 255).to(torch.uint8).numpy()[:, None]
+    win_u8, small_mask, _ = downsize(win_u8, (frac > 0.5).numpy(), None, cfg.size)
+    area = np.full(hu.shape[0], np.nan, np.float32)
+    if brain_mask is None:
+        if bool((hu > cfg.bone_hu).any()):
+            brain_mask = intracranial_mask(hu, pixel_spacing, cfg.bone_hu)
+            area = brain_mask.sum(axis=(1, 2)) * float(pixel_spacing[0]) * float(pixel_spacing[1]) / 100.0
+        else:
+            brain_mask = head
+    return Prepared(win_u8, small_mask, brain_mask, box, tuple(hu.shape), {"intracranial_cm2": area})
+
+
 def prepare(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessConfig,
             brain_mask: np.ndarray | None = None) -> Prepared:
     """Run the full preprocessing on a (Z, Y, X) HU array."""
     hu = np.asarray(hu, dtype=np.float32)
     if hu.ndim != 3 or hu.shape[0] < 1:
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {hu.shape}")
+    if cfg.input == "brain_window":
+        return prepare_brain_window(hu, pixel_spacing, cfg, brain_mask)
     if brain_mask is None:
         brain_mask = intracranial_mask(hu, pixel_spacing, cfg.bone_hu)
     if cfg.min_area_cm2 > 0:
@@ -261,8 +365,7 @@ def key_slice_input(windows_u8: np.ndarray | torch.Tensor, context: int, slices:
 
 def to_network_grid(mask: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """Bool (Z, Y, X) on the original grid -> float32 area fraction (Z, S, S) on a ``size`` grid."""
-    y0, y1, x0, x1 = box
-    crop = np.ascontiguousarray(mask[:, y0:y1, x0:x1], dtype=np.float32)
+    crop = np.ascontiguousarray(crop_padded(np.asarray(mask, np.float32), box))
     return resample(crop, (size, size)).numpy()
 
 
@@ -271,9 +374,12 @@ def from_network_grid(prob: torch.Tensor | np.ndarray, box: tuple[int, int, int,
     """(Z, S, S) probabilities -> float32 (Z, Y, X) on the original grid (zero outside the crop)."""
     y0, y1, x0, x1 = box
     t = torch.as_tensor(prob).float()
-    up = F.interpolate(t[:, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[:, 0]
+    up = F.interpolate(t[:, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[:, 0].numpy()
     out = np.zeros(shape, np.float32)
-    out[:, y0:y1, x0:x1] = up.numpy()
+    ny, nx = shape[-2:]
+    sy0, sy1, sx0, sx1 = max(0, y0), min(ny, y1), max(0, x0), min(nx, x1)  # a head crop may reach outside
+    if sy1 > sy0 and sx1 > sx0:
+        out[:, sy0:sy1, sx0:sx1] = up[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
     return out
 
 

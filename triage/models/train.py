@@ -559,6 +559,13 @@ def _set_threads() -> None:
 
 
 def main(args: argparse.Namespace, settings: Any) -> int:
+    if getattr(args, "input", "hu") == "brain_window":
+        from triage.models import train_mixed
+
+        return train_mixed.main(args, settings)
+    if "slices:" in f"{args.dataset}+{args.val or ''}":
+        raise SystemExit("slice sets are windowed 8-bit images without the HU this recipe reads: "
+                         "train on them with --input brain_window")
     _set_threads()
     device = resolve_device(getattr(args, "device", "auto"))
     rng = seed_everything(int(args.seed))

@@ -1,0 +1,424 @@
+"""Training data of the ``brain_window`` model: real slice sets, phantom studies and real bleed
+shapes pasted into real blood-free slices, all on one network grid through one preprocessing.
+
+Every exam goes through :func:`~triage.models.preprocess.prepare` (``input="brain_window"``), the
+function the node runs on DICOM, so training and inference see the same input. What each source
+labels is kept apart from what it does not:
+
+* slice labels: a (6,) "known" flag per slice (phe-sich labels "any" only; its subtypes are not
+  targets, except on slices without blood, where every subtype is known absent);
+* segmentation: ``seg_known`` per slice (the subtype masks are complete), ``unknown`` pixels inside
+  a known slice (blood of unknown subtype, the inside of a box) that no subtype channel is scored
+  on, and boxes (weak localisation: the most probable pixel of each box should be blood; outside
+  every box, nothing is).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from triage.labels import LABELS, SUBTYPES
+from triage.logging import get_logger
+from triage.models.preprocess import PreprocessConfig, key_slice_input, prepare, to_network_grid
+
+log = get_logger(__name__)
+
+
+@dataclass
+class GridSlice:
+    """Targets of one slice on the network grid (None = all zero / none)."""
+
+    labels: np.ndarray  # float32 (6,)
+    label_known: np.ndarray  # bool (6,)
+    seg_known: bool
+    target: np.ndarray | None = None  # uint8 (5, S, S) area fraction * 255
+    unknown: np.ndarray | None = None  # bool (S, S): no subtype loss here
+    any_blood: np.ndarray | None = None  # bool (S, S): blood of unknown subtype
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # y0, y1, x0, x1 on the grid
+
+
+@dataclass
+class GridExam:
+    key: str
+    source: str  # "real", "phantom"
+    windows: np.ndarray  # uint8 (Z, 1, S, S)
+    head: np.ndarray  # bool (Z, S, S)
+    slices: list[GridSlice]
+    exam_labels: np.ndarray  # float32 (6,), NaN unknown
+    window_known: bool = True
+    meta: dict = field(default_factory=dict)
+
+
+def _grid_box(box: tuple[float, float, float, float], crop: tuple[int, int, int, int], size: int) -> tuple[int, int, int, int]:
+    """An image box ``x0 y0 x1 y1`` -> (y0, y1, x0, x1) on the network grid of a head crop."""
+    x0, y0, x1, y1 = box
+    cy0, cy1, cx0, cx1 = crop
+    sy, sx = size / (cy1 - cy0), size / (cx1 - cx0)
+    gy0 = int(np.clip(math.floor((y0 - cy0) * sy), 0, size - 1))
+    gx0 = int(np.clip(math.floor((x0 - cx0) * sx), 0, size - 1))
+    gy1 = int(np.clip(math.ceil((y1 - cy0) * sy), gy0 + 1, size))
+    gx1 = int(np.clip(math.ceil((x1 - cx0) * sx), gx0 + 1, size))
+    return gy0, gy1, gx0, gx1
+
+
+def grid_exam_from_slices(exam, cfg: PreprocessConfig) -> GridExam:  # noqa: ANN001 - a SliceExam
+    """A slice-set exam (:class:`~triage.datasets.slices.SliceExam`) on the network grid."""
+    from triage.datasets.slices import ASSUMED_PIXEL_MM, exam_masks
+
+    prep = prepare(exam.hu, (ASSUMED_PIXEL_MM, ASSUMED_PIXEL_MM), cfg)
+    size = cfg.size
+    masks = exam_masks(exam)
+    grids = {k: to_network_grid(v, prep.box, size) for k, v in masks.items() if v.any()}
+    out = []
+    for z in range(exam.pixels.shape[0]):
+        lab = exam.labels[z].copy()
+        known = ~np.isnan(lab)
+        if known[0] and lab[0] == 0:  # no blood: every subtype is known absent
+            lab[1:], known[1:] = 0.0, True
+        lab = np.nan_to_num(lab, nan=0.0).astype(np.float32)
+        gs = GridSlice(lab, known, seg_known=False)
+        if exam.mask_known[z]:
+            gs.seg_known = True
+            tgt = np.zeros((len(SUBTYPES), size, size), np.float32)
+            for k, sub in enumerate(SUBTYPES):
+                if sub in grids:
+                    tgt[k] = grids[sub][z]
+            if tgt.any():
+                gs.target = np.round(tgt * 255).astype(np.uint8)
+            if "any" in grids:
+                blood = grids["any"][z] > 0.5
+                sub_blood = tgt.max(axis=0) > 0.25
+                unknown_blood = blood & ~sub_blood
+                if unknown_blood.any():
+                    gs.any_blood = unknown_blood
+                    gs.unknown = ndimage.binary_dilation(unknown_blood, iterations=1)
+        elif known[0] and lab[0] == 0:
+            gs.seg_known = True  # a slice without blood: every mask is known empty
+        elif exam.boxes[z]:
+            gs.seg_known = True  # outside the boxes nothing; inside, the box loss
+            gs.boxes = [_grid_box(b, prep.box, size) for b in exam.boxes[z]]
+            unknown = np.zeros((size, size), bool)
+            for y0, y1, x0, x1 in gs.boxes:
+                unknown[y0:y1, x0:x1] = True
+            gs.unknown = unknown
+        out.append(gs)
+    ex_lab = np.array([np.nanmax(exam.labels[:, i]) if (~np.isnan(exam.labels[:, i])).any() else np.nan
+                       for i in range(len(LABELS))], np.float32)
+    return GridExam(exam.id, "real", prep.windows, prep.brain_small, out, ex_lab, exam.window_known,
+                    {"study": exam.study})
+
+
+def grid_exam_from_study(study, cfg: PreprocessConfig) -> GridExam:  # noqa: ANN001 - a data.Study
+    """A phantom (full voxel truth) study on the network grid."""
+    prep = prepare(study.hu, study.pixel_spacing, cfg)
+    size = cfg.size
+    z = study.hu.shape[0]
+    tgt = np.zeros((z, len(SUBTYPES), size, size), np.float32)
+    for k, sub in enumerate(SUBTYPES):
+        m = study.masks.get(sub)
+        if m is not None and m.any():
+            tgt[:, k] = to_network_grid(m, prep.box, size)
+    out = []
+    for zi in range(z):
+        gs = GridSlice(np.asarray(study.slice_labels[zi], np.float32), np.ones(len(LABELS), bool), True)
+        if tgt[zi].any():
+            gs.target = np.round(tgt[zi] * 255).astype(np.uint8)
+        out.append(gs)
+    return GridExam(f"phantom:{study.key}", "phantom", prep.windows, prep.brain_small, out,
+                    np.asarray(study.exam_labels, np.float32), True, {"kind": study.kind})
+
+
+# --- real bleed shapes pasted into blood-free real slices ----------------------------------------
+
+SHAPE_MIN_PIXELS = 40  # of a 0.49 mm slice: smaller cross-sections are partial-volume specks
+BLOOD_HU = (55.0, 85.0)
+
+
+def load_shapes(root: str | Path, limit: int = 0) -> list[tuple[str, np.ndarray]]:
+    """(subtype, bool (Y, X) cross-section cropped to its extent) from the bleed-shape NIfTI masks,
+    each mask's slices with at least :data:`SHAPE_MIN_PIXELS` pixels (at 0.49 mm)."""
+    import csv
+
+    import nibabel as nib
+
+    root = Path(root)
+    kinds = {}
+    with (root / "shapes.csv").open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            kinds[r["file"]] = r["subtype"]
+    out = []
+    for i, (name, sub) in enumerate(sorted(kinds.items())):
+        if limit and i >= limit:
+            break
+        if sub not in SUBTYPES:
+            continue
+        vol = np.asarray(nib.load(str(root / name)).dataobj) > 0  # (X, Y, Z) NIfTI order
+        for z in range(vol.shape[2]):
+            m = vol[:, :, z].T
+            if m.sum() < SHAPE_MIN_PIXELS:
+                continue
+            ys, xs = np.nonzero(m)
+            out.append((sub, m[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].copy()))
+    return out
+
+
+def paste_shape(windows: np.ndarray, z: int, shape: np.ndarray, subtype: str, grid_px_mm: float,
+                rng: np.random.Generator, window_setting: tuple[float, float] = (40.0, 80.0)
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Paste one real bleed cross-section into slice ``z`` of a blood-free exam (uint8 (Z, 1, S, S)).
+
+    The shape is scaled from 0.49 mm pixels to the grid, rotated and flipped at random, and placed
+    where every pixel lies inside the head on brain or CSF (not air, not bone); its density is
+    acute blood (:data:`BLOOD_HU`, in the exam's window) with the slice's own noise and a
+    partial-volume edge. Returns (new windows of slice ``z`` (1, S, S), soft mask (S, S)) or None
+    when no place fits."""
+    size = windows.shape[-1]
+    scale = 0.49 / grid_px_mm * rng.uniform(0.8, 1.25)
+    m = ndimage.rotate(shape.astype(np.float32), rng.uniform(0, 360), order=1, reshape=True)
+    m = ndimage.zoom(m, scale, order=1)
+    if rng.random() < 0.5:
+        m = m[:, ::-1]
+    if m.shape[0] < 2 or m.shape[1] < 2 or max(m.shape) > size // 2:
+        return None
+    img = windows[z, 0].astype(np.float32)
+    tissue = (img > 8) & (img < 235)
+    tissue = ndimage.binary_erosion(tissue, iterations=2)
+    hard = m > 0.5
+    h, w = m.shape
+    ys, xs = np.nonzero(tissue[: size - h, : size - w])
+    if not len(ys):
+        return None
+    for _ in range(12):
+        i = int(rng.integers(len(ys)))
+        y0, x0 = int(ys[i]), int(xs[i])
+        if tissue[y0 : y0 + h, x0 : x0 + w][hard].all():
+            break
+    else:
+        return None
+    c, wd = window_setting
+    level = (rng.uniform(*BLOOD_HU) - (c - wd / 2)) / wd * 255.0
+    brain = img[tissue]
+    noise_sd = float(np.std(img[tissue] - ndimage.uniform_filter(img, 3)[tissue])) if brain.size else 3.0
+    blood = level + rng.normal(0, max(noise_sd, 1.0), (h, w))
+    soft = ndimage.gaussian_filter(m, 0.6).clip(0, 1)
+    patch = img[y0 : y0 + h, x0 : x0 + w]
+    img[y0 : y0 + h, x0 : x0 + w] = patch * (1 - soft) + blood * soft
+    mask = np.zeros((size, size), np.float32)
+    mask[y0 : y0 + h, x0 : x0 + w] = m.clip(0, 1)
+    return np.round(img.clip(0, 255)).astype(np.uint8)[None], mask
+
+
+# --- robustness augmentation ---------------------------------------------------------------------
+
+
+def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG round trip of each channel of one (C, S, S) image in [0, 1]."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for ch in x:
+        buf = io.BytesIO()
+        Image.fromarray((ch.numpy() * 255).round().astype(np.uint8)).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        out.append(torch.from_numpy(np.asarray(Image.open(buf), np.float32) / 255.0))
+    return torch.stack(out)
+
+
+def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a publisher, a scanner or a crop may change and the labels do not.
+
+    ``x`` (N, C, S, S) brain-window input in [0, 1]; ``maps`` (N, K, S, S) targets moved alike.
+    Geometry: mirror, quarter turns, rotation +-15 deg, scale 0.85-1.2 (crop), shift +-6 %. Intensity, the same
+    for every channel of a sample: another window (centre 30-50 HU, width 60-130 HU, read from the
+    pixels as HU in the assumed 40/80), contrast and brightness, gamma; then blur, noise and JPEG
+    artefacts on some samples; on a quarter the neighbour slices are replaced by the slice itself
+    (slice sets without order, thin series)."""
+    n = x.shape[0]
+    flip = torch.from_numpy(rng.random(n) < 0.5)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    maps = torch.where(flip[:, None, None, None], maps.flip(-1), maps)
+    # quarter turns: publishers store slices face-up or face-left (phe-sich); the node's DICOM is
+    # face-up, but a model that does not care is one quirk fewer to generalise across
+    quarter = rng.integers(0, 4, n)
+    for k in range(1, 4):
+        sel = torch.from_numpy(quarter == k)
+        if sel.any():
+            x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
+            maps[sel] = torch.rot90(maps[sel], k, dims=(-2, -1))
+    ang = torch.from_numpy(rng.uniform(-15, 15, n)).float() * math.pi / 180
+    sc = torch.from_numpy(rng.uniform(0.85, 1.2, n)).float()
+    sh = torch.from_numpy(rng.uniform(-0.06, 0.06, (n, 2))).float()
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.cos(ang) / sc
+    theta[:, 0, 1] = -torch.sin(ang) / sc
+    theta[:, 1, 0] = torch.sin(ang) / sc
+    theta[:, 1, 1] = torch.cos(ang) / sc
+    theta[:, :, 2] = sh
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    maps = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def col(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).float()[:, None, None, None]
+
+    hu = x * 80.0  # the assumed 40/80 window read back as HU
+    centre, width = col(rng.uniform(30, 50, n)), col(rng.uniform(60, 130, n))
+    keep = col((rng.random(n) < 0.3).astype(np.float64))  # some samples keep the exact window
+    centre, width = keep * 40 + (1 - keep) * centre, keep * 80 + (1 - keep) * width
+    x = ((hu - (centre - width / 2)) / width).clamp(0, 1)
+    x = (x * col(rng.uniform(0.85, 1.15, n)) + col(rng.uniform(-0.05, 0.05, n))).clamp(0, 1)
+    x = x.pow(col(np.exp(rng.uniform(-0.3, 0.3, n))))
+    for i in range(n):
+        r = rng.random()
+        if r < 0.25:
+            s = float(rng.uniform(0.4, 1.2))
+            x[i] = torch.from_numpy(ndimage.gaussian_filter(x[i].numpy(), (0, s, s)))
+        elif r < 0.45:
+            x[i] = _jpeg(x[i].clamp(0, 1), int(rng.integers(25, 90)))
+        if rng.random() < 0.4:
+            x[i] = x[i] + torch.from_numpy(rng.normal(0, rng.uniform(0.005, 0.03), x[i].shape)).float()
+        if x.shape[1] > 1 and rng.random() < 0.25:
+            x[i, 1:] = x[i, :1]
+    return x.clamp_(0, 1), maps
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+class MixedSampler:
+    """Batches of (input, targets) from real exams, phantom exams and pasted shapes.
+
+    Shares of a batch: real slices with blood, real slices without, real blood-free slices with a
+    pasted real bleed shape, phantom slices (half with blood)."""
+
+    def __init__(self, exams: list[GridExam], shapes: list[tuple[str, np.ndarray]], rng: np.random.Generator,
+                 shares: dict[str, float] | None = None, grid_px_mm: float = 0.9) -> None:
+        self.exams, self.shapes, self.rng = exams, shapes, rng
+        self.grid_px_mm = grid_px_mm
+        idx: dict[str, list[tuple[int, int]]] = {"real_pos": [], "real_neg": [], "clean": [],
+                                                 "phantom_pos": [], "phantom_neg": []}
+        for i, ex in enumerate(exams):
+            for z, s in enumerate(ex.slices):
+                if not (s.label_known.any() or s.seg_known):
+                    continue
+                pos = bool(s.label_known[0] and s.labels[0] > 0)
+                if ex.source == "phantom":
+                    idx["phantom_pos" if pos else "phantom_neg"].append((i, z))
+                else:
+                    idx["real_pos" if pos else "real_neg"].append((i, z))
+                    if not pos and s.label_known.all() and s.seg_known and ex.window_known is not None:
+                        idx["clean"].append((i, z))
+        self.index = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in idx.items()}
+        self.shares = shares or {"real_pos": 0.3, "real_neg": 0.3, "paste": 0.15, "phantom": 0.25}
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.index.items()} | {"shapes": len(self.shapes)}
+
+    def _pick(self, kind: str) -> tuple[int, int]:
+        arr = self.index[kind]
+        i, z = arr[self.rng.integers(len(arr))]
+        return int(i), int(z)
+
+    def batch(self, n: int) -> dict[str, torch.Tensor]:
+        kinds = []
+        for k, share in self.shares.items():
+            kinds += [k] * int(round(share * n))
+        kinds = (kinds + ["real_neg"] * n)[:n]
+        xs, tg, unk, anyb, boxm, lab, lknown, sknown, has_box = [], [], [], [], [], [], [], [], []
+        size = self.exams[0].windows.shape[-1]
+        for kind in kinds:
+            if kind == "phantom":
+                kind = "phantom_pos" if self.rng.random() < 0.5 else "phantom_neg"
+            if kind == "paste" and (not self.shapes or not len(self.index["clean"])):
+                kind = "real_neg"
+            if not len(self.index.get(kind, [])):
+                kind = next(k for k in ("real_pos", "real_neg", "phantom_pos", "phantom_neg") if len(self.index[k]))
+            pasted = None
+            if kind == "paste":
+                for _ in range(6):
+                    i, z = self._pick("clean")
+                    sub, shape = self.shapes[int(self.rng.integers(len(self.shapes)))]
+                    pasted = paste_shape(self.exams[i].windows, z, shape, sub, self.grid_px_mm, self.rng)
+                    if pasted is not None:
+                        break
+                if pasted is None:
+                    i, z = self._pick("clean")
+            else:
+                i, z = self._pick(kind)
+            ex, s = self.exams[i], self.exams[i].slices[z]
+            x = key_slice_input(ex.windows, 1, [z])[0]
+            t = np.zeros((len(SUBTYPES), size, size), np.float32) if s.target is None else s.target / 255.0
+            labels, known = s.labels.copy(), s.label_known.copy()
+            if pasted is not None:
+                x[0] = torch.from_numpy(pasted[0][0] / 255.0).float()
+                k = SUBTYPES.index(sub)
+                t = t.copy()
+                t[k] = np.maximum(t[k], pasted[1])
+                labels[0] = labels[1 + k] = 1.0
+                known[:] = True
+            xs.append(x)
+            tg.append(torch.from_numpy(np.asarray(t, np.float32)))
+            unk.append(torch.from_numpy(np.zeros((size, size), np.float32) if s.unknown is None
+                                        else s.unknown.astype(np.float32)))
+            anyb.append(torch.from_numpy(np.zeros((size, size), np.float32) if s.any_blood is None
+                                         else s.any_blood.astype(np.float32)))
+            bm = np.zeros((4, size, size), np.float32)  # up to four boxes, one map each
+            for b, (y0, y1, x0, x1) in enumerate(s.boxes[:4]):
+                bm[b, y0:y1, x0:x1] = 1.0
+            boxm.append(torch.from_numpy(bm))
+            has_box.append(len(s.boxes) > 0)
+            lab.append(torch.from_numpy(labels))
+            lknown.append(torch.from_numpy(known.astype(np.float32)))
+            sknown.append(float(s.seg_known))
+        x = torch.stack(xs)
+        maps = torch.cat([torch.stack(tg), torch.stack(unk)[:, None], torch.stack(anyb)[:, None], torch.stack(boxm)], 1)
+        x, maps = robust_augment(x, maps, self.rng)
+        return {"x": x, "target": maps[:, :5], "unknown": (maps[:, 5] > 0.5).float(), "any_blood": maps[:, 6],
+                "boxes": (maps[:, 7:] > 0.5).float(), "labels": torch.stack(lab),
+                "label_known": torch.stack(lknown), "seg_known": torch.tensor(sknown)}
+
+
+POS_PIXEL_WEIGHT = 3.0
+
+
+def mixed_loss(out: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Slice BCE on known labels ("any" x2); subtype segmentation BCE (blood pixels x3) + soft Dice
+    on known pixels; the box loss (each box's most probable pixel is blood) and blood of unknown
+    subtype (some channel is blood there)."""
+    w = torch.ones(len(LABELS))
+    w[0] = 2.0
+    elem = F.binary_cross_entropy_with_logits(out["slice"], b["labels"], reduction="none") * w * b["label_known"]
+    cls = elem.sum() / b["label_known"].sum().clamp(min=1.0)
+    seg = out["seg"]
+    known_px = b["seg_known"][:, None, None, None] * (1 - b["unknown"][:, None])
+    pw = 1.0 + (POS_PIXEL_WEIGHT - 1.0) * (b["target"] > 0.5).float()
+    bce = F.binary_cross_entropy_with_logits(seg, b["target"], weight=pw * known_px, reduction="sum")
+    bce = bce / (known_px.sum() * seg.shape[1]).clamp(min=1.0)
+    p = torch.sigmoid(seg) * known_px
+    t = b["target"] * known_px
+    inter, denom = (p * t).sum(dim=(0, 2, 3)), (p + t).sum(dim=(0, 2, 3))
+    present = t.sum(dim=(0, 2, 3)) > 0
+    dice = (1 - (2 * inter + 1) / (denom + 1))[present].mean() if present.any() else seg.sum() * 0
+    top = seg.amax(dim=1)  # (N, S, S): the most probable subtype's logit
+    boxes = b["boxes"]
+    has = boxes.flatten(2).amax(dim=2) > 0  # (N, 4)
+    if has.any():
+        box_max = (top[:, None] + (boxes - 1) * 1e4).flatten(2).amax(dim=2)  # max logit inside each box
+        box = F.binary_cross_entropy_with_logits(box_max[has], torch.ones_like(box_max[has]))
+    else:
+        box = seg.sum() * 0
+    ab = b["any_blood"]
+    blood = (F.binary_cross_entropy_with_logits(top, torch.ones_like(top), weight=ab, reduction="sum")
+             / ab.sum().clamp(min=1.0)) if bool(ab.any()) else seg.sum() * 0
+    total = cls + bce + 0.5 * dice + 0.3 * box + 0.3 * blood
+    return {"loss": total, "cls": cls, "seg": bce + 0.5 * dice, "box": box}

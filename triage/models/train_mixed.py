@@ -1,0 +1,341 @@
+"""``triage train --input brain_window``: the real-data model.
+
+Trains :class:`~triage.models.network.ICHNet` on the ``brain_window`` input from real slice sets
+(``slices:PATH[:split=train,...]``), phantom studies (``phantom:A-B``: voxel truth, all five
+subtypes) and real bleed shapes pasted into real blood-free slices (``--shapes DIR``), with the
+robustness augmentation of :func:`~triage.models.mixed.robust_augment`. The sequence head is kept at
+its identity start (exam score = the maximum slice probability).
+
+Resumable: a checkpoint (weights, optimiser, schedule, random state) is written every
+``--steps-per-epoch`` steps with the validation numbers of that moment; ``--resume`` continues.
+The preprocessed exams are cached (``--cache``), so a resumed run starts in seconds.
+
+Operating point: the "any" threshold is the highest whose *slice* sensitivity on the real validation
+slices is at least ``--sensitivity`` (default 0.95); subtype thresholds are set on the validation
+exams that label them (phantoms, subtype-labelled real slices) for 0.95 sensitivity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from triage.labels import LABELS, SUBTYPES
+from triage.logging import get_logger
+from triage.models.bundle import save_bundle
+from triage.models.inference import run_networks
+from triage.models.metrics import roc_auc
+from triage.models.mixed import GridExam, MixedSampler, grid_exam_from_slices, grid_exam_from_study, load_shapes, mixed_loss
+from triage.models.network import ICHNet, SequenceHead, count_params
+from triage.models.preprocess import BRAIN_WINDOW, PreprocessConfig
+
+log = get_logger(__name__)
+
+WIDTHS = (16, 32, 64, 96, 128)
+SUBTYPE_SENSITIVITY = 0.95
+INTENDED_USE = ("Research and software testing only. Trained on public real head CT slices and synthetic "
+                "studies; not validated on complete clinical exams. NOT for clinical use.")
+
+
+def brain_window_config(size: int = 256) -> PreprocessConfig:
+    return PreprocessConfig(size=size, base_size=size, windows=BRAIN_WINDOW, context=1, input="brain_window")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def _phantom_exam(args: tuple[Any, str, PreprocessConfig]) -> GridExam:
+    source, key, cfg = args
+    torch.set_num_threads(1)
+    return grid_exam_from_study(source.load(key), cfg)
+
+
+def load_exams(spec: str, cfg: PreprocessConfig, cache: Path, workers: int = 1) -> tuple[list[GridExam], str]:
+    """Exams on the network grid from a '+'-joined spec (slice sets and phantoms), cached per part."""
+    exams, descriptions = [], []
+    for part in filter(None, spec.split("+")):
+        key = hashlib.sha1(json.dumps([part, cfg.to_dict(), 2]).encode()).hexdigest()[:16]
+        path = cache / f"mixed-{key}.pkl"
+        if path.exists():
+            with path.open("rb") as fh:
+                got, desc = pickle.load(fh)
+        else:
+            got, desc = _load_part(part, cfg, workers)
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("wb") as fh:
+                pickle.dump((got, desc), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        exams += got
+        descriptions.append(desc)
+        log.info("exams_loaded", part=part, exams=len(got), slices=sum(len(e.slices) for e in got))
+    return exams, "; ".join(descriptions)
+
+
+def _load_part(part: str, cfg: PreprocessConfig, workers: int) -> tuple[list[GridExam], str]:
+    if part.startswith("slices:"):
+        from triage.datasets.slices import SliceSet, parse_spec
+
+        path, opts = parse_spec(part)
+        ss = SliceSet(path, **opts)
+        return [grid_exam_from_slices(ss.load(e), cfg) for e in ss.exam_ids()], ss.describe()
+    from triage.models.data import open_source
+
+    src = open_source(part)
+    items = [(src, k, cfg) for k in src.keys]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            got = list(pool.map(_phantom_exam, items, chunksize=4))
+    else:
+        got = [_phantom_exam(i) for i in items]
+    return got, src.description
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def exam_outputs(net: ICHNet, seq: SequenceHead, exams: list[GridExam], cfg: PreprocessConfig,
+                 flip: bool = False) -> list[dict[str, np.ndarray]]:
+    net.eval()
+    seq.eval()
+    return [run_networks(net, seq, e.windows, e.head, cfg, flip=flip) for e in exams]
+
+
+def slice_table(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probs (N, 6), labels (N, 6), known (N, 6)) over every slice of the real exams."""
+    p, y, k = [], [], []
+    for e, o in zip(exams, outs, strict=True):
+        if e.source != "real":
+            continue
+        for z, s in enumerate(e.slices):
+            p.append(o["slice_probs"][z])
+            y.append(s.labels)
+            k.append(s.label_known)
+    if not p:
+        return np.zeros((0, 6)), np.zeros((0, 6)), np.zeros((0, 6), bool)
+    return np.stack(p), np.stack(y), np.stack(k)
+
+
+def auc_where_known(probs: np.ndarray, labels: np.ndarray, known: np.ndarray, i: int) -> float:
+    m = known[:, i]
+    return roc_auc(labels[m, i], probs[m, i]) if m.any() else float("nan")
+
+
+def threshold_for(scores: np.ndarray, truth: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold with sensitivity >= ``sensitivity`` on (scores, truth)."""
+    pos = np.sort(scores[truth > 0])
+    if not len(pos):
+        return 0.5
+    k = int(math.floor((1.0 - sensitivity) * len(pos) + 1e-9))
+    return float(np.clip(pos[k], 1e-4, 0.99))
+
+
+def choose_thresholds(exams: list[GridExam], outs: list[dict[str, np.ndarray]], sensitivity: float) -> dict[str, Any]:
+    """"any": on real validation slices; subtypes: on validation exams (max over slices) that label them."""
+    probs, labels, known = slice_table(exams, outs)
+    thresholds: dict[str, float] = {}
+    points: dict[str, Any] = {}
+    if len(probs) and known[:, 0].any() and (labels[known[:, 0], 0] > 0).any():
+        m = known[:, 0]
+        t = threshold_for(probs[m, 0], labels[m, 0], sensitivity)
+        pos, neg = m & (labels[:, 0] > 0), m & (labels[:, 0] == 0)
+        points["any"] = {"level": "slice", "threshold": round(t, 6), "positives": int(pos.sum()),
+                         "negatives": int(neg.sum()),
+                         "sensitivity": float((probs[pos, 0] >= t).mean()),
+                         "specificity": float((probs[neg, 0] < t).mean()) if neg.any() else None,
+                         "auc": round(roc_auc(labels[m, 0], probs[m, 0]), 4) if neg.any() else None}
+        thresholds["any"] = round(t, 6)
+    ex_scores = np.stack([o["slice_probs"].max(axis=0) for o in outs])
+    ex_truth = np.stack([e.exam_labels for e in exams])
+    for i, lab in enumerate(LABELS):
+        if lab in thresholds:
+            continue
+        m = ~np.isnan(ex_truth[:, i])
+        if not m.any() or not (ex_truth[m, i] > 0).any():
+            thresholds[lab] = 0.5
+            points[lab] = {"level": "exam", "threshold": 0.5, "positives": 0, "note": "no labelled positives"}
+            continue
+        t = threshold_for(ex_scores[m, i], ex_truth[m, i], SUBTYPE_SENSITIVITY if lab != "any" else sensitivity)
+        pos, neg = m & (ex_truth[:, i] > 0), m & (ex_truth[:, i] == 0)
+        thresholds[lab] = round(t, 6)
+        points[lab] = {"level": "exam", "threshold": round(t, 6), "positives": int(pos.sum()),
+                       "negatives": int(neg.sum()), "sensitivity": float((ex_scores[pos, i] >= t).mean()),
+                       "specificity": float((ex_scores[neg, i] < t).mean()) if neg.any() else None,
+                       "auc": round(roc_auc(ex_truth[m, i], ex_scores[m, i]), 4) if neg.any() else None}
+    return {"thresholds": thresholds, "operating_points": points}
+
+
+def validation_summary(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    probs, labels, known = slice_table(exams, outs)
+    real = {lab: auc_where_known(probs, labels, known, i) for i, lab in enumerate(LABELS)} if len(probs) else {}
+    ph = [(e, o) for e, o in zip(exams, outs, strict=True) if e.source == "phantom"]
+    phantom_auc = float("nan")
+    if ph:
+        phantom_auc = roc_auc(np.array([e.exam_labels[0] for e, _ in ph]),
+                              np.array([o["slice_probs"][:, 0].max() for _, o in ph]))
+    return {"real_slice_auc": {k: None if math.isnan(v) else round(v, 4) for k, v in real.items()},
+            "phantom_exam_auc_any": None if math.isnan(phantom_auc) else round(phantom_auc, 4)}
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def _threads() -> None:
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(max(1, int(omp)) if omp.isdigit() else max(1, min(2, os.cpu_count() or 1)))
+
+
+def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: int, out: Path, lr: float,
+               batch: int, rng: np.random.Generator, resume: bool, val: list[GridExam], cfg: PreprocessConfig,
+               seq: SequenceHead, device: torch.device) -> list[dict[str, Any]]:
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    ckpt = out / "checkpoints" / "mixed.pt"
+    start, history = 0, []
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start, history = int(state["step"]), state["history"]
+        log.info("resumed", step=start)
+    net.to(device)
+    step = start
+    t0, tot = time.time(), {"loss": 0.0, "cls": 0.0, "seg": 0.0, "box": 0.0}
+    while step < steps:
+        net.train()
+        b = sampler.batch(batch)
+        out_ = net(b["x"].to(device))
+        losses = mixed_loss({k: v.cpu() for k, v in out_.items()}, b)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        step += 1
+        for k in tot:
+            tot[k] += float(losses[k])
+        if step % steps_per_epoch == 0 or step == steps:
+            n = steps_per_epoch if step % steps_per_epoch == 0 else step % steps_per_epoch
+            rec: dict[str, Any] = {k: round(v / n, 4) for k, v in tot.items()}
+            rec |= {"step": step, "seconds": round(time.time() - t0, 1)}
+            if val:
+                rec |= validation_summary(val, exam_outputs(net, seq, val, cfg))
+            history.append(rec)
+            log.info("mixed_epoch", **{k: v for k, v in rec.items() if not isinstance(v, dict)},
+                     real_any_auc=(rec.get("real_slice_auc") or {}).get("any"),
+                     phantom_auc=rec.get("phantom_exam_auc_any"))
+            print(json.dumps(rec), flush=True)
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step, "history": history, "rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, ckpt)
+            t0, tot = time.time(), dict.fromkeys(tot, 0.0)
+    return history
+
+
+def main(args: argparse.Namespace, settings: Any) -> int:
+    _threads()
+    device = torch.device("cuda" if getattr(args, "device", "auto") in ("auto", "cuda")
+                          and torch.cuda.is_available() else "cpu")
+    seed = int(args.seed)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = int(getattr(args, "size", 0) or 256)
+    stem = int(getattr(args, "stem", 0) or 2)
+    cfg = brain_window_config(size)
+    cache = Path(getattr(args, "cache", "") or (Path(settings.data_dir) / "cache" / "models"))
+    workers = int(getattr(args, "workers", 1) or 1)
+    spe = int(getattr(args, "steps_per_epoch", 0) or 200)
+    steps = max(1, int(args.epochs) * spe)
+    batch = int(getattr(args, "batch", 0) or 24)
+    lr = float(getattr(args, "lr", 0) or 2e-3)
+    sensitivity = float(getattr(args, "sensitivity", 0.95) or 0.95)
+    t_start = time.time()
+    train, train_desc = load_exams(args.dataset, cfg, cache, workers)
+    val, val_desc = load_exams(args.val, cfg, cache, workers) if args.val else ([], "")
+    overlap = {e.meta.get("study") for e in train if e.source == "real"} & {
+        e.meta.get("study") for e in val if e.source == "real"}
+    if overlap - {None} and any(e.source == "real" for e in val):
+        # the same set may hold the same study id in train and val only if they are different sets
+        names = {e.key.split("/")[0] for e in train}
+        clash = [e for e in val if e.source == "real" and e.meta.get("study") in overlap and e.key.split("/")[0] in names]
+        if clash:
+            raise SystemExit(f"training and validation share studies ({len(clash)} exams): split by study")
+    shapes_dir = str(getattr(args, "shapes", "") or "")
+    shapes = load_shapes(shapes_dir) if shapes_dir else []
+    t_data = time.time() - t_start
+    net = ICHNet(cfg.channels, WIDTHS, stem=stem)
+    seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
+    # head-crop grid: a ~21 cm head box over ``size`` pixels
+    sampler = MixedSampler(train, shapes, rng, grid_px_mm=210.0 / size)
+    log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
+             **sampler.counts())
+    t0 = time.time()
+    history = train_loop(net, sampler, steps, spe, out, lr, batch, rng, bool(args.resume), val, cfg, seq, device)
+    t_train = time.time() - t0
+    net = net.cpu().eval()
+    seq = seq.eval()
+    selection: dict[str, Any] = {"thresholds": dict.fromkeys(LABELS, 0.5), "operating_points": {}}
+    summary: dict[str, Any] = {}
+    if val:
+        outs = exam_outputs(net, seq, val, cfg)
+        selection = choose_thresholds(val, outs, sensitivity)
+        summary = validation_summary(val, outs)
+    manifest = {
+        "name": out.name,
+        "version": time.strftime("%Y.%m.%d"),
+        "description": "2D U-Net segmentation/classification on a brain window with neighbour slices "
+                       "(pixel-unshuffle stem), sequence head at identity",
+        "intended_use": INTENDED_USE,
+        "preprocessing": cfg.to_dict(),
+        "architecture": {"network": "ICHNet", "widths": list(WIDTHS), "stem": stem, "sequence": "BiGRU",
+                         "gru_hidden": 48, "parameters": count_params(net) + count_params(seq)},
+        "exam_score": "sequence_max",
+        "test_time_augmentation": "none",
+        "thresholds": selection["thresholds"],
+        "mask_refinement": {"probability": 0.5, "hu_range": True, "intracranial": True},
+        "training": {
+            "command": f"triage train '{args.dataset}' --val '{args.val}' --input brain_window --out <bundle> "
+                       f"--epochs {args.epochs} --steps-per-epoch {spe} --batch {batch} --seed {seed} --size {size} "
+                       f"--stem {stem} --lr {lr:g} --sensitivity {sensitivity:g}"
+                       + (f" --shapes {shapes_dir}" if shapes_dir else ""),
+            "recipe": "mixed (triage/models/train_mixed.py)",
+            "data": train_desc,
+            "validation": val_desc,
+            "exams": len(train),
+            "slices": int(sum(len(e.slices) for e in train)),
+            "sampler": sampler.counts(),
+            "steps": steps,
+            "batch": batch,
+            "seed": seed,
+            "history": history,
+            "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "total": round(time.time() - t_start, 1)},
+            "device": str(device),
+            "host": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
+        },
+        "validation": {"operating_points": selection["operating_points"], **summary},
+    }
+    written = save_bundle(out, net, seq, manifest)
+    print(json.dumps({"bundle": str(out), "sha256": written["weights"]["sha256"],
+                      "thresholds": selection["thresholds"], **summary}, indent=2))
+    return 0
