@@ -79,3 +79,51 @@ def write_ctich(root: Path, studies: list[SyntheticStudy], numbers: tuple[int, .
         w.writeheader()
         w.writerows(rows)
     return root
+
+
+def write_slice_set(root: Path, studies: list[SyntheticStudy], ordered: bool = True,
+                    window: tuple[float, float] | None = (40.0, 80.0), subtypes_known: bool = True,
+                    boxes: bool = False) -> Path:
+    """A slice set (``labels.csv`` + ``images/`` + ``masks/``) from synthetic studies: each slice is
+    the study's HU in ``window`` as an 8-bit PNG (``window`` None: written in 40/80 and marked
+    unknown). ``ordered``: the slice column gives the order (else empty, each slice an exam).
+    ``subtypes_known`` False leaves the subtype columns empty on slices with blood (as phe-sich);
+    ``boxes`` writes the bounding box of the blood instead of a mask (as phe-sich)."""
+    from PIL import Image
+
+    from triage.labels import SUBTYPES
+    from triage.models.preprocess import brain_window_u8
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    c, w = window or (40.0, 80.0)
+    rows = []
+    for i, st in enumerate(studies):
+        pixels = brain_window_u8(np.round(st.hu), (c, w))
+        for z in range(st.hu.shape[0]):
+            name = f"{i:02d}_{z:02d}.png"
+            Image.fromarray(pixels[z]).save(root / "images" / name)
+            lab = [int(v) for v in st.slice_labels[z]]
+            cells = [str(v) for v in lab]
+            if not subtypes_known and lab[0]:
+                cells[1:] = [""] * (len(LABELS) - 1)
+            label_map = np.zeros(pixels[z].shape, np.uint8)
+            for k, sub in enumerate(SUBTYPES):
+                m = st.masks.get(sub)
+                if m is not None:
+                    label_map[np.asarray(m[z], bool)] = k + 1
+            mask_cell, box_cell = "", ""
+            if boxes:
+                ys, xs = np.nonzero(label_map)
+                if len(ys):
+                    box_cell = f"{xs.min()} {ys.min()} {xs.max() + 1} {ys.max() + 1}"
+            else:
+                Image.fromarray(label_map).save(root / "masks" / name)
+                mask_cell = f"masks/{name}"
+            rows.append([f"images/{name}", f"s{i:02d}", str(z) if ordered else "", *cells, mask_cell, box_cell,
+                         f"{c:g}/{w:g}" if window else "unknown"])
+    with (root / "labels.csv").open("w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["image", "study", "slice", *LABELS, "mask", "boxes", "window"])
+        wr.writerows(rows)
+    return root

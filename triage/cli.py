@@ -15,7 +15,7 @@ from triage import __version__
 from triage.config import ConfigError, Settings, load_settings
 
 # Literal here, not imported: the model modules pull in torch, and the CLI starts without it.
-DATASET_FORMATS = ["auto", "phantom", "rsna", "cq500", "ctich"]  # triage.models.data
+DATASET_FORMATS = ["auto", "phantom", "rsna", "cq500", "ctich", "slices"]  # triage.models.data
 TTA_CHOICES = ["none", "flip"]  # triage.models.inference.TTA_MODES
 
 Handler = Callable[[argparse.Namespace, Settings], int]

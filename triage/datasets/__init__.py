@@ -1,5 +1,6 @@
 """Datasets for training and evaluation: one interface (:class:`Dataset` of :class:`Sample`),
-readers for the phantom's own format, RSNA 2019, CQ500 and PhysioNet CT-ICH.
+readers for the phantom's own format, RSNA 2019, CQ500, PhysioNet CT-ICH and
+slice sets (labelled windowed PNG slices, :mod:`triage.datasets.slices`).
 
 ``open_dataset(path, format="auto")`` detects the layout.
 """
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from triage.datasets.base import Dataset, DatasetError, Sample
 
-FORMATS = ("phantom", "rsna", "cq500", "ctich")
+FORMATS = ("phantom", "rsna", "cq500", "ctich", "slices")
 
 
 def detect_format(path: str | Path) -> str:
@@ -23,6 +24,10 @@ def detect_format(path: str | Path) -> str:
         raise DatasetError(f"{root} is not a directory")
     if (root / "manifest.json").is_file():
         return "phantom"
+    from triage.datasets.slices import is_slice_set
+
+    if is_slice_set(root):
+        return "slices"
     if find_rsna(root):
         return "rsna"
     if (root / "ct_scans").is_dir() and find_csv(root):
@@ -31,7 +36,7 @@ def detect_format(path: str | Path) -> str:
         return "cq500"
     raise DatasetError(
         f"{root}: unknown dataset layout (expected a phantom manifest.json, RSNA stage_2_train/ + CSV, "
-        "CT-ICH ct_scans/ + hemorrhage_diagnosis_raw_ct.csv, or CQ500 reads.csv)"
+        "CT-ICH ct_scans/ + hemorrhage_diagnosis_raw_ct.csv, or CQ500 reads.csv, or a slice set labels.csv + images/)"
     )
 
 
@@ -54,6 +59,10 @@ def open_dataset(path: str | Path, format: str = "auto") -> Dataset:
         from triage.datasets.ctich import CTICHDataset
 
         return CTICHDataset(path)
+    if fmt == "slices":
+        from triage.datasets.slices import SlicesDataset
+
+        return SlicesDataset(path)
     raise DatasetError(f"unknown dataset format {fmt!r} (known: {', '.join(FORMATS)})")
 
 

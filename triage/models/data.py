@@ -124,6 +124,11 @@ def open_source(spec: str, fmt: str = "auto") -> Source:
             raise ValueError(f"{spec!r}: {exc}") from exc
         return Source(spec, keys, PhantomLoader(options),
                       f"synthetic phantom studies, seeds {start}..{int(end) - 1}, options {options or 'default'}")
+    if spec.startswith("slices:"):  # slices:PATH[:split=train|val,fraction=F,seed=N]
+        from triage.datasets.slices import SlicesDataset, parse_spec
+
+        path, opts = parse_spec(spec)
+        return _dataset_source(spec, SlicesDataset(path, **opts))
     try:
         from triage.datasets import open_dataset  # type: ignore[attr-defined]
     except ImportError as exc:

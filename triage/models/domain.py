@@ -85,7 +85,15 @@ def descriptor(windows_u8: np.ndarray, brain_small: np.ndarray,
     wide = int(np.argmax([w for _, w in window_settings]))
     centre, width = window_settings[wide]
     hu = win[keep, wide][inner].astype(np.float64) / 255.0 * width + (centre - width / 2.0)
-    shares = [float(np.mean(hu <= -15.0)), float(np.mean((hu > 100.0) & (hu < 175.0))), float(np.mean(hu >= 175.0))]
+    if centre + width / 2.0 < 175.0:
+        # a brain window alone (the ``brain_window`` input: the whole head, not skull-stripped): the
+        # shares of dark (air, fat, CSF), of blood/grey-matter bright and of saturated (bone) voxels
+        lo, hi = centre - width / 2.0, centre + width / 2.0
+        shares = [float(np.mean(hu <= lo + 2.0)), float(np.mean((hu > 45.0) & (hu < hi - 2.0))),
+                  float(np.mean(hu >= hi - 2.0))]
+    else:
+        shares = [float(np.mean(hu <= -15.0)), float(np.mean((hu > 100.0) & (hu < 175.0))),
+                  float(np.mean(hu >= 175.0))]
     b = win[keep, 0].astype(np.float32)
     lap = np.abs(np.stack([ndimage.laplace(x) for x in b])[inner])
     grad = np.stack([np.hypot(ndimage.sobel(x, 0), ndimage.sobel(x, 1)) for x in b])[inner]

@@ -239,6 +239,10 @@ def plots(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> lis
 
 
 def main(args: argparse.Namespace, settings: Any) -> int:
+    from triage.models import evaluate_slices
+
+    if evaluate_slices.is_slice_spec(str(args.dataset)):  # labelled 2-D slices: slice-level report
+        return evaluate_slices.main(args, settings)
     bundle = load_bundle(args.bundle or settings.bundle_path or None, device=args.device,
                          thresholds_override=settings.thresholds or None)
     src = open_source(args.dataset, args.format)

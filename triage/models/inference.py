@@ -302,6 +302,16 @@ class Bundle:
         t0 = time.perf_counter()
         out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device, self.session,
                            self.flip)
+        if self.cfg.input == "brain_window" and self.cfg.min_area_cm2 > 0:
+            # slices whose intracranial cross-section (from HU) is under the floor are skull-base or
+            # vertex caps, not readable brain: they do not count toward the exam (as in the HU input)
+            area = np.asarray(prep.extra.get("intracranial_cm2", []), np.float32)
+            caps = np.nan_to_num(area, nan=np.inf) < self.cfg.min_area_cm2
+            if caps.any() and not caps.all():
+                out["slice_probs"] = out["slice_probs"].copy()
+                out["slice_probs"][caps] = 0.0
+                out["seg_max"] = out["seg_max"].copy()
+                out["seg_max"][caps] = 0.0
         slice_probs = out["slice_probs"]
         probs = exam_scores(slice_probs, out["seg_max"], self.exam_rule)
         exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}

@@ -56,7 +56,8 @@ class GridExam:
     meta: dict = field(default_factory=dict)
 
 
-def _grid_box(box: tuple[float, float, float, float], crop: tuple[int, int, int, int], size: int) -> tuple[int, int, int, int]:
+def _grid_box(box: tuple[float, float, float, float], crop: tuple[int, int, int, int],
+              size: int) -> tuple[int, int, int, int]:
     """An image box ``x0 y0 x1 y1`` -> (y0, y1, x0, x1) on the network grid of a head crop."""
     x0, y0, x1, y1 = box
     cy0, cy1, cx0, cx1 = crop
@@ -68,7 +69,7 @@ def _grid_box(box: tuple[float, float, float, float], crop: tuple[int, int, int,
     return gy0, gy1, gx0, gx1
 
 
-def grid_exam_from_slices(exam, cfg: PreprocessConfig) -> GridExam:  # noqa: ANN001 - a SliceExam
+def grid_exam_from_slices(exam, cfg: PreprocessConfig, set_name: str = "") -> GridExam:  # noqa: ANN001 - a SliceExam
     """A slice-set exam (:class:`~triage.datasets.slices.SliceExam`) on the network grid."""
     from triage.datasets.slices import ASSUMED_PIXEL_MM, exam_masks
 
@@ -112,7 +113,7 @@ def grid_exam_from_slices(exam, cfg: PreprocessConfig) -> GridExam:  # noqa: ANN
     ex_lab = np.array([np.nanmax(exam.labels[:, i]) if (~np.isnan(exam.labels[:, i])).any() else np.nan
                        for i in range(len(LABELS))], np.float32)
     return GridExam(exam.id, "real", prep.windows, prep.brain_small, out, ex_lab, exam.window_known,
-                    {"study": exam.study})
+                    {"study": exam.study, "set": set_name})
 
 
 def grid_exam_from_study(study, cfg: PreprocessConfig) -> GridExam:  # noqa: ANN001 - a data.Study

@@ -37,7 +37,14 @@ from triage.logging import get_logger
 from triage.models.bundle import save_bundle
 from triage.models.inference import run_networks
 from triage.models.metrics import roc_auc
-from triage.models.mixed import GridExam, MixedSampler, grid_exam_from_slices, grid_exam_from_study, load_shapes, mixed_loss
+from triage.models.mixed import (
+    GridExam,
+    MixedSampler,
+    grid_exam_from_slices,
+    grid_exam_from_study,
+    load_shapes,
+    mixed_loss,
+)
 from triage.models.network import ICHNet, SequenceHead, count_params
 from triage.models.preprocess import BRAIN_WINDOW, PreprocessConfig
 
@@ -90,7 +97,7 @@ def _load_part(part: str, cfg: PreprocessConfig, workers: int) -> tuple[list[Gri
 
         path, opts = parse_spec(part)
         ss = SliceSet(path, **opts)
-        return [grid_exam_from_slices(ss.load(e), cfg) for e in ss.exam_ids()], ss.describe()
+        return [grid_exam_from_slices(ss.load(e), cfg, ss.name) for e in ss.exam_ids()], ss.describe()
     from triage.models.data import open_source
 
     src = open_source(part)
@@ -229,7 +236,7 @@ def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: 
         sched.step()
         step += 1
         for k in tot:
-            tot[k] += float(losses[k])
+            tot[k] += float(losses[k].detach())
         if step % steps_per_epoch == 0 or step == steps:
             n = steps_per_epoch if step % steps_per_epoch == 0 else step % steps_per_epoch
             rec: dict[str, Any] = {k: round(v / n, 4) for k, v in tot.items()}
@@ -273,14 +280,13 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     t_start = time.time()
     train, train_desc = load_exams(args.dataset, cfg, cache, workers)
     val, val_desc = load_exams(args.val, cfg, cache, workers) if args.val else ([], "")
-    overlap = {e.meta.get("study") for e in train if e.source == "real"} & {
-        e.meta.get("study") for e in val if e.source == "real"}
-    if overlap - {None} and any(e.source == "real" for e in val):
-        # the same set may hold the same study id in train and val only if they are different sets
-        names = {e.key.split("/")[0] for e in train}
-        clash = [e for e in val if e.source == "real" and e.meta.get("study") in overlap and e.key.split("/")[0] in names]
-        if clash:
-            raise SystemExit(f"training and validation share studies ({len(clash)} exams): split by study")
+    def studies_of(exams: list[GridExam]) -> set[tuple[str, str]]:
+        return {(str(e.meta.get("set")), str(e.meta.get("study"))) for e in exams if e.source == "real"}
+
+    shared = studies_of(train) & studies_of(val)
+    if shared:
+        raise SystemExit(f"training and validation share {len(shared)} studies (e.g. {sorted(shared)[0]}): "
+                         "split slice sets by study (split=train / split=val with one fraction and seed)")
     shapes_dir = str(getattr(args, "shapes", "") or "")
     shapes = load_shapes(shapes_dir) if shapes_dir else []
     t_data = time.time() - t_start

@@ -1,0 +1,191 @@
+"""Slice sets (labelled, windowed 8-bit PNG slices) and the ``brain_window`` model built on them:
+the reader (splits by study, unknown labels, masks, boxes), the input transform (the same tensor
+from HU and from the equivalent PNG), a tiny mixed training run, and ``evaluate slices:``. The sets
+are written from synthetic studies at test time; no real data is committed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from triage.cli import main as triage_main
+from triage.datasets import detect_format, open_dataset
+from triage.datasets.base import DatasetError
+from triage.datasets.slices import SliceSet, split_studies
+from triage.labels import LABELS
+from triage.models.bundle import read_manifest
+from triage.models.mixed import MixedSampler, grid_exam_from_slices, grid_exam_from_study, mixed_loss, robust_augment
+from triage.models.network import ICHNet
+from triage.models.preprocess import BRAIN_WINDOW, PreprocessConfig, prepare
+from triage.phantom.generator import PhantomOptions, SyntheticStudy, generate_study
+
+from .dataset_fixtures import write_slice_set
+
+CFG = PreprocessConfig(size=64, base_size=64, windows=BRAIN_WINDOW, context=1, input="brain_window")
+
+
+def _study(seed: int, **kw: object) -> SyntheticStudy:
+    return generate_study(seed, PhantomOptions(size=128, tilt_deg=0.0, **kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def studies() -> list[SyntheticStudy]:
+    return [_study(31, subtypes=("intraparenchymal",), size_class="medium"), _study(32, kind="negative"),
+            _study(33, subtypes=("subdural",), size_class="medium"), _study(34, kind="negative")]
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory, studies: list[SyntheticStudy]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("slices")
+    return {
+        "masks": write_slice_set(root / "masks", studies),
+        "boxes": write_slice_set(root / "boxes", studies, subtypes_known=False, boxes=True, window=None),
+        "unordered": write_slice_set(root / "unordered", studies[:2], ordered=False, window=(127.5, 255.0)),
+    }
+
+
+def test_reader_splits_by_study_with_a_seed(sets: dict[str, Path], studies: list[SyntheticStudy]) -> None:
+    assert detect_format(sets["masks"]) == "slices"
+    full = SliceSet(sets["masks"])
+    assert full.studies() == ["s00", "s01", "s02", "s03"]
+    assert len(full.exam_ids()) == 4, "ordered studies: one exam (a series) each"
+    train, val = SliceSet(sets["masks"], "train", 0.5, seed=1), SliceSet(sets["masks"], "val", 0.5, seed=1)
+    assert len(val.studies()) == 2 and set(train.studies()).isdisjoint(val.studies())
+    assert sorted(train.studies() + val.studies()) == full.studies()
+    assert {r.study for r in val.rows} == set(val.studies()), "every slice of a study goes with it"
+    assert SliceSet(sets["masks"], "val", 0.5, seed=1).studies() == val.studies(), "the seed fixes the split"
+    names = [f"p{i}" for i in range(40)]
+    splits = {tuple(split_studies(names, "val", 0.25, s)) for s in range(5)}
+    assert len(splits) > 1 and all(len(v) == 10 for v in splits), "another seed, another split of the same size"
+    ex = full.load(full.exam_ids()[0])
+    assert ex.pixels.shape[0] == studies[0].hu.shape[0] and ex.window_known
+    # the CLI spelling of a split
+    ds = open_dataset(sets["masks"])
+    assert len(ds) == 4
+    with pytest.raises(DatasetError, match="unknown option"):
+        from triage.models.data import open_source
+        open_source(f"slices:{sets['masks']}:splt=val")
+
+
+def test_reader_keeps_unknown_labels_unknown_and_reads_masks_and_boxes(sets: dict[str, Path],
+                                                                       studies: list[SyntheticStudy]) -> None:
+    boxed = SliceSet(sets["boxes"])
+    ex = boxed.load("s00")
+    blood = studies[0].slice_labels[:, 0] > 0
+    assert np.isnan(ex.labels[blood, 1:]).all(), "empty subtype cells are unknown, not 0"
+    assert (ex.labels[blood, 0] == 1).all() and (ex.labels[~blood, 0] == 0).all()
+    assert not ex.window_known and ex.window == (40.0, 80.0), "an unknown window is read as the brain window"
+    assert all(len(b) == 1 for b, is_b in zip(ex.boxes, blood, strict=True) if is_b)
+    g = grid_exam_from_slices(ex, CFG)
+    pos = [s for s in g.slices if s.labels[0] > 0]
+    assert pos and all(not s.label_known[1:].any() and s.label_known[0] for s in pos), "subtypes stay out of the loss"
+    assert all(s.boxes and s.unknown is not None and s.unknown.any() for s in pos), "boxes on the grid"
+    neg = [s for s in g.slices if s.label_known[0] and s.labels[0] == 0]
+    assert all(s.label_known.all() and s.seg_known for s in neg), "no blood: every subtype is known absent"
+
+    masked = SliceSet(sets["masks"]).load("s02")  # subdural
+    gm = grid_exam_from_slices(masked, CFG)
+    sdh = LABELS.index("subdural") - 1
+    with_blood = [s for s in gm.slices if s.labels[0] > 0]
+    assert with_blood and all(s.target is not None and s.target[sdh].max() > 128 for s in with_blood)
+    unordered = SliceSet(sets["unordered"])
+    assert len(unordered.exam_ids()) == sum(s.hu.shape[0] for s in studies[:2]), "no order: a slice per exam"
+    assert unordered.load(unordered.exam_ids()[0]).window == (127.5, 255.0)
+
+
+@pytest.mark.parametrize("window", [(40.0, 80.0), (127.5, 255.0)])
+def test_the_input_is_the_same_from_hu_and_from_the_windowed_png(tmp_path: Path, studies: list[SyntheticStudy],
+                                                                 window: tuple[float, float]) -> None:
+    st = studies[0]
+    hu = np.round(st.hu).astype(np.float32)  # DICOM HU are integers
+    root = write_slice_set(tmp_path / "set", [st], window=window)
+    ex = SliceSet(root).load("s00")
+    a = prepare(hu, st.pixel_spacing, CFG)
+    b = prepare(ex.hu, st.pixel_spacing, CFG)
+    assert a.box == b.box
+    assert np.array_equal(a.windows, b.windows), "one tensor, whether the node reads HU or a publisher's PNG"
+    assert np.array_equal(a.brain_small, b.brain_small)
+    assert a.windows.shape == (hu.shape[0], 1, CFG.size, CFG.size) and a.windows.max() > 200
+
+
+def test_robust_augment_moves_targets_with_the_image() -> None:
+    rng = np.random.default_rng(0)
+    x = torch.zeros(8, 3, 32, 32)
+    x[:, :, 4:10, 20:26] = 0.9
+    maps = (x[:, :1] > 0.5).float()
+    xa, ma = robust_augment(x.clone(), maps.clone(), rng)
+    assert xa.shape == x.shape and ma.shape == maps.shape
+    for i in range(8):  # the bright square and its target stay together whatever the geometry did
+        inside = xa[i, 0][ma[i, 0] > 0.5]
+        outside = xa[i, 0][ma[i, 0] < 0.05]
+        assert inside.mean() > outside.mean() + 0.2
+
+
+def test_a_tiny_mixed_run_lowers_the_loss(sets: dict[str, Path], studies: list[SyntheticStudy]) -> None:
+    torch.manual_seed(0)
+    real = [grid_exam_from_slices(SliceSet(sets["boxes"]).load(e), CFG) for e in ("s00", "s01")]
+    from triage.models.data import open_source
+
+    src = open_source("phantom:40-41:size=128,subtypes=epidural")
+    exams = real + [grid_exam_from_study(src.load(k), CFG) for k in src.keys]
+    shape = np.zeros((12, 9), bool)
+    shape[2:10, 1:8] = True
+    sampler = MixedSampler(exams, [("intraparenchymal", shape)], np.random.default_rng(0), grid_px_mm=3.5)
+    counts = sampler.counts()
+    assert counts["real_pos"] and counts["real_neg"] and counts["phantom_pos"] and counts["clean"]
+    batch = sampler.batch(12)
+    assert batch["boxes"].sum() > 0, "box targets reach the batch"
+    assert (batch["label_known"][:, 1:] == 0).any(), "unknown subtypes reach the loss as unknown"
+    net = ICHNet(3, (8, 12, 16, 24, 32), stem=2)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        out = net(batch["x"])
+        loss = mixed_loss(out, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "bundle"
+    spec = f"slices:{sets['masks']}"
+    rc = triage_main(["train", f"{spec}:split=train,fraction=0.5,seed=3+phantom:50-52:size=128",
+                      "--val", f"{spec}:split=val,fraction=0.5,seed=3", "--input", "brain_window",
+                      "--out", str(bundle), "--epochs", "2", "--steps-per-epoch", "2", "--batch", "4",
+                      "--size", "64", "--cache", str(tmp_path / "cache"), "--seed", "1"])
+    assert rc == 0
+    m = read_manifest(bundle)
+    assert m["preprocessing"]["input"] == "brain_window" and m["preprocessing"]["windows"] == [[40.0, 80.0]]
+    assert len(m["training"]["history"]) == 2 and (bundle / "checkpoints" / "mixed.pt").exists()
+    assert m["validation"]["operating_points"]["any"]["level"] == "slice"
+    with pytest.raises(SystemExit, match="brain_window"):
+        triage_main(["train", spec, "--out", str(tmp_path / "hu"), "--cache", str(tmp_path / "cache")])
+
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert triage_main(["evaluate", f"slices:{sets['boxes']}", "--bundle", str(bundle), "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("boxes: ") and "AUC any" in line and "sensitivity" in line
+    report = json.loads((out / "report.json").read_text())
+    n_slices = sum(1 for _ in (sets["boxes"] / "images").iterdir())
+    assert report["slices"] == n_slices and report["studies"] == 4
+    a = report["any"]
+    assert a["positives"] + a["negatives"] == n_slices and a["auc"] is not None
+    assert report["per_label"]["subdural"]["known"] == a["negatives"], "unknown subtypes are not counted"
+    assert report["dice_any"]["n"] == 0, "boxes are not masks: no Dice is made up"
+    assert "roc.png" in report["plots"] and (out / "roc.png").exists()
+
+    out2 = tmp_path / "eval-masks"
+    assert triage_main(["evaluate", str(sets["masks"]), "--bundle", str(bundle), "--out", str(out2)]) == 0
+    r2 = json.loads((out2 / "report.json").read_text())
+    assert r2["dice_any"]["n"] == r2["any"]["positives"] > 0, "every slice with a drawn mask gets a Dice"
+    rows = [json.loads(x) for x in (out2 / "rows.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["dice_any"] <= 1.0 for r in rows if "dice_any" in r)
