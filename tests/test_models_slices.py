@@ -166,6 +166,12 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     assert m["preprocessing"]["input"] == "brain_window" and m["preprocessing"]["windows"] == [[40.0, 80.0]]
     assert len(m["training"]["history"]) == 2 and (bundle / "checkpoints" / "mixed.pt").exists()
     assert m["validation"]["operating_points"]["any"]["level"] == "slice"
+    # the operating point again, without retraining, on the same split, with mirror test-time augmentation
+    assert triage_main(["tune", str(bundle), "--val", f"{spec}:split=val,fraction=0.5,seed=3", "--tta", "flip",
+                        "--sensitivity", "0.9", "--cache", str(tmp_path / "cache")]) == 0
+    tuned = read_manifest(bundle)
+    assert tuned["test_time_augmentation"] == "flip" and "--sensitivity 0.9" in tuned["tuned"]["command"]
+    assert tuned["thresholds"]["any"] == tuned["validation"]["operating_points"]["any"]["threshold"]
     with pytest.raises(SystemExit, match="brain_window"):
         triage_main(["train", spec, "--out", str(tmp_path / "hu"), "--cache", str(tmp_path / "cache")])
 

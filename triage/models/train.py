@@ -700,9 +700,13 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
     The weights are untouched; the manifest's ``exam_score``, ``test_time_augmentation``,
     ``thresholds`` and ``validation`` are rewritten (and ``version`` when given, since the bundle's
     answers change). The thresholds in config still override the bundle's."""
-    _set_threads()
     path = Path(args.bundle)
     manifest = read_manifest(path)
+    if manifest.get("preprocessing", {}).get("input") == "brain_window":
+        from triage.models import train_mixed
+
+        return train_mixed.tune(args, settings)
+    _set_threads()
     net, seq = load_weights(path, manifest)
     cfg = PreprocessConfig.from_dict(manifest["preprocessing"])
     cache = Path(getattr(args, "cache", "") or (Path(settings.data_dir) / "cache" / "models"))

@@ -345,3 +345,33 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     print(json.dumps({"bundle": str(out), "sha256": written["weights"]["sha256"],
                       "thresholds": selection["thresholds"], **summary}, indent=2))
     return 0
+
+
+def tune(args: argparse.Namespace, settings: Any) -> int:
+    """``triage tune`` for a ``brain_window`` bundle: the thresholds again on validation exams (the
+    "any" threshold on real validation slices), with or without mirror test-time augmentation."""
+    from triage.models.bundle import load_weights, read_manifest, write_manifest
+
+    _threads()
+    path = Path(args.bundle)
+    manifest = read_manifest(path)
+    net, seq = load_weights(path, manifest)
+    cfg = PreprocessConfig.from_dict(manifest["preprocessing"])
+    cache = Path(getattr(args, "cache", "") or (Path(settings.data_dir) / "cache" / "models"))
+    val, val_desc = load_exams(args.val, cfg, cache, int(getattr(args, "workers", 1) or 1))
+    if not val:
+        raise SystemExit(f"{args.val}: no validation exams")
+    tta = str(args.tta)
+    outs = exam_outputs(net, seq, val, cfg, flip=tta == "flip")
+    selection = choose_thresholds(val, outs, float(args.sensitivity))
+    manifest["thresholds"] = selection["thresholds"]
+    manifest["test_time_augmentation"] = tta
+    manifest["validation"] = {"operating_points": selection["operating_points"], **validation_summary(val, outs)}
+    manifest["tuned"] = {"command": f"triage tune <bundle> --val '{args.val}' --tta {tta} "
+                                    f"--sensitivity {args.sensitivity}", "validation": val_desc}
+    if getattr(args, "version", ""):
+        manifest["version"] = str(args.version)
+    write_manifest(path, manifest)
+    print(json.dumps({"bundle": str(path), "test_time_augmentation": tta, "thresholds": selection["thresholds"],
+                      **manifest["validation"]}, indent=2))
+    return 0
