@@ -223,7 +223,7 @@ def cache_key(source_name: str, key: str, cfg: PreprocessConfig) -> str:
     d["size"] = d.pop("base_size")  # the cache holds the base grid, whatever the network size
     h = hashlib.sha1(json.dumps([source_name.split(":")[0], source_name.partition(":")[2].partition(":")[2],
                                  key, d], sort_keys=True).encode()).hexdigest()[:16]
-    return f"{key}-{h}.npz"
+    return f"{key.replace('/', '_')}-{h}.npz"  # slice-set exam ids hold a "/"
 
 
 def preprocess_study(study: Study, cfg: PreprocessConfig) -> Cached:
@@ -361,7 +361,7 @@ def label_vector(names: list[str]) -> np.ndarray:
 def _study_path(cache_dir: Path, source_name: str, key: str) -> Path:
     opts = source_name.partition(":")[2].partition(":")[2]
     h = hashlib.sha1(json.dumps([source_name.split(":")[0], opts, key]).encode()).hexdigest()[:16]
-    return cache_dir / f"study-{key.rpartition('|')[2]}-{h}.npz"
+    return cache_dir / f"study-{key.rpartition('|')[2].replace('/', '_')}-{h}.npz"
 
 
 def save_study(path: Path, s: Study) -> None:
