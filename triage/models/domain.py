@@ -12,7 +12,9 @@ mask eroded by about 3 mm so its border does not count):
 
 * what the intracranial space is made of, read in the widest window: the share of voxels at or
   below -15 HU (fat, air), at 100-175 HU (dense: calcification, partial-volumed bone, contrast)
-  and at or above 175 HU (bone);
+  and at or above 175 HU (bone); for the ``brain_window`` input (one 40/80 window over the whole
+  head, not skull-stripped) the shares of dark (<= 2 HU), bright (45-78 HU) and saturated
+  (>= 78 HU: bone, dense calcium) voxels inside the head;
 * its texture in the brain window: mean and median absolute Laplacian, mean, median and 90th
   percentile of the gradient magnitude, and the noise (residual after a 3x3 mean: its SD and
   median absolute value) over brain-density voxels.
@@ -56,6 +58,9 @@ QUANTILE = 0.99  # of the validation distances ...
 MARGIN = 1.25  # ... times this margin gives the threshold
 FEATURES = ("share_le_-15HU", "share_100-175HU", "share_ge_175HU", "laplacian_mean", "laplacian_median",
             "gradient_mean", "gradient_median", "gradient_p90", "noise_sd", "noise_median_abs")
+
+# the same ten numbers for the ``brain_window`` input (one 40/80 window over the whole head)
+BRAIN_WINDOW_FEATURES = ("share_dark_le_2HU", "share_bright_45-78HU", "share_saturated_ge_78HU") + FEATURES[3:]
 
 
 def descriptor(windows_u8: np.ndarray, brain_small: np.ndarray,
@@ -151,7 +156,8 @@ def fit(train_desc: np.ndarray, val_desc: np.ndarray, window_settings: Sequence[
     threshold = float(np.quantile(val_d, quantile) * margin)
     summary = {
         "fitted_on_studies": int(x.shape[0]), "validation_studies": int(v.shape[0]),
-        "features": list(FEATURES) if x.shape[1] == len(FEATURES) else int(x.shape[1]),
+        "features": (list(BRAIN_WINDOW_FEATURES) if len(settings) == 1 and settings[0][0] + settings[0][1] / 2 < 175
+                     else list(FEATURES)) if x.shape[1] == len(FEATURES) else int(x.shape[1]),
         "shrinkage": shrinkage, "quantile": quantile, "margin": margin,
         "training_distance": {"median": round(float(np.median(train_d)), 3), "max": round(float(train_d.max()), 3),
                               "in_domain": round(float((train_d <= threshold).mean()), 4)},
