@@ -139,6 +139,9 @@ def test_a_tiny_mixed_run_lowers_the_loss(sets: dict[str, Path], studies: list[S
     assert counts["real_pos"] and counts["real_neg"] and counts["phantom_pos"] and counts["clean"]
     batch = sampler.batch(12)
     assert batch["boxes"].sum() > 0, "box targets reach the batch"
+    for _ in range(3):
+        sampler.batch(12)
+    assert sampler.pasted > 0, "real bleed shapes are pasted into blood-free slices"
     assert (batch["label_known"][:, 1:] == 0).any(), "unknown subtypes reach the loss as unknown"
     net = ICHNet(3, (8, 12, 16, 24, 32), stem=2)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)

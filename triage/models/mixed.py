@@ -189,8 +189,10 @@ def paste_shape(windows: np.ndarray, z: int, shape: np.ndarray, subtype: str, gr
     if m.shape[0] < 2 or m.shape[1] < 2 or max(m.shape) > size // 2:
         return None
     img = windows[z, 0].astype(np.float32)
-    tissue = (img > 8) & (img < 235)
-    tissue = ndimage.binary_erosion(tissue, iterations=2)
+    # inside the skull only: the cavity of the (closed) saturated bone ring, brain or CSF density
+    bone = ndimage.binary_closing(img >= 250, iterations=3)
+    cavity = ndimage.binary_fill_holes(bone) & ~bone
+    tissue = ndimage.binary_erosion(cavity & (img > 8) & (img < 235), iterations=2)
     hard = m > 0.5
     h, w = m.shape
     ys, xs = np.nonzero(tissue[: size - h, : size - w])
@@ -239,7 +241,7 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
     """What a publisher, a scanner or a crop may change and the labels do not.
 
     ``x`` (N, C, S, S) brain-window input in [0, 1]; ``maps`` (N, K, S, S) targets moved alike.
-    Geometry: mirror, quarter turns, rotation +-15 deg, scale 0.85-1.2 (crop), shift +-6 %. Intensity, the same
+    Geometry: mirror, quarter turns, rotation +-15 deg, scale 0.8-1.15 (crop), shift +-4 %. Intensity, the same
     for every channel of a sample: another window (centre 30-50 HU, width 60-130 HU, read from the
     pixels as HU in the assumed 40/80), contrast and brightness, gamma; then blur, noise and JPEG
     artefacts on some samples; on a quarter the neighbour slices are replaced by the slice itself
@@ -257,8 +259,8 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
             x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
             maps[sel] = torch.rot90(maps[sel], k, dims=(-2, -1))
     ang = torch.from_numpy(rng.uniform(-15, 15, n)).float() * math.pi / 180
-    sc = torch.from_numpy(rng.uniform(0.85, 1.2, n)).float()
-    sh = torch.from_numpy(rng.uniform(-0.06, 0.06, (n, 2))).float()
+    sc = torch.from_numpy(rng.uniform(0.8, 1.15, n)).float()  # > 1 zooms in: kept small, the crop margin is 4 %
+    sh = torch.from_numpy(rng.uniform(-0.04, 0.04, (n, 2))).float()
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = torch.cos(ang) / sc
     theta[:, 0, 1] = -torch.sin(ang) / sc
@@ -276,7 +278,10 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
     centre, width = col(rng.uniform(30, 50, n)), col(rng.uniform(60, 130, n))
     keep = col((rng.random(n) < 0.3).astype(np.float64))  # some samples keep the exact window
     centre, width = keep * 40 + (1 - keep) * centre, keep * 80 + (1 - keep) * width
+    # saturated levels stand for "at or below 0 HU" and "at or above 80 HU": another window keeps them
+    dark, bright = x <= 0.5 / 255, x >= 254.5 / 255
     x = ((hu - (centre - width / 2)) / width).clamp(0, 1)
+    x = torch.where(dark, torch.zeros_like(x), torch.where(bright, torch.ones_like(x), x))
     x = (x * col(rng.uniform(0.85, 1.15, n)) + col(rng.uniform(-0.05, 0.05, n))).clamp(0, 1)
     x = x.pow(col(np.exp(rng.uniform(-0.3, 0.3, n))))
     for i in range(n):
@@ -317,10 +322,11 @@ class MixedSampler:
                     idx["phantom_pos" if pos else "phantom_neg"].append((i, z))
                 else:
                     idx["real_pos" if pos else "real_neg"].append((i, z))
-                    if not pos and s.label_known.all() and s.seg_known and ex.window_known is not None:
+                    if not pos and s.label_known.all() and s.seg_known:
                         idx["clean"].append((i, z))
         self.index = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in idx.items()}
-        self.shares = shares or {"real_pos": 0.3, "real_neg": 0.3, "paste": 0.15, "phantom": 0.25}
+        self.pasted = 0  # bleeds pasted so far
+        self.shares = shares or {"real_pos": 0.25, "real_neg": 0.3, "paste": 0.15, "phantom": 0.3}
 
     def counts(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.index.items()} | {"shapes": len(self.shapes)}
@@ -342,8 +348,10 @@ class MixedSampler:
                 kind = "phantom_pos" if self.rng.random() < 0.5 else "phantom_neg"
             if kind == "paste" and (not self.shapes or not len(self.index["clean"])):
                 kind = "real_neg"
-            if not len(self.index.get(kind, [])):
-                kind = next(k for k in ("real_pos", "real_neg", "phantom_pos", "phantom_neg") if len(self.index[k]))
+            if kind != "paste" and not len(self.index[kind]):  # a missing kind: the same class elsewhere
+                same = ("real_pos", "phantom_pos") if kind.endswith("pos") else ("real_neg", "phantom_neg")
+                kind = next((k for k in same if len(self.index[k])),
+                            next(k for k in ("real_pos", "real_neg", "phantom_pos", "phantom_neg") if len(self.index[k])))
             pasted = None
             if kind == "paste":
                 for _ in range(6):
@@ -351,6 +359,7 @@ class MixedSampler:
                     sub, shape = self.shapes[int(self.rng.integers(len(self.shapes)))]
                     pasted = paste_shape(self.exams[i].windows, z, shape, sub, self.grid_px_mm, self.rng)
                     if pasted is not None:
+                        self.pasted += 1
                         break
                 if pasted is None:
                     i, z = self._pick("clean")

@@ -594,6 +594,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
 
     train_src = open_source(args.dataset, args.format)
     val_src = open_source(args.val, args.format) if args.val else None
+    if any("(slices," in (s.description if s else "") for s in (train_src, val_src)):
+        raise SystemExit("slice sets are windowed 8-bit images without the HU this recipe reads: "
+                         "train on them with --input brain_window")
     same_kind = val_src is not None and val_src.name.split(":")[0] == train_src.name.split(":")[0]
     if val_src and same_kind and set(val_src.keys) & set(train_src.keys):
         raise SystemExit("training and validation sets overlap; use disjoint seeds")

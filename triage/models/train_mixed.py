@@ -117,8 +117,9 @@ def _load_part(part: str, cfg: PreprocessConfig, workers: int) -> tuple[list[Gri
 def exam_outputs(net: ICHNet, seq: SequenceHead, exams: list[GridExam], cfg: PreprocessConfig,
                  flip: bool = False) -> list[dict[str, np.ndarray]]:
     net.eval()
-    seq.eval()
-    return [run_networks(net, seq, e.windows, e.head, cfg, flip=flip) for e in exams]
+    device = next(net.parameters()).device
+    seq.eval().to(device)
+    return [run_networks(net, seq, e.windows, e.head, cfg, device, flip=flip) for e in exams]
 
 
 def slice_table(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
