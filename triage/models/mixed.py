@@ -350,8 +350,8 @@ class MixedSampler:
                 kind = "real_neg"
             if kind != "paste" and not len(self.index[kind]):  # a missing kind: the same class elsewhere
                 same = ("real_pos", "phantom_pos") if kind.endswith("pos") else ("real_neg", "phantom_neg")
-                kind = next((k for k in same if len(self.index[k])),
-                            next(k for k in ("real_pos", "real_neg", "phantom_pos", "phantom_neg") if len(self.index[k])))
+                any_kind = next(k for k in ("real_pos", "real_neg", "phantom_pos", "phantom_neg") if len(self.index[k]))
+                kind = next((k for k in same if len(self.index[k])), any_kind)
             pasted = None
             if kind == "paste":
                 for _ in range(6):
