@@ -453,7 +453,8 @@ def openapi_schema() -> dict[str, Any]:
             "title": "ICH triage node API",
             "version": __version__,
             "description": "Studies, results and findings of the intracranial hemorrhage triage node. "
-                           "Results come from a model trained on synthetic data: not for clinical use.",
+                           "Results come from a research model (its model card says what it was trained on): "
+                           "not for clinical use.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],

@@ -65,8 +65,20 @@ AUDIT_CSV_MAX = 100_000
 WORKLIST_POLL_MS = 5000
 EV_FEEDBACK = audit.FEEDBACK
 EV_AUDIT_EXPORT = audit.VIEWED  # details {"export": "audit.csv", ...}
-DISCLAIMER = ("Results come from a model trained on synthetic data. Not for clinical use: "
+DISCLAIMER = ("Results come from a research model ({trained_on}). Not for clinical use: "
               "every study must be read by a radiologist.")
+
+
+def model_disclaimer(bundle_path: str | None) -> str:
+    """The banner of every page: what the configured bundle was trained on (its manifest's
+    ``trained_on``), and that it is not for clinical use."""
+    from triage.models.bundle import default_bundle_path, read_manifest
+
+    try:
+        trained_on = str(read_manifest(bundle_path or default_bundle_path()).get("trained_on") or "")
+    except Exception:  # noqa: BLE001 - an unreadable bundle must not take the pages down
+        trained_on = ""
+    return DISCLAIMER.format(trained_on=trained_on or "see its model card for what it was trained on")
 
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'")
@@ -155,13 +167,13 @@ def fmt_details(details: Any, max_chars: int = 400) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def make_templates() -> Jinja2Templates:
+def make_templates(bundle_path: str | None = None) -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters.update(dt=fmt_dt, duration=fmt_duration, bytes=fmt_bytes, pct=fmt_pct,
                        details=fmt_details,
                        tojson_compact=lambda v: json.dumps(v, sort_keys=True, default=str))
-    env.globals.update(LABELS=LABELS, SHORT=SHORT, DISCLAIMER=DISCLAIMER, VERSION=__version__,
+    env.globals.update(LABELS=LABELS, SHORT=SHORT, DISCLAIMER=model_disclaimer(bundle_path), VERSION=__version__,
                        POLL_MS=WORKLIST_POLL_MS, FEEDBACK_ACTIONS=q.FEEDBACK_ACTIONS)
     return templates
 
@@ -626,7 +638,7 @@ def create_app(ctx: AppContext, components: dict[str, Any] | None = None) -> Sta
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.ctx = ctx
     app.state.components = dict(components or {})
-    app.state.templates = make_templates()
+    app.state.templates = make_templates(getattr(ctx.settings, "bundle_path", None))
     app.state.registry = metrics.make_registry(ctx)
     return app
 

@@ -198,6 +198,20 @@ def validation_summary(exams: list[GridExam], outs: list[dict[str, np.ndarray]])
             "phantom_exam_auc_any": None if math.isnan(phantom_auc) else round(phantom_auc, 4)}
 
 
+def trained_on(exams: list[GridExam]) -> str:
+    """One line for the pages' banner: what the training exams were."""
+    real = [e for e in exams if e.source == "real"]
+    sets = sorted({str(e.meta.get("set") or "real") for e in real})
+    parts = []
+    if real:
+        parts.append(f"{sum(len(e.slices) for e in real)} real head CT slices of "
+                     f"{len({(e.meta.get('set'), e.meta.get('study')) for e in real})} patients ({', '.join(sets)})")
+    n_ph = sum(1 for e in exams if e.source == "phantom")
+    if n_ph:
+        parts.append(f"{n_ph} synthetic phantom studies")
+    return " and ".join(parts) or "no data"
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -314,6 +328,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "description": "2D U-Net segmentation/classification on a brain window with neighbour slices "
                        "(pixel-unshuffle stem), sequence head at identity",
         "intended_use": INTENDED_USE,
+        "trained_on": trained_on(train),
         "preprocessing": cfg.to_dict(),
         "architecture": {"network": "ICHNet", "widths": list(WIDTHS), "stem": stem, "sequence": "BiGRU",
                          "gru_hidden": 48, "parameters": count_params(net) + count_params(seq)},
