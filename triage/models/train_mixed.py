@@ -122,14 +122,36 @@ def exam_outputs(net: ICHNet, seq: SequenceHead, exams: list[GridExam], cfg: Pre
     return [run_networks(net, seq, e.windows, e.head, cfg, device, flip=flip) for e in exams]
 
 
-def slice_table(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probs (N, 6), labels (N, 6), known (N, 6)) over every slice of the real exams."""
+# Exam rules whose exam score is the maximum over slices of a slice score, so that a threshold set on
+# slices means the same on the node's exam score (:func:`~triage.models.inference.exam_scores`).
+SLICE_RULES = ("sequence_max", "segmentation_max", "max")
+
+
+def rule_slice_scores(out: dict[str, np.ndarray], rule: str) -> np.ndarray:
+    """(Z, 6) slice scores under ``rule``: the slice network's probabilities, the segmentation's
+    per-slice maximum (its "any" = the largest subtype), or the larger of the two."""
+    seq = out["slice_probs"]
+    seg = out["seg_max"]
+    seg6 = np.concatenate([seg.max(axis=1, keepdims=True), seg], axis=1) if len(seg) else np.zeros_like(seq)
+    if rule == "sequence_max":
+        return seq
+    if rule == "segmentation_max":
+        return seg6
+    if rule == "max":
+        return np.maximum(seq, seg6)
+    raise ValueError(f"rule {rule!r} is not one of {SLICE_RULES}")
+
+
+def slice_table(exams: list[GridExam], outs: list[dict[str, np.ndarray]], rule: str = "sequence_max"
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores (N, 6), labels (N, 6), known (N, 6)) over every slice of the real exams."""
     p, y, k = [], [], []
     for e, o in zip(exams, outs, strict=True):
         if e.source != "real":
             continue
+        sc = rule_slice_scores(o, rule)
         for z, s in enumerate(e.slices):
-            p.append(o["slice_probs"][z])
+            p.append(sc[z])
             y.append(s.labels)
             k.append(s.label_known)
     if not p:
@@ -151,9 +173,31 @@ def threshold_for(scores: np.ndarray, truth: np.ndarray, sensitivity: float) -> 
     return float(np.clip(pos[k], 1e-4, 0.99))
 
 
-def choose_thresholds(exams: list[GridExam], outs: list[dict[str, np.ndarray]], sensitivity: float) -> dict[str, Any]:
+def choose_rule(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:
+    """The slice rule with the best "any" AUC on real validation slices (then on validation exams);
+    ties go to the slice network's own probabilities."""
+    table: dict[str, Any] = {}
+    for rule in SLICE_RULES:
+        probs, labels, known = slice_table(exams, outs, rule)
+        real = auc_where_known(probs, labels, known, 0) if len(probs) else float("nan")
+        ex_scores = np.stack([rule_slice_scores(o, rule).max(axis=0) for o in outs])
+        ex_truth = np.stack([e.exam_labels for e in exams])
+        m = ~np.isnan(ex_truth[:, 0])
+        exam = roc_auc(ex_truth[m, 0], ex_scores[m, 0]) if m.any() else float("nan")
+        table[rule] = {"real_slice_auc_any": None if math.isnan(real) else round(real, 4),
+                       "exam_auc_any": None if math.isnan(exam) else round(exam, 4)}
+
+    def key(r: str) -> tuple[float, float, bool]:
+        a, b = table[r]["real_slice_auc_any"], table[r]["exam_auc_any"]
+        return (-1.0 if a is None else a, -1.0 if b is None else b, r == "sequence_max")
+
+    return max(SLICE_RULES, key=key), table
+
+
+def choose_thresholds(exams: list[GridExam], outs: list[dict[str, np.ndarray]], sensitivity: float,
+                      rule: str = "sequence_max") -> dict[str, Any]:
     """"any": on real validation slices; subtypes: on validation exams (max over slices) that label them."""
-    probs, labels, known = slice_table(exams, outs)
+    probs, labels, known = slice_table(exams, outs, rule)
     thresholds: dict[str, float] = {}
     points: dict[str, Any] = {}
     if len(probs) and known[:, 0].any() and (labels[known[:, 0], 0] > 0).any():
@@ -166,7 +210,7 @@ def choose_thresholds(exams: list[GridExam], outs: list[dict[str, np.ndarray]], 
                          "specificity": float((probs[neg, 0] < t).mean()) if neg.any() else None,
                          "auc": round(roc_auc(labels[m, 0], probs[m, 0]), 4) if neg.any() else None}
         thresholds["any"] = round(t, 6)
-    ex_scores = np.stack([o["slice_probs"].max(axis=0) for o in outs])
+    ex_scores = np.stack([rule_slice_scores(o, rule).max(axis=0) for o in outs])
     ex_truth = np.stack([e.exam_labels for e in exams])
     for i, lab in enumerate(LABELS):
         if lab in thresholds:
@@ -183,7 +227,7 @@ def choose_thresholds(exams: list[GridExam], outs: list[dict[str, np.ndarray]], 
                        "negatives": int(neg.sum()), "sensitivity": float((ex_scores[pos, i] >= t).mean()),
                        "specificity": float((ex_scores[neg, i] < t).mean()) if neg.any() else None,
                        "auc": round(roc_auc(ex_truth[m, i], ex_scores[m, i]), 4) if neg.any() else None}
-    return {"thresholds": thresholds, "operating_points": points}
+    return {"thresholds": thresholds, "operating_points": points, "rule": rule}
 
 
 def validation_summary(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -316,11 +360,14 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     t_train = time.time() - t0
     net = net.cpu().eval()
     seq = seq.eval()
-    selection: dict[str, Any] = {"thresholds": dict.fromkeys(LABELS, 0.5), "operating_points": {}}
+    selection: dict[str, Any] = {"thresholds": dict.fromkeys(LABELS, 0.5), "operating_points": {},
+                                 "rule": "sequence_max", "rules": {}}
     summary: dict[str, Any] = {}
     if val:
         outs = exam_outputs(net, seq, val, cfg)
-        selection = choose_thresholds(val, outs, sensitivity)
+        rule, rules = choose_rule(val, outs)
+        selection = choose_thresholds(val, outs, sensitivity, rule)
+        selection["rules"] = rules
         summary = validation_summary(val, outs)
     manifest = {
         "name": out.name,
@@ -332,7 +379,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "preprocessing": cfg.to_dict(),
         "architecture": {"network": "ICHNet", "widths": list(WIDTHS), "stem": stem, "sequence": "BiGRU",
                          "gru_hidden": 48, "parameters": count_params(net) + count_params(seq)},
-        "exam_score": "sequence_max",
+        "exam_score": selection["rule"],
         "test_time_augmentation": "none",
         "thresholds": selection["thresholds"],
         "mask_refinement": {"probability": 0.5, "hu_range": True, "intracranial": True},
@@ -355,7 +402,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
             "device": str(device),
             "host": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
         },
-        "validation": {"operating_points": selection["operating_points"], **summary},
+        "validation": {"rule": selection["rule"], "rules": selection["rules"],
+                       "operating_points": selection["operating_points"], **summary},
     }
     written = save_bundle(out, net, seq, manifest)
     print(json.dumps({"bundle": str(out), "sha256": written["weights"]["sha256"],
@@ -379,10 +427,13 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
         raise SystemExit(f"{args.val}: no validation exams")
     tta = str(args.tta)
     outs = exam_outputs(net, seq, val, cfg, flip=tta == "flip")
-    selection = choose_thresholds(val, outs, float(args.sensitivity))
+    rule, rules = choose_rule(val, outs)
+    selection = choose_thresholds(val, outs, float(args.sensitivity), rule)
+    manifest["exam_score"] = rule
     manifest["thresholds"] = selection["thresholds"]
     manifest["test_time_augmentation"] = tta
-    manifest["validation"] = {"operating_points": selection["operating_points"], **validation_summary(val, outs)}
+    manifest["validation"] = {"rule": rule, "rules": rules, "operating_points": selection["operating_points"],
+                              **validation_summary(val, outs)}
     manifest["tuned"] = {"command": f"triage tune <bundle> --val '{args.val}' --tta {tta} "
                                     f"--sensitivity {args.sensitivity}", "validation": val_desc}
     if getattr(args, "version", ""):
