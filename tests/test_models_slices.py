@@ -198,3 +198,43 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     assert r2["dice_any"]["n"] == r2["any"]["positives"] > 0, "every slice with a drawn mask gets a Dice"
     rows = [json.loads(x) for x in (out2 / "rows.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["dice_any"] <= 1.0 for r in rows if "dice_any" in r)
+
+
+def _toy_head(z: int = 3, n: int = 160, px: float = 1.0) -> np.ndarray:
+    """(Z, n, n) HU: a skull ring (800 HU) around brain (35 HU, noise 3 HU), air outside."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot(yy - n / 2, xx - n / 2) * px
+    hu = np.full((z, n, n), -1000.0, np.float32)
+    hu[:, r < 70] = 800.0
+    hu[:, r < 64] = 35.0 + rng.normal(0, 3.0, (z, int((r < 64).sum())))
+    return hu
+
+
+def test_hu_confirmation_keeps_blood_and_drops_brain_and_calcification(tmp_path: Path) -> None:
+    from triage.models.bundle import save_bundle
+    from triage.models.inference import load_bundle
+    from triage.models.network import SequenceHead
+
+    cfg = PreprocessConfig(size=64, base_size=64, windows=BRAIN_WINDOW, context=1, input="brain_window",
+                           min_area_cm2=0.0)
+    net = ICHNet(3, (8, 12, 16, 24, 32), stem=2)
+    manifest = {"name": "toy", "version": "1", "preprocessing": cfg.to_dict(),
+                "architecture": {"network": "ICHNet", "widths": [8, 12, 16, 24, 32], "stem": 2, "gru_hidden": 48},
+                "thresholds": dict.fromkeys(LABELS, 0.5), "hu_confirmation": {"hu": [50, 100], "min_area_mm2": 8}}
+    save_bundle(tmp_path / "b", net, SequenceHead(net.feat_dim, seg_inputs=5), manifest)
+    bundle = load_bundle(tmp_path / "b", device="cpu", runtime="torch")
+    hu = _toy_head()
+    yy, xx = np.mgrid[:160, :160]
+    hu[0][np.hypot(yy - 60, xx - 90) < 4] = 70.0  # a 5 mm acute bleed
+    rim = np.hypot(yy - 80, xx - 95)
+    hu[2][rim < 3.5] = 70.0  # a calcification: dense core, blood-like partial-volume rim
+    hu[2][rim < 1.5] = 300.0
+    prep = prepare(hu, (1.0, 1.0), cfg)
+    g = 64 // 2
+    out = {"slice_probs": np.ones((3, 6), np.float32), "seg_max": np.ones((3, 5), np.float32),
+           "seg_logits": np.full((3, 5, g, g), 5.0, np.float32)}  # the network says "blood" everywhere
+    unread = bundle.unreadable_slices(hu, prep, out, (1.0, 1.0))
+    assert unread.tolist() == [False, True, True], "only the hyperdense blob backs the network's call"
+    out["seg_logits"][:] = -5.0  # the network's mask misses the blob: nothing confirms it either
+    assert bundle.unreadable_slices(hu, prep, out, (1.0, 1.0)).all()

@@ -206,6 +206,11 @@ def key_slices(slice_probs: np.ndarray, label_index: int, threshold: float) -> l
     return keys or [int(order[0])]
 
 
+def _disk(r: int) -> np.ndarray:
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return yy * yy + xx * xx <= r * r
+
+
 @dataclass
 class Bundle:
     """A loaded model bundle. Thread-unsafe: use one per worker."""
@@ -253,6 +258,51 @@ class Bundle:
         run_networks(self.net, self.seq, win, np.zeros((2, s, s), bool), self.cfg, self.device, self.session,
                      self.flip)
         gradcam_maps(self.net, key_slice_input(win, self.cfg.context, [0, 1]).to(self.device), {0: [0, 1]})
+
+    def unreadable_slices(self, hu: np.ndarray, prep: Prepared, out: dict[str, np.ndarray],
+                          pixel_spacing: tuple[float, float]) -> np.ndarray:
+        """Bool (Z,): slices of a ``brain_window`` bundle that do not count toward the exam.
+
+        * Caps: an intracranial cross-section (from HU) under ``min_area_cm2`` (skull base, vertex).
+        * Without HU confirmation (manifest ``hu_confirmation``): a slice the network calls bleeding
+          where no blood-dense tissue backs it: inside the intracranial space, where the segmentation
+          is 0.5 or more, fewer than ``min_area_mm2`` of pixels within ``hu`` (acute blood is
+          hyperdense; after an opening by a 1 mm disk, so noise specks and thin streaks do not count),
+          leaving out the rim of
+          calcifications away from the skull (within 2.5 mm of tissue denser than ``hu``). The brain window saturates
+          at 80 HU, so the network cannot tell dense calcium from blood, nor does it see HU at all;
+          the node does, and this is where it uses them.
+        """
+        z = hu.shape[0]
+        unread = np.zeros(z, bool)
+        if self.cfg.min_area_cm2 > 0:
+            area = np.asarray(prep.extra.get("intracranial_cm2", np.full(z, np.nan)), np.float32)
+            caps = np.nan_to_num(area, nan=np.inf) < self.cfg.min_area_cm2
+            if not caps.all():
+                unread |= caps
+        conf = self.manifest.get("hu_confirmation")
+        if not conf:
+            return unread
+        lo, hi = (float(v) for v in conf.get("hu", (50.0, 100.0)))
+        min_px = float(conf.get("min_area_mm2", 8.0)) / (float(pixel_spacing[0]) * float(pixel_spacing[1]))
+        px_mm = float(np.mean(pixel_spacing))
+        t_any = float(self.thresholds["any"])
+        score = np.maximum(out["slice_probs"][:, 0], out["seg_max"].max(axis=1) if out["seg_max"].size else 0.0)
+        for zi in np.flatnonzero((score >= t_any) & ~unread):
+            logits = out["seg_logits"][zi : zi + 1].max(axis=1)  # the most probable subtype per pixel
+            fine = seg_probs_on_input_grid(logits, prep.brain_small[zi : zi + 1])
+            up = from_network_grid(fine, prep.box, (1, *hu.shape[1:]))[0]
+            inside = prep.brain_mask[zi]
+            dense = (up >= 0.5) & inside & (hu[zi] >= lo) & (hu[zi] <= hi)
+            # the partial-volume rim of a calcification (choroid plexus, pineal, dystrophic) reads
+            # 50-100 HU: tissue within ~2.5 mm of a denser spot away from the skull does not confirm
+            deep = ndimage.binary_erosion(inside, iterations=max(1, int(round(3.0 / px_mm))))
+            calc = deep & (hu[zi] > hi)
+            if calc.any():
+                dense &= ~ndimage.binary_dilation(calc, iterations=max(1, int(round(2.5 / px_mm))))
+            dense = ndimage.binary_opening(dense, structure=_disk(max(1, int(round(1.0 / px_mm)))))
+            unread[zi] = dense.sum() < min_px
+        return unread
 
     def build_masks(self, hu: np.ndarray, prep: Prepared, seg_logits: np.ndarray, present: dict[str, bool],
                     refine_hu: bool) -> dict[str, np.ndarray]:
@@ -302,16 +352,14 @@ class Bundle:
         t0 = time.perf_counter()
         out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device, self.session,
                            self.flip)
-        if self.cfg.input == "brain_window" and self.cfg.min_area_cm2 > 0:
-            # slices whose intracranial cross-section (from HU) is under the floor are skull-base or
-            # vertex caps, not readable brain: they do not count toward the exam (as in the HU input)
-            area = np.asarray(prep.extra.get("intracranial_cm2", []), np.float32)
-            caps = np.nan_to_num(area, nan=np.inf) < self.cfg.min_area_cm2
-            if caps.any() and not caps.all():
-                out["slice_probs"] = out["slice_probs"].copy()
-                out["slice_probs"][caps] = 0.0
-                out["seg_max"] = out["seg_max"].copy()
-                out["seg_max"][caps] = 0.0
+        if self.cfg.input == "brain_window":
+            unread = self.unreadable_slices(hu, prep, out, volume.pixel_spacing)
+            if unread.any():
+                out = dict(out, slice_probs=out["slice_probs"].copy(), seg_max=out["seg_max"].copy())
+                out["slice_probs"][unread] = 0.0
+                out["seg_max"][unread] = 0.0
+            if keep is not None:
+                keep["unread_slices"] = unread
         slice_probs = out["slice_probs"]
         probs = exam_scores(slice_probs, out["seg_max"], self.exam_rule)
         exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
