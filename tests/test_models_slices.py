@@ -169,7 +169,11 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     assert m["preprocessing"]["input"] == "brain_window" and m["preprocessing"]["windows"] == [[40.0, 80.0]]
     assert len(m["training"]["history"]) == 2 and (bundle / "checkpoints" / "mixed.pt").exists()
     assert m["validation"]["operating_points"]["any"]["level"] == "slice"
-    # the operating point again, without retraining, on the same split, with mirror test-time augmentation
+    # the operating point again, without retraining, on the same split, with mirror test-time augmentation,
+    # on the scores the node computes (slices the HU check does not back count as 0)
+    from triage.models.bundle import write_manifest
+
+    write_manifest(bundle, m | {"hu_confirmation": {"hu": [50, 100], "min_area_mm2": 8}})
     assert triage_main(["tune", str(bundle), "--val", f"{spec}:split=val,fraction=0.5,seed=3", "--tta", "flip",
                         "--sensitivity", "0.9", "--cache", str(tmp_path / "cache")]) == 0
     tuned = read_manifest(bundle)

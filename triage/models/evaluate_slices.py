@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from triage.datasets.slices import ASSUMED_PIXEL_MM, ASSUMED_SLICE_MM, SliceSet, exam_masks, parse_spec
+from triage.datasets.slices import ASSUMED_PIXEL_MM, ASSUMED_SLICE_MM, SliceExam, SliceSet, exam_masks, parse_spec
 from triage.imaging.volume import Volume
 from triage.labels import LABELS
 from triage.models import metrics
 from triage.models.inference import Bundle, load_bundle
+from triage.models.types import Prediction
 
 
 def is_slice_spec(spec: str) -> bool:
@@ -45,15 +46,22 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
 
 
+def predict_exam(bundle: Bundle, ex: SliceExam) -> tuple[Prediction, dict[str, Any]]:
+    """``Bundle.predict`` on one slice-set exam read as a volume (pixels as HU through its window,
+    0.45 mm pixels and 5 mm slices assumed); returns the prediction and its ``keep`` dict."""
+    z = ex.pixels.shape[0]
+    pos = np.stack([np.zeros(z), np.zeros(z), np.arange(z) * ASSUMED_SLICE_MM], axis=1)
+    vol = Volume(hu=ex.hu, pixel_spacing=(ASSUMED_PIXEL_MM, ASSUMED_PIXEL_MM), slice_spacing=ASSUMED_SLICE_MM,
+                 positions=pos)
+    keep: dict[str, Any] = {}
+    return bundle.predict(vol, gradcam=False, keep=keep), keep
+
+
 def evaluate_exam(bundle: Bundle, ss: SliceSet, exam_id: str) -> list[dict[str, Any]]:
     ex = ss.load(exam_id)
     hu = ex.hu
     z = hu.shape[0]
-    pos = np.stack([np.zeros(z), np.zeros(z), np.arange(z) * ASSUMED_SLICE_MM], axis=1)
-    vol = Volume(hu=hu, pixel_spacing=(ASSUMED_PIXEL_MM, ASSUMED_PIXEL_MM), slice_spacing=ASSUMED_SLICE_MM,
-                 positions=pos)
-    keep: dict[str, Any] = {}
-    pred = bundle.predict(vol, gradcam=False, keep=keep)
+    pred, keep = predict_exam(bundle, ex)
     truth = exam_masks(ex).get("any")
     pred_any = np.zeros(hu.shape, bool)
     for m in pred.masks.values():

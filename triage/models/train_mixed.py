@@ -411,6 +411,37 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def with_hu_confirmation(bundle_path: Path, spec: str, exams: list[GridExam],
+                         outs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The real exams' outputs as the node sees them: the slices its HU check does not back
+    (``Bundle.unreadable_slices``, every slice checked) count as 0. Runs ``Bundle.predict`` on the
+    slice sets of ``spec``; phantom exams are left as they are (their voxel truth sets nothing here)."""
+    from triage.datasets.slices import SliceSet, parse_spec
+    from triage.models.evaluate_slices import predict_exam
+    from triage.models.inference import load_bundle
+
+    bundle = load_bundle(bundle_path, device="cpu", thresholds_override={"any": 0.0})
+    unread: dict[str, np.ndarray] = {}
+    for part in filter(None, spec.split("+")):
+        if part.startswith("slices:"):
+            path, opts = parse_spec(part)
+            ss = SliceSet(path, **opts)
+            for exam_id in ss.exam_ids():
+                _, keep = predict_exam(bundle, ss.load(exam_id))
+                unread[f"{ss.name}|{exam_id}"] = keep["unread_slices"]
+    fixed = []
+    for e, o in zip(exams, outs, strict=True):
+        u = unread.get(f"{e.meta.get('set')}|{e.key}") if e.source == "real" else None
+        if u is None and e.source == "real":
+            u = next((v for k, v in unread.items() if k.endswith(f"|{e.key}")), None)
+        if u is not None and u.any():
+            o = dict(o, slice_probs=o["slice_probs"].copy(), seg_max=o["seg_max"].copy())
+            o["slice_probs"][u] = 0.0
+            o["seg_max"][u] = 0.0
+        fixed.append(o)
+    return fixed
+
+
 def tune(args: argparse.Namespace, settings: Any) -> int:
     """``triage tune`` for a ``brain_window`` bundle: the thresholds again on validation exams (the
     "any" threshold on real validation slices), with or without mirror test-time augmentation."""
@@ -427,6 +458,10 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
         raise SystemExit(f"{args.val}: no validation exams")
     tta = str(args.tta)
     outs = exam_outputs(net, seq, val, cfg, flip=tta == "flip")
+    manifest["test_time_augmentation"] = tta
+    if manifest.get("hu_confirmation"):
+        write_manifest(path, manifest)  # the bundle the node will run: with this augmentation
+        outs = with_hu_confirmation(path, args.val, val, outs)
     rule, rules = choose_rule(val, outs)
     selection = choose_thresholds(val, outs, float(args.sensitivity), rule)
     manifest["exam_score"] = rule
