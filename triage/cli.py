@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "triage/models/train_mixed.py); 'hu': the synthetic multi-window recipe")
     tr.add_argument("--shapes", default="", help="brain_window: folder of real 3-D bleed masks to paste (shapes.csv)")
     tr.add_argument("--batch", type=int, default=0, help="brain_window: slices per batch (default 24)")
+    tr.add_argument("--masked-share", type=float, default=0.0,
+                    help="brain_window: share of each batch drawn from real slices with drawn blood masks")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")

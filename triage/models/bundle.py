@@ -22,7 +22,11 @@ from triage.models.preprocess import PreprocessConfig
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "ich-phantom-unet-gru"
+BUNDLES = Path(__file__).resolve().parent / "bundles"
+# the default: trained on real head CT slices and phantoms (MODEL_CARD.md in its folder)
+DEFAULT_BUNDLE = BUNDLES / "ich-real-unet"
+# trained on synthetic studies only: the demo's bundle (``bundle_path``), and the earlier default
+PHANTOM_BUNDLE = BUNDLES / "ich-phantom-unet-gru"
 
 
 class BundleError(RuntimeError):

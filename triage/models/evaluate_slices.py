@@ -5,7 +5,9 @@ Each exam of the set (a patient's ordered slices, or one slice) goes through the
 brain window; 0.45 mm pixels assumed). Reported (``report.json``, ``rows.jsonl``, PNG plots):
 slice-level ROC AUC for "any" and for each subtype with known labels on both sides, sensitivity,
 specificity and false-positive rate at the bundle's thresholds, Dice of the deployed blood mask on
-slices with drawn masks (with and without the HU refinement), and the input-domain share. Unknown
+slices with drawn masks (with and without the HU refinement), and the input-domain share. A bundle's
+HU check (``hu_confirmation``) runs only on sets that state their window (pixels read as HU); on an
+unknown window the network's own scores are reported. Unknown
 labels are left out of every number. Works on any folder in the slice-set format, no configuration.
 """
 
@@ -48,13 +50,15 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def predict_exam(bundle: Bundle, ex: SliceExam) -> tuple[Prediction, dict[str, Any]]:
     """``Bundle.predict`` on one slice-set exam read as a volume (pixels as HU through its window,
-    0.45 mm pixels and 5 mm slices assumed); returns the prediction and its ``keep`` dict."""
+    0.45 mm pixels and 5 mm slices assumed; the HU check only where the window is known); returns
+    the prediction and its ``keep`` dict."""
     z = ex.pixels.shape[0]
     pos = np.stack([np.zeros(z), np.zeros(z), np.arange(z) * ASSUMED_SLICE_MM], axis=1)
     vol = Volume(hu=ex.hu, pixel_spacing=(ASSUMED_PIXEL_MM, ASSUMED_PIXEL_MM), slice_spacing=ASSUMED_SLICE_MM,
                  positions=pos)
     keep: dict[str, Any] = {}
-    return bundle.predict(vol, gradcam=False, keep=keep), keep
+    # the HU check needs HU: only where the set states its window
+    return bundle.predict(vol, gradcam=False, keep=keep, hu_known=ex.window_known), keep
 
 
 def evaluate_exam(bundle: Bundle, ss: SliceSet, exam_id: str) -> list[dict[str, Any]]:

@@ -260,7 +260,7 @@ class Bundle:
         gradcam_maps(self.net, key_slice_input(win, self.cfg.context, [0, 1]).to(self.device), {0: [0, 1]})
 
     def unreadable_slices(self, hu: np.ndarray, prep: Prepared, out: dict[str, np.ndarray],
-                          pixel_spacing: tuple[float, float]) -> np.ndarray:
+                          pixel_spacing: tuple[float, float], hu_known: bool = True) -> np.ndarray:
         """Bool (Z,): slices of a ``brain_window`` bundle that do not count toward the exam.
 
         * Caps: an intracranial cross-section (from HU) under ``min_area_cm2`` (skull base, vertex).
@@ -281,7 +281,7 @@ class Bundle:
             if not caps.all():
                 unread |= caps
         conf = self.manifest.get("hu_confirmation")
-        if not conf:
+        if not conf or not hu_known:
             return unread
         lo, hi = (float(v) for v in conf.get("hu", (50.0, 100.0)))
         min_px = float(conf.get("min_area_mm2", 8.0)) / (float(pixel_spacing[0]) * float(pixel_spacing[1]))
@@ -336,8 +336,12 @@ class Bundle:
             masks[sub] = m
         return masks
 
-    def predict(self, volume: Volume, gradcam: bool = True, keep: dict[str, Any] | None = None) -> Prediction:
-        """Run preprocessing, detection, segmentation and Grad-CAM on one series."""
+    def predict(self, volume: Volume, gradcam: bool = True, keep: dict[str, Any] | None = None,
+                hu_known: bool = True) -> Prediction:
+        """Run preprocessing, detection, segmentation and Grad-CAM on one series.
+
+        ``hu_known`` False: the volume's values are not HU (a slice set's pixels in an unknown
+        window, read through an assumed one): the HU check of a ``brain_window`` bundle is skipped."""
         hu = np.asarray(volume.hu, dtype=np.float32)
         if hu.ndim != 3 or min(hu.shape) < 1:
             raise ValueError(f"volume must be (Z, Y, X) with at least one slice, got {hu.shape}")
@@ -353,7 +357,7 @@ class Bundle:
         out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device, self.session,
                            self.flip)
         if self.cfg.input == "brain_window":
-            unread = self.unreadable_slices(hu, prep, out, volume.pixel_spacing)
+            unread = self.unreadable_slices(hu, prep, out, volume.pixel_spacing, hu_known)
             if unread.any():
                 out = dict(out, slice_probs=out["slice_probs"].copy(), seg_max=out["seg_max"].copy())
                 out["slice_probs"][unread] = 0.0

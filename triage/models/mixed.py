@@ -311,7 +311,7 @@ class MixedSampler:
                  shares: dict[str, float] | None = None, grid_px_mm: float = 0.9) -> None:
         self.exams, self.shapes, self.rng = exams, shapes, rng
         self.grid_px_mm = grid_px_mm
-        idx: dict[str, list[tuple[int, int]]] = {"real_pos": [], "real_neg": [], "clean": [],
+        idx: dict[str, list[tuple[int, int]]] = {"real_pos": [], "real_neg": [], "clean": [], "real_masked": [],
                                                  "phantom_pos": [], "phantom_neg": []}
         for i, ex in enumerate(exams):
             for z, s in enumerate(ex.slices):
@@ -322,6 +322,8 @@ class MixedSampler:
                     idx["phantom_pos" if pos else "phantom_neg"].append((i, z))
                 else:
                     idx["real_pos" if pos else "real_neg"].append((i, z))
+                    if s.target is not None or s.any_blood is not None:
+                        idx["real_masked"].append((i, z))  # drawn blood masks: pixel truth on real anatomy
                     if not pos and s.label_known.all() and s.seg_known:
                         idx["clean"].append((i, z))
         self.index = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in idx.items()}
@@ -344,11 +346,13 @@ class MixedSampler:
         xs, tg, unk, anyb, boxm, lab, lknown, sknown, has_box = [], [], [], [], [], [], [], [], []
         size = self.exams[0].windows.shape[-1]
         for kind in kinds:
+            if kind == "real_masked" and not len(self.index["real_masked"]):
+                kind = "real_pos"
             if kind == "phantom":
                 kind = "phantom_pos" if self.rng.random() < 0.5 else "phantom_neg"
             if kind == "paste" and (not self.shapes or not len(self.index["clean"])):
                 kind = "real_neg"
-            if kind != "paste" and not len(self.index[kind]):  # a missing kind: the same class elsewhere
+            if kind not in ("paste", "real_masked") and not len(self.index[kind]):  # missing: same class elsewhere
                 same = ("real_pos", "phantom_pos") if kind.endswith("pos") else ("real_neg", "phantom_neg")
                 any_kind = next(k for k in ("real_pos", "real_neg", "phantom_pos", "phantom_neg") if len(self.index[k]))
                 kind = next((k for k in same if len(self.index[k])), any_kind)

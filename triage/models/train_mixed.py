@@ -351,8 +351,22 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     t_data = time.time() - t_start
     net = ICHNet(cfg.channels, WIDTHS, stem=stem)
     seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
+    init = str(getattr(args, "init", "") or "")
+    if init:  # fine-tune a brain_window bundle (same preprocessing) on more data
+        from triage.models.bundle import load_weights, read_manifest
+
+        theirs = read_manifest(init)
+        if PreprocessConfig.from_dict(theirs["preprocessing"]) != cfg:
+            raise SystemExit(f"--init {init}: its preprocessing differs from {cfg.to_dict()}")
+        net, seq = load_weights(init, theirs)
+        net.train()
+    shares = None
+    masked = float(getattr(args, "masked_share", 0.0) or 0.0)
+    if masked > 0:  # real slices with drawn masks drawn on purpose (few, but pixel truth on real anatomy)
+        shares = {"real_pos": 0.25 - masked / 2, "real_neg": 0.3 - masked / 2, "real_masked": masked,
+                  "paste": 0.15, "phantom": 0.3}
     # head-crop grid: a ~21 cm head box over ``size`` pixels
-    sampler = MixedSampler(train, shapes, rng, grid_px_mm=210.0 / size)
+    sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size)
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
              **sampler.counts())
     t0 = time.time()
@@ -387,7 +401,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
             "command": f"triage train '{args.dataset}' --val '{args.val}' --input brain_window --out <bundle> "
                        f"--epochs {args.epochs} --steps-per-epoch {spe} --batch {batch} --seed {seed} --size {size} "
                        f"--stem {stem} --lr {lr:g} --sensitivity {sensitivity:g}"
-                       + (f" --shapes {shapes_dir}" if shapes_dir else ""),
+                       + (f" --shapes {shapes_dir}" if shapes_dir else "")
+                       + (f" --masked-share {masked:g}" if masked > 0 else "") + (f" --init {init}" if init else ""),
+            "initialised_from": init or None,
             "recipe": "mixed (triage/models/train_mixed.py)",
             "data": train_desc,
             "validation": val_desc,
