@@ -165,12 +165,14 @@ def auc_where_known(probs: np.ndarray, labels: np.ndarray, known: np.ndarray, i:
 
 
 def threshold_for(scores: np.ndarray, truth: np.ndarray, sensitivity: float) -> float:
-    """The highest threshold with sensitivity >= ``sensitivity`` on (scores, truth)."""
+    """The highest threshold with sensitivity >= ``sensitivity`` on (scores, truth), rounded *down*
+    to 4 decimals: rounding to nearest could lift it above the boundary positive's score, and the
+    node's runtime (ONNX Runtime) differs from PyTorch's scores in the 6th decimal."""
     pos = np.sort(scores[truth > 0])
     if not len(pos):
         return 0.5
     k = int(math.floor((1.0 - sensitivity) * len(pos) + 1e-9))
-    return float(np.clip(pos[k], 1e-4, 0.99))
+    return math.floor(float(np.clip(pos[k], 1e-4, 0.99)) * 1e4) / 1e4
 
 
 def choose_rule(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:
