@@ -468,3 +468,15 @@ def test_timeline_collapses_received_batches() -> None:
     out = collapse_received(ev)
     assert [e["event_type"] for e in out] == ["received", "inferred"]
     assert out[0]["details"] == {"count": 30, "batches": 3} and out[0]["ts_last"] == "t2"
+
+
+def test_every_page_says_what_the_model_was_trained_on(app_ctx: AppContext, client: TestClient) -> None:
+    from triage.models.bundle import default_bundle_path, read_manifest
+
+    assert log_in(client, "rad")[0] == 303
+    page = client.get("/").text
+    banner = re.search(r'id="disclaimer">([^<]*)<', page)
+    assert banner is not None
+    text = banner.group(1)
+    assert read_manifest(default_bundle_path())["trained_on"] in text.replace("&#39;", "'")
+    assert "real head CT slices" in text and "Not for clinical use" in text
