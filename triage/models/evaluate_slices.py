@@ -43,18 +43,14 @@ def open_slice_set(spec: str) -> SliceSet:
     return SliceSet(path, **opts)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
-
-
-def predict_exam(bundle: Bundle, ex: SliceExam) -> tuple[Prediction, dict[str, Any]]:
+def predict_exam(bundle: Bundle, ex: SliceExam,
+                 hu: np.ndarray | None = None) -> tuple[Prediction, dict[str, Any]]:
     """``Bundle.predict`` on one slice-set exam read as a volume (pixels as HU through its window,
     0.45 mm pixels and 5 mm slices assumed; the HU check only where the window is known); returns
     the prediction and its ``keep`` dict."""
     z = ex.pixels.shape[0]
     pos = np.stack([np.zeros(z), np.zeros(z), np.arange(z) * ASSUMED_SLICE_MM], axis=1)
-    vol = Volume(hu=ex.hu, pixel_spacing=(ASSUMED_PIXEL_MM, ASSUMED_PIXEL_MM), slice_spacing=ASSUMED_SLICE_MM,
+    vol = Volume(hu=ex.hu if hu is None else hu, pixel_spacing=(ASSUMED_PIXEL_MM, ASSUMED_PIXEL_MM), slice_spacing=ASSUMED_SLICE_MM,
                  positions=pos)
     keep: dict[str, Any] = {}
     # the HU check needs HU: only where the set states its window
@@ -65,7 +61,7 @@ def evaluate_exam(bundle: Bundle, ss: SliceSet, exam_id: str) -> list[dict[str, 
     ex = ss.load(exam_id)
     hu = ex.hu
     z = hu.shape[0]
-    pred, keep = predict_exam(bundle, ex)
+    pred, keep = predict_exam(bundle, ex, hu)
     truth = exam_masks(ex).get("any")
     pred_any = np.zeros(hu.shape, bool)
     for m in pred.masks.values():
@@ -85,8 +81,8 @@ def evaluate_exam(bundle: Bundle, ss: SliceSet, exam_id: str) -> list[dict[str, 
             "input_domain": pred.input_domain,
         }
         if ex.mask_known[zi] and truth is not None and truth[zi].any():
-            row["dice_any"] = round(_dice(pred_any[zi], truth[zi]), 4)
-            row["dice_any_unrefined"] = round(_dice(raw_any[zi], truth[zi]), 4)
+            row["dice_any"] = round(metrics.dice(pred_any[zi], truth[zi]), 4)
+            row["dice_any_unrefined"] = round(metrics.dice(raw_any[zi], truth[zi]), 4)
             row["blood_pixels"] = int(truth[zi].sum())
         rows.append(row)
     return rows

@@ -31,6 +31,7 @@ from triage.models.network import ICHNet, SequenceHead
 from triage.models.preprocess import (
     Prepared,
     PreprocessConfig,
+    disk,
     from_network_grid,
     key_slice_input,
     network_input,
@@ -206,11 +207,6 @@ def key_slices(slice_probs: np.ndarray, label_index: int, threshold: float) -> l
     return keys or [int(order[0])]
 
 
-def _disk(r: int) -> np.ndarray:
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return yy * yy + xx * xx <= r * r
-
-
 @dataclass
 class Bundle:
     """A loaded model bundle. Thread-unsafe: use one per worker."""
@@ -300,7 +296,7 @@ class Bundle:
             calc = deep & (hu[zi] > hi)
             if calc.any():
                 dense &= ~ndimage.binary_dilation(calc, iterations=max(1, int(round(2.5 / px_mm))))
-            dense = ndimage.binary_opening(dense, structure=_disk(max(1, int(round(1.0 / px_mm)))))
+            dense = ndimage.binary_opening(dense, structure=disk(max(1, int(round(1.0 / px_mm)))))
             unread[zi] = dense.sum() < min_px
         return unread
 

@@ -27,6 +27,7 @@ from scipy import ndimage
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.preprocess import PreprocessConfig, key_slice_input, prepare, to_network_grid
+from triage.models.train import random_affine
 
 log = get_logger(__name__)
 
@@ -258,18 +259,8 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
         if sel.any():
             x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
             maps[sel] = torch.rot90(maps[sel], k, dims=(-2, -1))
-    ang = torch.from_numpy(rng.uniform(-15, 15, n)).float() * math.pi / 180
-    sc = torch.from_numpy(rng.uniform(0.8, 1.15, n)).float()  # > 1 zooms in: kept small, the crop margin is 4 %
-    sh = torch.from_numpy(rng.uniform(-0.04, 0.04, (n, 2))).float()
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = torch.cos(ang) / sc
-    theta[:, 0, 1] = -torch.sin(ang) / sc
-    theta[:, 1, 0] = torch.sin(ang) / sc
-    theta[:, 1, 1] = torch.cos(ang) / sc
-    theta[:, :, 2] = sh
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    maps = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # zooming in (> 1) kept small: the head crop's margin is 4 %
+    x, maps = random_affine(x, maps, rng, 15.0, (0.8, 1.15), 0.04)
 
     def col(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).float()[:, None, None, None]
@@ -354,8 +345,8 @@ class MixedSampler:
                 kind = "real_neg"
             if kind not in ("paste", "real_masked") and not len(self.index[kind]):  # missing: same class elsewhere
                 same = ("real_pos", "phantom_pos") if kind.endswith("pos") else ("real_neg", "phantom_neg")
-                any_kind = next(k for k in ("real_pos", "real_neg", "phantom_pos", "phantom_neg") if len(self.index[k]))
-                kind = next((k for k in same if len(self.index[k])), any_kind)
+                kind = next(k for k in (*same, "real_pos", "real_neg", "phantom_pos", "phantom_neg")
+                             if len(self.index[k]))
             pasted = None
             if kind == "paste":
                 for _ in range(6):

@@ -78,10 +78,15 @@ class Prepared:
     extra: dict = field(default_factory=dict)
 
 
+def disk(r: int) -> np.ndarray:
+    """A 2D disk structuring element of radius ``r`` pixels, shape (2r+1, 2r+1)."""
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return yy * yy + xx * xx <= r * r
+
+
 def _plane(r: int) -> np.ndarray:
     """An in-plane disk structuring element of radius r, shape (1, 2r+1, 2r+1)."""
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return (yy * yy + xx * xx <= r * r)[None]
+    return disk(r)[None]
 
 
 def _close_disk(img: np.ndarray, r: int) -> np.ndarray:

@@ -53,15 +53,14 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random left-right flip, rotation +-10 deg, scale 0.9-1.1, shift +-5%, applied alike to input and target."""
+def random_affine(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, degrees: float,
+                  scale: tuple[float, float], shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random rotation (+-``degrees``), scale (``scale``: > 1 zooms in) and shift (+-``shift`` of
+    the grid) per sample, applied alike to the input ``x`` and the targets ``y`` (N, C, S, S)."""
     n = x.shape[0]
-    flip = torch.from_numpy(rng.random(n) < 0.5)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    y = torch.where(flip[:, None, None, None], y.flip(-1), y)
-    ang = torch.from_numpy(rng.uniform(-10, 10, n)).float() * math.pi / 180
-    sc = torch.from_numpy(rng.uniform(0.9, 1.1, n)).float()
-    sh = torch.from_numpy(rng.uniform(-0.05, 0.05, (n, 2))).float()
+    ang = torch.from_numpy(rng.uniform(-degrees, degrees, n)).float() * math.pi / 180
+    sc = torch.from_numpy(rng.uniform(scale[0], scale[1], n)).float()
+    sh = torch.from_numpy(rng.uniform(-shift, shift, (n, 2))).float()
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = torch.cos(ang) / sc
     theta[:, 0, 1] = -torch.sin(ang) / sc
@@ -71,6 +70,16 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tupl
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x, y
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random left-right flip, rotation +-10 deg, scale 0.9-1.1, shift +-5%, applied alike to input and target."""
+    n = x.shape[0]
+    flip = torch.from_numpy(rng.random(n) < 0.5)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    y = torch.where(flip[:, None, None, None], y.flip(-1), y)
+    x, y = random_affine(x, y, rng, 10.0, (0.9, 1.1), 0.05)
     noise = torch.from_numpy(rng.normal(0, 0.01, x.shape[:2])).float()[:, :, None, None]
     x = (x + noise * (x > 0)).clamp_(0, 1)
     return _intensity_augment(x, rng, y), y
@@ -552,7 +561,7 @@ def _lineage(path: str | Path) -> dict[str, Any]:
             "initial_training": tr.get("initial_training")}
 
 
-def _set_threads() -> None:
+def set_threads() -> None:
     """Training takes up to 2 cores; the usual OMP_NUM_THREADS knob wins (e.g. 1 on a shared host)."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(max(1, int(omp)) if omp.isdigit() else max(1, min(2, os.cpu_count() or 1)))
@@ -566,7 +575,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     if "slices:" in f"{args.dataset}+{args.val or ''}":
         raise SystemExit("slice sets are windowed 8-bit images without the HU this recipe reads: "
                          "train on them with --input brain_window")
-    _set_threads()
+    set_threads()
     device = resolve_device(getattr(args, "device", "auto"))
     rng = seed_everything(int(args.seed))
     out = Path(args.out)
@@ -709,7 +718,7 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
         from triage.models import train_mixed
 
         return train_mixed.tune(args, settings)
-    _set_threads()
+    set_threads()
     net, seq = load_weights(path, manifest)
     cfg = PreprocessConfig.from_dict(manifest["preprocessing"])
     cache = Path(getattr(args, "cache", "") or (Path(settings.data_dir) / "cache" / "models"))

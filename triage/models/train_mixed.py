@@ -35,7 +35,7 @@ import torch
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.bundle import save_bundle
-from triage.models.inference import run_networks
+from triage.models.inference import resolve_device, run_networks
 from triage.models.metrics import roc_auc
 from triage.models.mixed import (
     GridExam,
@@ -47,6 +47,7 @@ from triage.models.mixed import (
 )
 from triage.models.network import ICHNet, SequenceHead, count_params
 from triage.models.preprocess import BRAIN_WINDOW, PreprocessConfig
+from triage.models.train import pick_threshold, set_threads
 
 log = get_logger(__name__)
 
@@ -73,7 +74,7 @@ def load_exams(spec: str, cfg: PreprocessConfig, cache: Path, workers: int = 1) 
     """Exams on the network grid from a '+'-joined spec (slice sets and phantoms), cached per part."""
     exams, descriptions = [], []
     for part in filter(None, spec.split("+")):
-        key = hashlib.sha1(json.dumps([part, cfg.to_dict(), 2]).encode()).hexdigest()[:16]
+        key = hashlib.sha1(json.dumps([part, cfg.to_dict(), 3]).encode()).hexdigest()[:16]
         path = cache / f"mixed-{key}.pkl"
         if path.exists():
             with path.open("rb") as fh:
@@ -168,11 +169,7 @@ def threshold_for(scores: np.ndarray, truth: np.ndarray, sensitivity: float) -> 
     """The highest threshold with sensitivity >= ``sensitivity`` on (scores, truth), rounded *down*
     to 4 decimals: rounding to nearest could lift it above the boundary positive's score, and the
     node's runtime (ONNX Runtime) differs from PyTorch's scores in the 6th decimal."""
-    pos = np.sort(scores[truth > 0])
-    if not len(pos):
-        return 0.5
-    k = int(math.floor((1.0 - sensitivity) * len(pos) + 1e-9))
-    return math.floor(float(np.clip(pos[k], 1e-4, 0.99)) * 1e4) / 1e4
+    return math.floor(pick_threshold(scores, truth, sensitivity) * 1e4) / 1e4
 
 
 def choose_rule(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:
@@ -261,11 +258,6 @@ def trained_on(exams: list[GridExam]) -> str:
 # --- training -----------------------------------------------------------------------------------
 
 
-def _threads() -> None:
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(max(1, int(omp)) if omp.isdigit() else max(1, min(2, os.cpu_count() or 1)))
-
-
 def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: int, out: Path, lr: float,
                batch: int, rng: np.random.Generator, resume: bool, val: list[GridExam], cfg: PreprocessConfig,
                seq: SequenceHead, device: torch.device) -> list[dict[str, Any]]:
@@ -320,9 +312,8 @@ def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: 
 
 
 def main(args: argparse.Namespace, settings: Any) -> int:
-    _threads()
-    device = torch.device("cuda" if getattr(args, "device", "auto") in ("auto", "cuda")
-                          and torch.cuda.is_available() else "cpu")
+    set_threads()
+    device = resolve_device(getattr(args, "device", "auto"))
     seed = int(args.seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -450,8 +441,6 @@ def with_hu_confirmation(bundle_path: Path, spec: str, exams: list[GridExam],
     fixed = []
     for e, o in zip(exams, outs, strict=True):
         u = unread.get(f"{e.meta.get('set')}|{e.key}") if e.source == "real" else None
-        if u is None and e.source == "real":
-            u = next((v for k, v in unread.items() if k.endswith(f"|{e.key}")), None)
         if u is not None and u.any():
             o = dict(o, slice_probs=o["slice_probs"].copy(), seg_max=o["seg_max"].copy())
             o["slice_probs"][u] = 0.0
@@ -465,7 +454,7 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
     "any" threshold on real validation slices), with or without mirror test-time augmentation."""
     from triage.models.bundle import load_weights, read_manifest, write_manifest
 
-    _threads()
+    set_threads()
     path = Path(args.bundle)
     manifest = read_manifest(path)
     net, seq = load_weights(path, manifest)
