@@ -50,8 +50,8 @@ def predict_exam(bundle: Bundle, ex: SliceExam,
     the prediction and its ``keep`` dict."""
     z = ex.pixels.shape[0]
     pos = np.stack([np.zeros(z), np.zeros(z), np.arange(z) * ASSUMED_SLICE_MM], axis=1)
-    vol = Volume(hu=ex.hu if hu is None else hu, pixel_spacing=(ASSUMED_PIXEL_MM, ASSUMED_PIXEL_MM), slice_spacing=ASSUMED_SLICE_MM,
-                 positions=pos)
+    vol = Volume(hu=ex.hu if hu is None else hu, pixel_spacing=(ASSUMED_PIXEL_MM, ASSUMED_PIXEL_MM),
+                 slice_spacing=ASSUMED_SLICE_MM, positions=pos)
     keep: dict[str, Any] = {}
     # the HU check needs HU: only where the set states its window
     return bundle.predict(vol, gradcam=False, keep=keep, hu_known=ex.window_known), keep
