@@ -10,6 +10,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_ONLY = "triage_read_only"  # execution option of read sessions (see make_read_sessionmaker)
 
 
 def normalise_url(url: str) -> str:
@@ -52,16 +53,29 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # noqa: ANN001
-            # Every transaction is a writer-capable one: single-writer semantics, no
+            # A writer takes the lock up front (BEGIN IMMEDIATE): single-writer semantics, no
             # lock-upgrade deadlocks (SQLITE_BUSY on upgrade cannot wait for the timeout).
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Readers (make_read_sessionmaker) take a deferred BEGIN: in WAL mode they read a
+            # snapshot and never wait for a writer, nor make one wait.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=10)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for work that writes (on SQLite each transaction is ``BEGIN IMMEDIATE``)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads only (pages, probes, the completion monitor's scans). On SQLite they do not
+    take the write lock, so they never queue behind the receiver's commits; a write through one
+    is a programming error (it may fail with "database is locked" instead of waiting)."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 @contextmanager

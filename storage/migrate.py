@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from alembic.config import Config
@@ -12,7 +11,6 @@ from sqlalchemy import text
 
 from alembic import command
 from storage.db import is_sqlite, make_engine, normalise_url
-from triage.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,20 +64,3 @@ def current_revision(url: str) -> str | None:
 
 def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
-
-
-def cli_upgrade(args: argparse.Namespace, settings: Settings) -> int:
-    upgrade(settings.effective_database_url, args.revision)
-    print(f"database at revision {current_revision(settings.effective_database_url)}")
-    return 0
-
-
-def cli_downgrade(args: argparse.Namespace, settings: Settings) -> int:
-    downgrade(settings.effective_database_url, args.revision)
-    print(f"database at revision {current_revision(settings.effective_database_url)}")
-    return 0
-
-
-def cli_current(args: argparse.Namespace, settings: Settings) -> int:
-    print(current_revision(settings.effective_database_url) or "(empty)")
-    return 0

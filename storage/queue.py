@@ -29,35 +29,30 @@ lane that is blocked never holds up other lanes or jobs without a lane (inferenc
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import os
 import random
-import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, exists, func, or_, select, update
+import structlog
+from sqlalchemy import Connection, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from storage import audit
-from storage.models import Job, JobLane, Study, Worker, utcnow
-from triage.config import Settings
-from triage.logging import get_logger
+from storage.lifecycle import FINAL_JOB_STATES, LIVE_JOB_STATES, JobState, Priority
+from storage.models import Job, JobLane, Study, utcnow
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, DEAD = "queued", "running", "done", "failed", "dead"
-STATES = (QUEUED, RUNNING, DONE, FAILED, DEAD)
-LIVE_STATES = (QUEUED, RUNNING, FAILED)  # work that is still to be done
-FINAL_STATES = (DONE, DEAD)
-
-# Job kinds and priorities (docs/architecture.md)
-INFER, DELIVER, NOTIFY = "infer", "deliver", "notify"
-PRIORITY_ROUTINE, PRIORITY_STAT, PRIORITY_POSITIVE = 0, 10, 20
+# The job vocabulary is the lifecycle's (storage/lifecycle.py); short names for this module.
+QUEUED, RUNNING, DONE, FAILED, DEAD = (JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED,
+                                       JobState.DEAD)
+STATES = tuple(JobState)
+LIVE_STATES = LIVE_JOB_STATES
+FINAL_STATES = FINAL_JOB_STATES
 
 MAX_ERROR_CHARS = 4000
 
@@ -162,10 +157,14 @@ class JobQueue:
         retry_base_seconds: float = 5.0,
         retry_max_seconds: float = 900.0,
         jitter: float = 0.1,
+        reads: sessionmaker[Session] | None = None,
     ) -> None:
+        """``reads``: sessions for listings and counts (storage.db.make_read_sessionmaker), so they
+        do not wait for writers on SQLite; ``sessions`` by default."""
         if lease_seconds <= 0 or max_attempts < 1 or retry_base_seconds < 0 or retry_max_seconds < 0 or jitter < 0:
             raise ValueError("invalid queue parameters")
         self.sessions = sessions
+        self.reads = reads or sessions
         self.lease_seconds = float(lease_seconds)
         self.max_attempts = int(max_attempts)
         self.retry_base_seconds = float(retry_base_seconds)
@@ -212,7 +211,7 @@ class JobQueue:
         kind: str,
         payload: dict[str, Any] | None = None,
         *,
-        priority: int = PRIORITY_ROUTINE,
+        priority: int = Priority.ROUTINE,
         dedupe_key: str | None = None,
         study_id: int | None = None,
         series_id: int | None = None,
@@ -233,8 +232,8 @@ class JobQueue:
         if dedupe_key is not None and not 0 < len(dedupe_key) <= 200:
             raise ValueError("dedupe_key must be 1..200 characters")
         values = {
-            "kind": kind,
-            "state": QUEUED,
+            "kind": str(kind),
+            "state": str(QUEUED),
             "priority": int(priority),
             "payload": dict(payload or {}),
             "dedupe_key": dedupe_key,
@@ -276,35 +275,6 @@ class JobQueue:
         if priority > prio:
             s.execute(update(Job).where(Job.id == job_id).values(priority=priority))
         return int(job_id)
-
-    def raise_priority(
-        self,
-        priority: int,
-        *,
-        study_id: int | None = None,
-        series_id: int | None = None,
-        job_ids: Iterable[int] | None = None,
-        kinds: Iterable[str] | None = None,
-        session: Session | None = None,
-    ) -> int:
-        """Raise the priority of unfinished matching jobs to ``priority``; never lowers one.
-
-        At least one of ``study_id``, ``series_id`` or ``job_ids`` is required. Returns how many
-        jobs changed.
-        """
-        conds = [Job.state.in_(LIVE_STATES), Job.priority < int(priority)]
-        if study_id is None and series_id is None and job_ids is None:
-            raise ValueError("raise_priority needs study_id, series_id or job_ids")
-        if study_id is not None:
-            conds.append(Job.study_id == study_id)
-        if series_id is not None:
-            conds.append(Job.series_id == series_id)
-        if job_ids is not None:
-            conds.append(Job.id.in_(list(job_ids)))
-        if kinds is not None:
-            conds.append(Job.kind.in_(list(kinds)))
-        with self._tx(session) as s:
-            return int(s.execute(update(Job).where(*conds).values(priority=int(priority))).rowcount or 0)
 
     # ---------------------------------------------------------------- worker side
     def claim(self, worker_id: str, kinds: Iterable[str] | None = None) -> ClaimedJob | None:
@@ -422,6 +392,33 @@ class JobQueue:
                 self._bury(s, job, error)
             return True
 
+    def postpone(self, job_id: int, worker_id: str, error: str, *, cap_seconds: float = 60.0) -> bool:
+        """The attempt failed for want of a resource that comes back by itself (a full file store):
+        retry later without using up an attempt, backing off from ``retry_base_seconds`` up to
+        ``cap_seconds`` with each consecutive postponement (counted in ``payload["postponed"]``).
+        Writes a ``job_failed`` audit event with ``postponed: true``. False when the lease was lost."""
+        error = (error or "error")[:MAX_ERROR_CHARS]
+        with self.sessions.begin() as s:
+            audit.lock_chain(s)
+            q = select(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == worker_id)
+            if self._pg(s):
+                q = q.with_for_update()
+            job = s.scalars(q).first()
+            if job is None:
+                return False
+            times = int((job.payload or {}).get("postponed", 0)) + 1
+            delay = min(cap_seconds, self.retry_base_seconds * (2 ** min(times - 1, 16)))
+            job.payload = {**(job.payload or {}), "postponed": times}
+            job.attempts = max(0, job.attempts - 1)  # this attempt does not count
+            job.state = str(FAILED)
+            job.run_after = utcnow() + dt.timedelta(seconds=delay)
+            job.lease_expires_at = None
+            job.last_error = error
+            self._audit(s, job, audit.JOB_FAILED, {"error": error[:500], "retry_in_s": round(delay, 3),
+                                                   "postponed": True, "times": times})
+            log.warning("job postponed", job_id=job.id, kind=job.kind, times=times, delay_s=delay)
+            return True
+
     def _lane_failed(self, s: Session, key: str, error: str, down: bool) -> dt.datetime | None:
         """Update the lane's back-off after a failure; return when the lane opens when it is down."""
         now = utcnow()
@@ -449,13 +446,6 @@ class JobQueue:
         lane.updated_at = now
         log.warning("lane down, backing off", lane=key, failures=lane.failures, delay_s=round(delay, 3))
         return lane.blocked_until
-
-    def lanes(self) -> list[JobLane]:
-        """Every lane's back-off state (operations page), detached."""
-        with self.sessions() as s:
-            rows = list(s.scalars(select(JobLane).order_by(JobLane.key)).all())
-            s.expunge_all()
-        return rows
 
     def _bury(self, s: Session, job: Job, error: str) -> None:
         job.state = DEAD
@@ -531,7 +521,7 @@ class JobQueue:
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Number of jobs by (kind, state)."""
-        with self.sessions() as s:
+        with self.reads() as s:
             rows = s.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
         return {(kind, state): int(n) for kind, state, n in rows}
 
@@ -551,117 +541,14 @@ class JobQueue:
             q = q.where(Job.kind == kind)
         if study_id is not None:
             q = q.where(Job.study_id == study_id)
-        with self.sessions() as s:
+        with self.reads() as s:
             rows = list(s.scalars(q.order_by(Job.id.desc()).limit(limit)).all())
             s.expunge_all()
         return rows
 
     def get(self, job_id: int) -> Job | None:
-        with self.sessions() as s:
+        with self.reads() as s:
             job = s.get(Job, job_id)
             if job is not None:
                 s.expunge(job)
             return job
-
-    def oldest_runnable_age(self) -> float:
-        """Seconds the oldest runnable queued job has waited (0 when none): a backlog gauge."""
-        now = utcnow()
-        with self.sessions() as s:
-            oldest = s.scalar(select(func.min(Job.run_after)).where(Job.state == QUEUED, Job.run_after <= now))
-        return max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
-
-    # ---------------------------------------------------------------- worker registry (table workers)
-    def register_worker(self, worker_id: str, role: str = "worker", meta: dict[str, Any] | None = None) -> None:
-        """Insert or refresh this process in ``workers`` (for the operations page)."""
-        now = utcnow()
-        with self.sessions.begin() as s:
-            s.merge(
-                Worker(
-                    id=worker_id, role=role, host=socket.gethostname(), pid=os.getpid(), started_at=now,
-                    heartbeat_at=now, current_job_id=None, meta=dict(meta or {}),
-                )
-            )
-
-    def worker_heartbeat(self, worker_id: str, current_job_id: int | None = None) -> bool:
-        """Refresh the worker's heartbeat; False if it is not registered."""
-        with self.sessions.begin() as s:
-            res = s.execute(
-                update(Worker)
-                .where(Worker.id == worker_id)
-                .values(heartbeat_at=utcnow(), current_job_id=current_job_id)
-            )
-            return res.rowcount == 1
-
-    def unregister_worker(self, worker_id: str) -> None:
-        with self.sessions.begin() as s:
-            s.execute(delete(Worker).where(Worker.id == worker_id))
-
-    def list_workers(self, stale_after_seconds: float | None = None) -> list[Worker]:
-        """Registered workers; with ``stale_after_seconds`` only those with a fresh heartbeat."""
-        q = select(Worker).order_by(Worker.role, Worker.id)
-        if stale_after_seconds is not None:
-            q = q.where(Worker.heartbeat_at >= utcnow() - dt.timedelta(seconds=stale_after_seconds))
-        with self.sessions() as s:
-            rows = list(s.scalars(q).all())
-            s.expunge_all()
-        return rows
-
-    def prune_workers(self, stale_after_seconds: float) -> int:
-        """Delete registry rows whose heartbeat is older than ``stale_after_seconds``."""
-        cutoff = utcnow() - dt.timedelta(seconds=stale_after_seconds)
-        with self.sessions.begin() as s:
-            return int(s.execute(delete(Worker).where(Worker.heartbeat_at < cutoff)).rowcount or 0)
-
-
-# ------------------------------------------------------------------------------------ CLI
-def queue_from_settings(settings: Settings) -> tuple[JobQueue, Callable[[], None]]:
-    """A queue on the configured database and a function that closes it."""
-    from storage.db import make_engine, make_sessionmaker
-
-    engine = make_engine(settings.effective_database_url)
-    q = JobQueue(
-        make_sessionmaker(engine),
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-        retry_base_seconds=settings.retry_base_seconds,
-        retry_max_seconds=settings.retry_max_seconds,
-    )
-    return q, engine.dispose
-
-
-def cli_status(args: argparse.Namespace, settings: Settings) -> int:
-    """``triage queue status``: jobs by kind and state, and the dead jobs."""
-    q, close = queue_from_settings(settings)
-    try:
-        counts = q.counts()
-        dead = q.jobs(state=DEAD, limit=20)
-    finally:
-        close()
-    kinds = sorted({k for k, _ in counts})
-    print(f"{'kind':<12}" + "".join(f"{st:>9}" for st in STATES))
-    for kind in kinds:
-        print(f"{kind:<12}" + "".join(f"{counts.get((kind, st), 0):>9}" for st in STATES))
-    if not kinds:
-        print("(no jobs)")
-    if dead:
-        print("\ndead jobs (retry with: triage queue retry <id>):")
-        for job in dead:
-            err = (job.last_error or "").splitlines()[0][:100] if job.last_error else ""
-            print(f"  {job.id:>8}  {job.kind:<10} attempts={job.attempts}  {err}")
-    return 0
-
-
-def cli_retry(args: argparse.Namespace, settings: Settings) -> int:
-    """``triage queue retry <id>``: re-queue a dead job; exit 1 if it is not dead."""
-    q, close = queue_from_settings(settings)
-    try:
-        ok = q.retry_dead(int(args.job_id), actor=f"cli:{os.environ.get('USER', 'unknown')}")
-        job = q.get(int(args.job_id))
-    finally:
-        close()
-    if ok:
-        print(f"job {args.job_id} re-queued")
-        return 0
-    state = job.state if job is not None else "not found"
-    print(f"job {args.job_id} not re-queued: {state}")
-    return 1

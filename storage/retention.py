@@ -11,11 +11,11 @@ removes the files of studies already marked purged.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import structlog
 from sqlalchemy import delete, func, or_, select, true
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,13 +23,8 @@ from storage import audit
 from storage.filestore import FileStore
 from storage.models import Instance, Job, Series, Study, utcnow
 from storage.queue import LIVE_STATES
-from triage.config import Settings
-from triage.logging import get_logger
 
-if TYPE_CHECKING:
-    from triage.context import AppContext
-
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 JOB_ID = "retention"
 
@@ -169,52 +164,3 @@ def _sweep_purged(sessions: sessionmaker[Session], store: FileStore) -> int:
             for uid in purged:
                 removed += store.delete_study(uid)[0]
     return removed
-
-
-def run_retention(ctx: AppContext) -> PurgeReport:
-    """One retention pass with the context's settings (the scheduled job)."""
-    try:
-        return purge_expired(ctx.sessions, ctx.store, ctx.settings.retention_days)
-    except Exception:
-        log.exception("retention pass failed")
-        raise
-
-
-def schedule_retention(scheduler: Any, ctx: AppContext) -> Any:
-    """Add the retention pass to an APScheduler 3.x scheduler, every ``purge_interval_minutes``.
-
-    Returns the APScheduler job, or None when ``retention_days`` is 0 (keep forever).
-    """
-    if ctx.settings.retention_days <= 0:
-        return None
-    return scheduler.add_job(
-        run_retention,
-        "interval",
-        args=[ctx],
-        minutes=ctx.settings.purge_interval_minutes,
-        id=JOB_ID,
-        name="retention purge",
-        replace_existing=True,
-        max_instances=1,
-        coalesce=True,
-        next_run_time=utcnow() + dt.timedelta(seconds=30),
-    )
-
-
-def cli_purge(args: argparse.Namespace, settings: Settings) -> int:
-    """``triage purge``: apply the retention policy now and print what was removed."""
-    from triage.context import AppContext
-
-    if settings.retention_days <= 0:
-        print("retention_days is 0: nothing is purged")
-        return 0
-    ctx = AppContext(settings, role="cli")
-    try:
-        report = purge_expired(ctx.sessions, ctx.store, settings.retention_days, actor="cli")
-    finally:
-        ctx.close()
-    print(
-        f"purged {report.studies} studies ({report.instances} instances, {report.files} files, "
-        f"{report.bytes} bytes); kept {report.kept_busy} expired studies with unfinished jobs"
-    )
-    return 0

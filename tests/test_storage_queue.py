@@ -17,8 +17,9 @@ from sqlalchemy import select, text
 
 from storage import audit
 from storage.db import make_engine, make_sessionmaker
-from storage.models import AuditEvent, Job, JobLane, Study, utcnow
+from storage.models import AuditEvent, Job, JobLane, Study, Worker, utcnow
 from storage.queue import DEAD, DONE, FAILED, QUEUED, RUNNING, JobQueue, LaneDown
+from storage.workers import WorkerRegistry, stale_after
 from triage.context import AppContext
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,27 +210,6 @@ def test_concurrent_enqueue_with_same_key_makes_one_job(ctx: AppContext) -> None
     assert q.counts() == {("deliver", QUEUED): 1}
 
 
-def test_raise_priority_never_lowers(ctx: AppContext) -> None:
-    q = make_queue(ctx)
-    with ctx.sessions.begin() as s:
-        study = Study(study_uid="1.2.9")
-        s.add(study)
-        s.flush()
-        sid = study.id
-    low = q.enqueue("infer", {}, study_id=sid, priority=0)
-    high = q.enqueue("deliver", {}, study_id=sid, priority=20)
-    done = q.enqueue("notify", {}, study_id=sid, priority=0)
-    other = q.enqueue("infer", {}, priority=0)
-    q.claim("w", kinds=["notify"])
-    q.complete(done, "w")
-    assert q.raise_priority(10, study_id=sid) == 1
-    assert [job_row(ctx, i).priority for i in (low, high, done, other)] == [10, 20, 0, 0]
-    assert q.raise_priority(5, study_id=sid) == 0
-    assert job_row(ctx, low).priority == 10
-    with pytest.raises(ValueError):
-        q.raise_priority(10)
-
-
 def test_enqueue_joins_caller_transaction(ctx: AppContext) -> None:
     q = make_queue(ctx)
     with pytest.raises(RuntimeError), ctx.sessions.begin() as s:
@@ -241,24 +221,45 @@ def test_enqueue_joins_caller_transaction(ctx: AppContext) -> None:
     assert job_row(ctx, job_id).state == QUEUED
 
 
-def test_worker_registry(ctx: AppContext) -> None:
-    q = make_queue(ctx)
-    q.register_worker("host:1:worker", role="worker", meta={"device": "cpu"})
-    q.register_worker("host:2:receiver", role="receiver")
-    assert q.worker_heartbeat("host:1:worker", current_job_id=5) is True
-    assert q.worker_heartbeat("nobody") is False
-    workers = {w.id: w for w in q.list_workers()}
+def test_worker_registry_prunes_processes_without_heartbeat(ctx: AppContext) -> None:
+    reg = WorkerRegistry(ctx.sessions)
+    reg.register("host:1:worker", role="worker", meta={"device": "cpu"})
+    reg.register("host:2:receiver", role="receiver")
+    assert reg.heartbeat("host:1:worker", current_job_id=5) is True
+    assert reg.heartbeat("nobody") is False
+    with ctx.sessions() as s:
+        workers = {w.id: w for w in s.scalars(select(Worker))}
     assert set(workers) == {"host:1:worker", "host:2:receiver"}
     assert workers["host:1:worker"].current_job_id == 5 and workers["host:1:worker"].meta == {"device": "cpu"}
-    with ctx.sessions.begin() as s:
+    with ctx.sessions.begin() as s:  # the receiver was killed (SIGKILL): its heartbeat stopped 10 min ago
         s.execute(
             text("UPDATE workers SET heartbeat_at = :t WHERE id = 'host:2:receiver'"),
             {"t": utcnow() - dt.timedelta(minutes=10)},
         )
-    assert [w.id for w in q.list_workers(stale_after_seconds=60)] == ["host:1:worker"]
-    assert q.prune_workers(60) == 1
-    q.unregister_worker("host:1:worker")
-    assert q.list_workers() == []
+    assert reg.prune(stale_after(10.0)) == 1
+    assert reg.prune(stale_after(10.0)) == 0
+    reg.unregister("host:1:worker")
+    with ctx.sessions() as s:
+        assert s.scalars(select(Worker)).all() == []
+
+
+def test_postponed_job_keeps_its_attempts_and_backs_off(ctx: AppContext) -> None:
+    q = make_queue(ctx, max_attempts=2, retry_base_seconds=0.01)
+    jid = q.enqueue("infer", {"series_id": 1})
+    for times in range(1, 6):  # more postponements than attempts: never dead
+        job = q.claim("w")
+        assert job is not None and job.id == jid and job.attempts == 1
+        assert q.postpone(jid, "w", "OSError: [Errno 28] No space left on device", cap_seconds=0.02)
+        row = job_row(ctx, jid)
+        assert (row.state, row.attempts, row.payload["postponed"]) == (FAILED, 0, times)
+        time.sleep(0.05)
+    assert q.postpone(jid, "someone-else", "x") is False
+    job = q.claim("w")
+    assert job is not None and q.complete(jid, "w")
+    assert job_row(ctx, jid).state == DONE
+    with ctx.sessions() as s:
+        events = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "job_failed")).all()
+    assert len(events) == 5 and all(e.details["postponed"] for e in events)
 
 
 def test_cli_status_and_retry(ctx: AppContext, tmp_path: Path) -> None:

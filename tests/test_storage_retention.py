@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 from storage import audit
 from storage.models import Instance, Series, Study, utcnow
 from storage.queue import JobQueue
-from storage.retention import JOB_ID, purge_expired, schedule_retention
+from storage.retention import JOB_ID, purge_expired
+from triage.admin import schedule_retention
 from triage.context import AppContext
 
 REPO = Path(__file__).resolve().parent.parent

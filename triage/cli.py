@@ -52,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="Database migrations").add_subparsers(dest="db_command", required=True)
     up = db.add_parser("upgrade", help="Apply migrations (idempotent)")
     up.add_argument("revision", nargs="?", default="head")
-    up.set_defaults(func=_handler("storage.migrate:cli_upgrade"))
+    up.set_defaults(func=_handler("triage.admin:cli_upgrade"))
     down = db.add_parser("downgrade", help="Revert migrations")
     down.add_argument("revision", nargs="?", default="-1")
-    down.set_defaults(func=_handler("storage.migrate:cli_downgrade"))
+    down.set_defaults(func=_handler("triage.admin:cli_downgrade"))
     db.add_parser("current", help="Show the current revision").set_defaults(
-        func=_handler("storage.migrate:cli_current")
+        func=_handler("triage.admin:cli_current")
     )
 
     # --- configuration
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- audit
     au = sub.add_parser("audit", help="Audit trail").add_subparsers(dest="audit_command", required=True)
-    au.add_parser("verify", help="Verify the hash chain").set_defaults(func=_handler("storage.audit:cli_verify"))
+    au.add_parser("verify", help="Verify the hash chain").set_defaults(func=_handler("triage.admin:cli_verify"))
 
     # --- users
     us = sub.add_parser("user", help="Local users").add_subparsers(dest="user_command", required=True)
@@ -83,11 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- queue / operations
     q = sub.add_parser("queue", help="Job queue").add_subparsers(dest="queue_command", required=True)
-    q.add_parser("status", help="Jobs by kind and state").set_defaults(func=_handler("storage.queue:cli_status"))
+    q.add_parser("status", help="Jobs by kind and state").set_defaults(func=_handler("triage.admin:cli_queue_status"))
     qr = q.add_parser("retry", help="Re-queue a dead job")
     qr.add_argument("job_id", type=int)
-    qr.set_defaults(func=_handler("storage.queue:cli_retry"))
-    add("purge", "storage.retention:cli_purge", "Apply the retention policy now")
+    qr.set_defaults(func=_handler("triage.admin:cli_queue_retry"))
+    add("purge", "triage.admin:cli_purge", "Apply the retention policy now")
 
     # --- synthetic data, models
     ph = add("phantom", "triage.phantom.cli:main", "Generate synthetic head CT studies with ground truth")
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=int, default=0, help="brain_window: slices per batch (default 24)")
     tr.add_argument("--masked-share", type=float, default=0.0,
                     help="brain_window: share of each batch drawn from real slices with drawn blood masks")
+    tr.add_argument("--phantom-share", type=float, default=0.3,
+                    help="brain_window: share of each batch drawn from phantom studies (half with blood)")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")

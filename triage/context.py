@@ -11,7 +11,7 @@ from functools import cached_property
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import make_engine, make_sessionmaker
+from storage.db import make_engine, make_read_sessionmaker, make_sessionmaker
 from triage.config import Settings
 
 
@@ -57,7 +57,13 @@ class AppContext:
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
+        """Sessions for work that writes."""
         return make_sessionmaker(self.engine)
+
+    @cached_property
+    def reads(self) -> sessionmaker[Session]:
+        """Sessions for reads only: on SQLite they never wait for (or hold up) a writer."""
+        return make_read_sessionmaker(self.engine)
 
     @cached_property
     def store(self):  # noqa: ANN201 - storage.filestore.FileStore
@@ -80,6 +86,7 @@ class AppContext:
             max_attempts=s.max_attempts,
             retry_base_seconds=s.retry_base_seconds,
             retry_max_seconds=s.retry_max_seconds,
+            reads=self.reads,
         )
 
     @cached_property

@@ -17,6 +17,7 @@ from contextlib import suppress
 from typing import Any
 
 from storage import audit
+from storage.workers import WorkerRegistry, stale_after
 from triage.config import Settings
 from triage.context import AppContext
 from triage.logging import get_logger
@@ -42,6 +43,7 @@ class Role:
         self.stoppers: list[Any] = []
         #: This process's parts, name -> callable that is True while the part is up (/readyz).
         self.components: dict[str, Any] = {}
+        self.registry = WorkerRegistry(self.ctx.sessions)
 
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -53,7 +55,7 @@ class Role:
         upgrade(s.effective_database_url)
         self._register()
         with self.ctx.sessions.begin() as sess:
-            audit.record(sess, "node_start", actor=self.ctx.worker_id,
+            audit.record(sess, audit.NODE_START, actor=self.ctx.worker_id,
                          details={"role": self.role, "ae_title": s.ae_title, "dicom_port": s.dicom_port,
                                   "web_port": s.web_port, "database": _backend(s)})
         if self.role in WRITER_ROLES:
@@ -80,12 +82,15 @@ class Role:
         return files
 
     def _register(self) -> None:
-        self.ctx.queue.register_worker(self.ctx.worker_id, role=self.role)
+        self.registry.register(self.ctx.worker_id, role=self.role)
 
     def _heartbeat(self) -> None:
         try:
-            if not self.ctx.queue.worker_heartbeat(self.ctx.worker_id):
+            if not self.registry.heartbeat(self.ctx.worker_id):
                 self._register()  # pruned while the database was away
+            pruned = self.registry.prune(stale_after(self.ctx.settings.heartbeat_seconds))
+            if pruned:
+                log.info("stale processes pruned from the registry", count=pruned)
         except Exception as exc:  # database away: retried on the next tick
             log.warning("registry heartbeat failed", error=str(exc)[:200])
 
@@ -107,14 +112,14 @@ class Role:
             with suppress(Exception):
                 self.scheduler.shutdown(wait=False)
         with suppress(Exception):
-            self.ctx.queue.unregister_worker(self.ctx.worker_id)
+            self.registry.unregister(self.ctx.worker_id)
         with suppress(Exception), self.ctx.sessions.begin() as sess:
-            audit.record(sess, "node_stop", actor=self.ctx.worker_id, details={"role": self.role})
+            audit.record(sess, audit.NODE_STOP, actor=self.ctx.worker_id, details={"role": self.role})
         self.ctx.close()
 
     # ------------------------------------------------------------------ parts
     def start_receiver(self) -> None:
-        from storage.retention import schedule_retention
+        from triage.admin import schedule_retention
         from triage.dicom.completion import SeriesMonitor
         from triage.dicom.scp import DicomNode
 

@@ -24,7 +24,7 @@ from reports.dicom.common import (
     software_versions,
 )
 from reports.dicom.keyimages import KeyImage, render_key_images
-from reports.dicom.uids import object_uid
+from reports.dicom.uids import object_uid, source_key
 from triage.imaging.volume import Volume
 from triage.models.types import BundleIdentity, Prediction
 
@@ -51,6 +51,7 @@ def build_sc(
     images = list(key_images) if key_images is not None else render_key_images(volume, prediction)
     ref = sources[0]
     series_uid = str(ref.SeriesInstanceUID)
+    input_key = source_key(sources)
     iop = [float(v) for v in ref.get("ImageOrientationPatient", volume.orientation)]
     # highdicom accepts single letters; the precise (possibly oblique, e.g. "PF") letters are set after.
     precise = [orientation_letters(iop[:3]), orientation_letters(iop[3:])]
@@ -66,7 +67,7 @@ def build_sc(
             study_instance_uid=str(ref.StudyInstanceUID),
             series_instance_uid=object_uid(series_uid, identity.sha256, "sc/series"),
             series_number=SERIES_NUMBER["sc"],
-            sop_instance_uid=object_uid(series_uid, identity.sha256, f"sc/instance/{i}"),
+            sop_instance_uid=object_uid(input_key, identity.sha256, f"sc/instance/{i}"),
             instance_number=i,
             manufacturer=MANUFACTURER,
             patient_orientation=orient,

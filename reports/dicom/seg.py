@@ -26,7 +26,7 @@ from reports.dicom.common import (
     software_versions,
     with_type2,
 )
-from reports.dicom.uids import object_uid
+from reports.dicom.uids import object_uid, source_key
 from triage.labels import DISPLAY, SHORT, SUBTYPES
 from triage.models.types import BundleIdentity, Prediction
 
@@ -125,7 +125,7 @@ def build_seg(sources: Sequence[Dataset], prediction: Prediction, identity: Bund
         segment_descriptions=segment_descriptions(labels, identity, series_uid),
         series_instance_uid=object_uid(series_uid, identity.sha256, "seg/series"),
         series_number=SERIES_NUMBER["seg"],
-        sop_instance_uid=object_uid(series_uid, identity.sha256, "seg/instance"),
+        sop_instance_uid=object_uid(source_key(sources), identity.sha256, "seg/instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=identity.name[:64],

@@ -32,7 +32,7 @@ from reports.dicom.common import (
     with_type2,
 )
 from reports.dicom.seg import present_segments
-from reports.dicom.uids import device_uid, object_uid
+from reports.dicom.uids import device_uid, object_uid, source_key
 from triage.labels import DISPLAY, LABELS, SHORT
 from triage.models.types import BundleIdentity, Prediction
 
@@ -144,7 +144,7 @@ def build_sr(
         content=report,
         series_instance_uid=object_uid(series_uid, identity.sha256, "sr/series"),
         series_number=SERIES_NUMBER["sr"],
-        sop_instance_uid=object_uid(series_uid, identity.sha256, "sr/instance"),
+        sop_instance_uid=object_uid(source_key(sources), identity.sha256, "sr/instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
-from storage import audit
+from storage import audit, lifecycle
 from storage.models import Instance, Series, Study, utcnow
 from triage.config import Settings
 from triage.context import AppContext
@@ -34,17 +33,7 @@ from triage.logging import get_logger
 
 log = get_logger(__name__)
 
-PRIORITY_ROUTINE, PRIORITY_STAT = 0, 10
 UNIFORM_TOLERANCE = 0.05  # relative deviation of gaps allowed for early completion
-
-# Study status from its series' states, most urgent first.
-_STUDY_STATUS_ORDER = (
-    ("receiving", ("receiving", "complete")),
-    ("processing", ("processing",)),
-    ("queued", ("selected",)),
-    ("failed", ("failed",)),
-    ("done", ("done",)),
-)
 
 
 def stack_is_complete(metas: Sequence[dict[str, Any]], sop_classes: Sequence[str]) -> bool:
@@ -75,23 +64,6 @@ def stack_is_complete(metas: Sequence[dict[str, Any]], sop_classes: Sequence[str
     return float(np.max(np.abs(gaps - median))) <= UNIFORM_TOLERANCE * median
 
 
-def refresh_study_status(session: Session, study: Study) -> None:
-    """Summarise the study's series states into ``Study.status`` (and the skip reasons)."""
-    rows = session.execute(select(Series.state, Series.skip_reason, Series.description)
-                           .where(Series.study_id == study.id)).all()
-    states = {r.state for r in rows}
-    for status, members in _STUDY_STATUS_ORDER:
-        if states & set(members):
-            study.status = status
-            if status != "failed":
-                study.status_reason = ""
-            return
-    if states == {"skipped"}:
-        study.status = "skipped"
-        study.status_reason = "; ".join(
-            f"{r.description or 'series'}: {r.skip_reason}" for r in rows)[:4000]
-
-
 @dataclass
 class Completion:
     """What one tick did to one series (for logs and tests)."""
@@ -117,11 +89,8 @@ class SeriesMonitor:
         """Complete every series that is ready; returns what was done."""
         now = now or utcnow()
         cutoff = now - dt.timedelta(seconds=self.settings.stable_seconds)
-        with self.ctx.sessions() as s:
-            rows = s.execute(
-                select(Series.id, Series.generation, Series.instance_count, Series.last_received_at)
-                .where(Series.state == "receiving")
-            ).all()
+        with self.ctx.reads() as s:
+            rows = lifecycle.receiving_series(s)
         done: list[Completion] = []
         live = set()
         for series_id, generation, count, last in rows:
@@ -151,7 +120,7 @@ class SeriesMonitor:
         cached = self._early_cache.get(series_id)
         if cached and cached[:2] == (generation, count):
             return cached[2]
-        with self.ctx.sessions() as s:
+        with self.ctx.reads() as s:
             inst = s.execute(select(Instance.meta, Instance.sop_class_uid)
                              .where(Instance.series_id == series_id)).all()
         verdict = len(inst) == count and stack_is_complete([i.meta for i in inst], [i.sop_class_uid for i in inst])
@@ -161,13 +130,7 @@ class SeriesMonitor:
     def _complete(self, series_id: int, generation: int, count: int, early: bool) -> Completion | None:
         s_ = self.settings
         with self.ctx.sessions.begin() as s:
-            claimed = s.execute(
-                update(Series)
-                .where(Series.id == series_id, Series.state == "receiving", Series.generation == generation,
-                       Series.instance_count == count)
-                .values(state="complete", completed_at=utcnow())
-            ).rowcount
-            if claimed != 1:
+            if not lifecycle.complete_series(s, series_id, generation, count):
                 return None  # another monitor got it, or a new instance arrived: look again next tick
             series = s.get(Series, series_id)
             assert series is not None
@@ -187,29 +150,20 @@ class SeriesMonitor:
             job_id = None
             if result.ok:
                 stat_kw = is_stat(s_, metas)
-                priority = PRIORITY_STAT if stat_kw else PRIORITY_ROUTINE
-                series.state = "selected"
-                series.skip_reason = ""
-                if stat_kw:
-                    study.stat = True
-                    study.priority = max(study.priority or 0, PRIORITY_STAT)
+                priority = lifecycle.select_for_inference(s, series, study, stat=stat_kw)
                 job_id = self.ctx.queue.enqueue(
-                    "infer", {"series_id": series_id, "generation": generation}, priority=priority,
+                    lifecycle.JobKind.INFER, {"series_id": series_id, "generation": generation}, priority=priority,
                     dedupe_key=f"infer:{series.series_uid}:{generation}", study_id=study.id, series_id=series_id,
                     session=s,
                 )
                 audit.record(s, audit.QUEUED, **common,
-                             details={"job_id": job_id, "kind": "infer", "priority": priority,
+                             details={"job_id": job_id, "kind": "infer", "priority": int(priority),
                                       "generation": generation, "stat_keyword": stat_kw, "note": result.reason,
                                       "tilt_deg": result.meta.get("tilt_deg"),
                                       "spacing_mm": result.meta.get("spacing_mm")})
-                log.info("series selected", series_uid=series.series_uid, job_id=job_id, priority=priority,
+                log.info("series selected", series_uid=series.series_uid, job_id=job_id, priority=int(priority),
                          early=early, note=result.reason)
             else:
-                series.state = "skipped"
-                series.skip_reason = result.reason
-                audit.record(s, audit.SKIPPED, **common,
-                             details={"reason": result.reason, "generation": generation, "instances": len(inst)})
+                lifecycle.skip_series(s, series, study, result.reason, generation=generation, instances=len(inst))
                 log.info("series skipped", series_uid=series.series_uid, reason=result.reason)
-            refresh_study_status(s, study)
             return Completion(series_id, series.series_uid, generation, result.ok, result.reason, early, job_id)

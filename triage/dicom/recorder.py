@@ -14,8 +14,9 @@ database). With several associations sending at once, the per-transaction cost, 
 fsync and that lock are shared.
 
 Per batch and series: the study and series rows are created or refreshed, a series that had
-already completed is reopened (generation + 1, audit ``series_reopened``), the instances are
-inserted, and one audit event ``received`` lists the SOP Instance UIDs it recorded.
+already completed is reopened (:func:`storage.lifecycle.receive`: generation + 1, audit
+``series_reopened``), the instances are inserted, and one audit event ``received`` lists the SOP
+Instance UIDs it recorded.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import audit
-from storage.models import Instance, Series, Study, utcnow
+from storage import audit, lifecycle
+from storage.models import Instance, Series, utcnow
 from triage.dicom.header import Header
 from triage.logging import get_logger
 
@@ -70,7 +71,7 @@ def _write_error(record: InstanceRecord) -> BaseException | None:
         return exc
 
 
-_STUDIES, _SERIES, _INSTANCES = Study.__table__, Series.__table__, Instance.__table__
+_SERIES, _INSTANCES = Series.__table__, Instance.__table__
 
 
 def record_batch(sessions: sessionmaker[Session], records: Sequence[InstanceRecord]) -> list[bool]:
@@ -104,26 +105,8 @@ def record_batch(sessions: sessionmaker[Session], records: Sequence[InstanceReco
 def _record_series(s: Session, series_uid: str, group: list[InstanceRecord], now: Any) -> None:
     c = s.connection()
     h = group[0].header
-    study_id = c.execute(select(_STUDIES.c.id).where(_STUDIES.c.study_uid == h.study_uid)).scalar()
-    if study_id is None:
-        study_id = c.execute(insert(_STUDIES).values(**h.study, status="receiving", first_received_at=now,
-                                                     last_received_at=now).returning(_STUDIES.c.id)).scalar_one()
-    else:
-        c.execute(update(_STUDIES).where(_STUDIES.c.id == study_id)
-                  .values(last_received_at=now, status="receiving", status_reason=""))
-    q = select(_SERIES.c.id, _SERIES.c.state, _SERIES.c.generation).where(_SERIES.c.series_uid == series_uid)
-    if c.dialect.name == "postgresql":
-        q = q.with_for_update()  # a concurrent completion waits for us, or we see the state it set
-    series = c.execute(q).first()
-    if series is None:
-        series_id = c.execute(insert(_SERIES).values(
-            study_id=study_id, **h.series, state="receiving", first_received_at=now, last_received_at=now,
-            instance_count=0, generation=0, skip_reason="", meta={}).returning(_SERIES.c.id)).scalar_one()
-        generation = 0
-    else:
-        series_id, generation = series.id, series.generation
-        if series.state != "receiving":
-            generation = _reopen(s, series_id, series.state, series.generation, h, group[0])
+    _study_id, series_id, generation = lifecycle.receive(
+        s, h.study_uid, series_uid, h.study, h.series, now, first_sop_uid=group[0].header.sop_instance_uid)
     c.execute(insert(_INSTANCES), [
         {"series_id": series_id, "sop_instance_uid": r.header.sop_instance_uid,
          "sop_class_uid": r.header.sop_class_uid, "instance_number": r.header.instance_number,
@@ -142,22 +125,6 @@ def _record_series(s: Session, series_uid: str, group: list[InstanceRecord], now
                  "bytes": sum(r.size for r in group), "peers": sorted({str(r.peer) for r in group}),
                  "calling_aets": sorted({r.calling_aet for r in group}), "generation": generation},
     )
-
-
-def _reopen(s: Session, series_id: int, old_state: str, old_gen: int, h: Header, first: InstanceRecord) -> int:
-    res = s.execute(
-        update(Series)
-        .where(Series.id == series_id, Series.state == old_state, Series.generation == old_gen)
-        .values(state="receiving", generation=old_gen + 1, completed_at=None, skip_reason="")
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        return int(s.scalar(select(Series.generation).where(Series.id == series_id)) or old_gen)
-    audit.record(s, audit.SERIES_REOPENED, study_uid=h.study_uid, series_uid=h.series_uid,
-                 accession=h.study.get("accession", ""),
-                 details={"previous_state": old_state, "generation": old_gen + 1,
-                          "sop_instance_uid": first.header.sop_instance_uid})
-    log.info("series reopened", series_uid=h.series_uid, previous_state=old_state, generation=old_gen + 1)
-    return old_gen + 1
 
 
 def record_with_retries(sessions: sessionmaker[Session], records: Sequence[InstanceRecord]) -> list[bool]:

@@ -5,8 +5,12 @@ result objects (SEG, SR, SC) and PNG previews to the file store, record the resu
 supersede older results of the series, flag the study (never lowering its priority) and queue
 one ``deliver`` job per object and destination plus ``notify`` jobs for positive exams.
 
-Result object UIDs are deterministic (source series + bundle), so a retry after a crash
-rewrites the same files and rows and the PACS never receives duplicates.
+Result object UIDs are deterministic in the input (the source instances) and the bundle
+(:mod:`reports.dicom.uids`): a retry after a crash rewrites the same files and rows and the PACS
+never receives duplicates, while a reopened series (new instances) gets new UIDs for its new
+content, so a PACS that keeps the first copy of a UID still ends with the new finding.
+
+Series and study states change only through :mod:`storage.lifecycle`.
 """
 
 from __future__ import annotations
@@ -20,26 +24,17 @@ from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from sqlalchemy import select, update
 
-from storage import audit
-from storage.models import Finding, Instance, ModelVersion, Result, ResultObject, Series, Study, utcnow
+from storage import audit, lifecycle
+from storage.lifecycle import JobKind, Priority
+from storage.models import Finding, Instance, ModelVersion, Result, ResultObject
 from storage.queue import delivery_lane
 from triage.context import AppContext
+from triage.dicom.header import CT_CLASSES
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.types import Prediction
 
 log = get_logger(__name__)
-
-PRIORITY_POSITIVE = 20
-IMAGE_STORAGE_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-}
-
-
-class StaleJob(Exception):
-    """The series was reopened after this job was queued; a newer job covers it."""
-
 
 @dataclass
 class InferOutcome:
@@ -111,22 +106,13 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
 
     # 1. Mark processing and collect the image instances of this generation.
     with ctx.sessions.begin() as s:
-        series = s.get(Series, series_id)
-        if series is None:
-            raise StaleJob(f"series {series_id} no longer exists")
-        if series.generation != generation:
-            raise StaleJob(f"series {series.series_uid} is at generation {series.generation}, job is {generation}")
-        study = series.study
-        series.state = "processing"
-        study.status = "processing"
+        started = lifecycle.start_inference(s, series_id, generation, actor=ctx.worker_id, job_id=job.id)
         rows = s.execute(
             select(Instance.path, Instance.sop_class_uid).where(Instance.series_id == series_id)
         ).all()
-        paths = [ctx.store.path(r.path) for r in rows if r.sop_class_uid in IMAGE_STORAGE_CLASSES]
-        study_uid, series_uid, accession = study.study_uid, series.series_uid, study.accession
-        study_id = study.id
-        audit.record(s, "processing", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
-                     accession=accession, details={"job_id": job.id, "generation": generation})
+        paths = [ctx.store.path(r.path) for r in rows if r.sop_class_uid in CT_CLASSES]
+    study_uid, series_uid, accession = started.study_uid, started.series_uid, started.accession
+    study_id = started.study_id
 
     # 2. Volume and model.
     volume, headers = load_volume(paths)
@@ -162,12 +148,9 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
 
     # 4. One transaction: result, findings, objects, supersede, flag, deliveries, audit.
     positive = prediction.positive
-    priority = PRIORITY_POSITIVE if positive else 0
+    priority = Priority.POSITIVE if positive else Priority.ROUTINE
     with ctx.sessions.begin() as s:
-        series = s.get(Series, series_id)
-        if series is None or series.generation != generation:
-            raise StaleJob(f"series {series_uid} changed while inferring")
-        study = s.get(Study, study_id)
+        series = lifecycle.current_series(s, series_id, generation)
         mv_id = _record_model(s, bundle)
         s.execute(update(Result).where(Result.series_id == series_id).values(superseded=True))
         timings["total"] = time.perf_counter() - t0
@@ -208,13 +191,7 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
                 s.add(obj)
             s.flush()
             object_ids.append(obj.id)
-        series.state = "done"
-        study.result_at = utcnow()
-        study.status = "done"
-        study.status_reason = ""
-        if positive:
-            study.flagged = True
-        study.priority = max(study.priority or 0, priority)  # never lowered
+        lifecycle.record_result(s, series, positive=positive)
         details = {
             "job_id": job.id, "result_id": result.id, "positive": positive, "generation": generation,
             "bundle": str(ident), "device": prediction.device, "input_domain": prediction.input_domain,
@@ -222,14 +199,14 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
             "volumes_ml": {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()},
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
-        audit.record(s, "inferred", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+        audit.record(s, audit.INFERRED, actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
                      accession=accession, details=details)
         for (kind, ds, _rel, size), oid in zip(written, object_ids, strict=True):
-            audit.record(s, "result_written", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+            audit.record(s, audit.RESULT_WRITTEN, actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
                          accession=accession, details={"kind": kind, "sop_instance_uid": ds.SOPInstanceUID,
                                                        "result_object_id": oid, "size": size})
         if positive:
-            audit.record(s, "flagged", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+            audit.record(s, audit.FLAGGED, actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
                          accession=accession, details={"subtypes": [t for t in SUBTYPES if prediction.present[t]]})
     if prediction.out_of_domain:  # ids only: no PHI in logs
         domain = prediction.input_domain or {}
@@ -252,7 +229,7 @@ def _queue_outbound(ctx: AppContext, result_id: int, object_ids: list[int], writ
     for dest in s.destinations:
         for (_kind, ds, _rel, _size), oid in pairs:
             ctx.queue.enqueue(
-                "deliver", {"result_object_id": oid, "destination": str(dest)}, priority=priority,
+                JobKind.DELIVER, {"result_object_id": oid, "destination": str(dest)}, priority=priority,
                 dedupe_key=f"deliver:{ds.SOPInstanceUID}:{dest}", study_id=study_id, series_id=series_id,
                 lane=delivery_lane(dest),  # one destination's deliveries go out in order (storage/queue.py)
             )
@@ -263,10 +240,10 @@ def _queue_outbound(ctx: AppContext, result_id: int, object_ids: list[int], writ
     if positive and s.hl7_destination:
         channels.append("hl7")
     for ch in channels:
-        ctx.queue.enqueue("notify", {"result_id": result_id, "channel": ch}, priority=priority,
+        ctx.queue.enqueue(JobKind.NOTIFY, {"result_id": result_id, "channel": ch}, priority=priority,
                           dedupe_key=f"notify:{result_id}:{ch}", study_id=study_id, series_id=series_id)
     if queued or channels:
         with ctx.sessions.begin() as sess:
-            audit.record(sess, "queued", actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+            audit.record(sess, audit.QUEUED, actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
                          accession=accession, details={"deliveries": queued, "notifications": channels,
                                                        "result_id": result_id, "priority": priority})

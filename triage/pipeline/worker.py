@@ -7,17 +7,22 @@ the first ``infer`` job or at start (``warm=True``) so the first study does not 
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from storage import audit, lifecycle
+from storage.lifecycle import JobKind, JobState, StaleJob
+from storage.queue import LaneDown
 from triage.context import AppContext
 from triage.logging import get_logger
 
 log = get_logger(__name__)
 
-ALL_KINDS = ("infer", "deliver", "notify")
+ALL_KINDS = tuple(JobKind)
+DISK_FULL_RETRY_CAP_S = 60.0  # longest wait between tries while the file store is full
 
 
 class Worker:
@@ -126,9 +131,6 @@ class Worker:
             self.processed += 1
 
     def _on_failure(self, job: Any, exc: Exception) -> None:
-        from storage.queue import LaneDown
-        from triage.pipeline.infer import StaleJob
-
         q = self.ctx.queue
         if isinstance(exc, StaleJob):
             log.info("stale job skipped", job_id=job.id, reason=str(exc))
@@ -137,36 +139,42 @@ class Worker:
         error = f"{type(exc).__name__}: {exc}"[:2000]
         log.warning("job failed", job_id=job.id, kind=job.kind, attempt=job.attempts, error=error[:300])
         try:
+            if disk_full(exc):  # space comes back by itself (retention, an operator): wait, never die of it
+                q.postpone(job.id, self.name, error, cap_seconds=DISK_FULL_RETRY_CAP_S)
+                return
             # audits job_failed / job_dead itself; LaneDown backs off the whole destination
             q.fail(job.id, self.name, error, retry=True, lane_down=isinstance(exc, LaneDown))
             row = q.get(job.id)
-            if row is not None and row.state == "dead" and job.kind == "infer":
+            if row is not None and row.state == JobState.DEAD and job.kind == JobKind.INFER:
                 with self.ctx.sessions.begin() as s:
-                    _mark_failed(s, job, error)
+                    audit.lock_chain(s)
+                    lifecycle.fail_inference(s, int(job.payload.get("series_id", 0)), job_id=job.id, error=error,
+                                             actor=self.name, generation=job.payload.get("generation"))
         except Exception as db_exc:  # database away: the lease expires and the job is retried
             log.error("could not record job failure", job_id=job.id, error=str(db_exc)[:200])
 
     def _handler(self, kind: str) -> Callable[[Any], Any]:
-        if kind == "infer":
+        if kind == JobKind.INFER:
             from triage.pipeline.infer import run_infer
 
             return lambda job: run_infer(self.ctx, job, self.bundle)
-        if kind == "deliver":
+        if kind == JobKind.DELIVER:
             from triage.dicom.delivery import handle_deliver
 
             return lambda job: handle_deliver(self.ctx, job)
-        if kind == "notify":
+        if kind == JobKind.NOTIFY:
             from triage.pipeline.notify_job import handle_notify
 
             return lambda job: handle_notify(self.ctx, job)
         raise ValueError(f"no handler for job kind {kind!r}")
 
 
-def _mark_failed(session: Any, job: Any, error: str) -> None:
-    from storage.models import Series
-
-    series = session.get(Series, int(job.payload.get("series_id", 0)))
-    if series is not None:
-        series.state = "failed"
-        series.study.status = "failed"
-        series.study.status_reason = error[:500]
+def disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or its cause) says the disk or quota is full."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False

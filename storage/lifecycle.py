@@ -1,0 +1,295 @@
+"""The study lifecycle: its vocabulary and the only functions that change a state.
+
+Series, study and job states, job kinds and priorities are defined here and nowhere else (audit
+event names live in :mod:`storage.audit`). The receiver's recorder, the completion monitor, the
+inference job and the worker loop call the transition functions below; nobody else writes
+``Series.state`` or ``Study.status``. Every transition runs inside the caller's transaction,
+writes its audit event in that same transaction and recomputes the study status in one place
+(:func:`refresh_study`)::
+
+                 new instance (generation + 1)
+         +-----------------------------------------------------------+
+         v                                                           |
+    receiving --quiet period / provably complete--> complete         |
+                                                      |              |
+                          selection rules say no  ----+---- yes      |
+                                  v                         v        |
+                               skipped                  selected     |
+                                                            | start_inference
+                                                            v        |
+                                   fail_inference <--- processing    |
+                                         v                  | record_result
+                                      failed               done -----+
+
+Study status (:func:`study_status`): ``receiving`` while any series is receiving or complete,
+else ``processing`` while any series is processing, else ``queued`` while any is selected, else
+``failed`` if any failed, else ``done`` if any is done, else ``skipped`` (every series skipped).
+So a study with one series done and another still processing shows ``processing``.
+
+Jobs (:mod:`storage.queue`): ``queued -> running -> done | failed (retry after back-off) | dead``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any
+
+import structlog
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from storage import audit
+from storage.models import Series, Study, utcnow
+
+log = structlog.get_logger(__name__)
+
+
+class SeriesState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"  # claimed by the completion monitor, selection running
+    SELECTED = "selected"  # an infer job is queued
+    SKIPPED = "skipped"  # not a head CT (or not usable): the reason is in skip_reason
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"  # its infer job died
+
+
+class StudyStatus(StrEnum):
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # waits for a retry until run_after
+    DEAD = "dead"  # attempts used up or a permanent error
+
+
+class JobKind(StrEnum):
+    INFER = "infer"
+    DELIVER = "deliver"
+    NOTIFY = "notify"
+
+
+class Priority(IntEnum):
+    """Job and study priority; a study's priority is never lowered."""
+
+    ROUTINE = 0
+    STAT = 10  # a STAT keyword in the request (selection rules)
+    POSITIVE = 20  # the model flagged the study
+
+
+LIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)  # work still to be done
+FINAL_JOB_STATES = (JobState.DONE, JobState.DEAD)
+
+# Study status from its series' states, most urgent first (module docstring).
+_STUDY_STATUS_ORDER: tuple[tuple[StudyStatus, frozenset[str]], ...] = (
+    (StudyStatus.RECEIVING, frozenset({SeriesState.RECEIVING, SeriesState.COMPLETE})),
+    (StudyStatus.PROCESSING, frozenset({SeriesState.PROCESSING})),
+    (StudyStatus.QUEUED, frozenset({SeriesState.SELECTED})),
+    (StudyStatus.FAILED, frozenset({SeriesState.FAILED})),
+    (StudyStatus.DONE, frozenset({SeriesState.DONE})),
+)
+
+
+class StaleJob(Exception):
+    """The series was reopened (or removed) after this job was queued; a newer job covers it."""
+
+
+def study_status(states: Iterable[str]) -> StudyStatus:
+    """The study status that its series' states give (see the module docstring)."""
+    present = set(states)
+    for status, members in _STUDY_STATUS_ORDER:
+        if present & members:
+            return status
+    return StudyStatus.SKIPPED if present else StudyStatus.RECEIVING
+
+
+def refresh_study(s: Session, study_id: int, *, reason: str = "") -> StudyStatus:
+    """Recompute and store ``Study.status`` (and its reason) from the study's series: the one place
+    a study status is decided. ``reason`` is kept when the study ends ``failed``."""
+    rows = s.execute(select(Series.state, Series.skip_reason, Series.description)
+                     .where(Series.study_id == study_id)).all()
+    status = study_status(r.state for r in rows)
+    text = ""
+    if status is StudyStatus.SKIPPED:
+        text = "; ".join(f"{r.description or 'series'}: {r.skip_reason}" for r in rows)
+    elif status is StudyStatus.FAILED:
+        text = reason or (s.scalar(select(Study.status_reason).where(Study.id == study_id)) or "")
+    s.execute(update(Study).where(Study.id == study_id).values(status=str(status), status_reason=text[:4000]))
+    return status
+
+
+# ---------------------------------------------------------------------------------- receive
+_STUDIES, _SERIES = Study.__table__, Series.__table__
+
+
+def receive(s: Session, study_uid: str, series_uid: str, study_values: dict[str, Any],
+            series_values: dict[str, Any], now: dt.datetime, *, first_sop_uid: str) -> tuple[int, int, int]:
+    """New instances of ``series_uid`` are being recorded: create or refresh the study and series
+    rows; a series that had left ``receiving`` is reopened (generation + 1, audit
+    ``series_reopened``). Returns (study id, series id, generation).
+
+    Plain Core statements: this is the receiver's hot path."""
+    c = s.connection()
+    study_id = c.execute(select(_STUDIES.c.id).where(_STUDIES.c.study_uid == study_uid)).scalar()
+    receiving = str(StudyStatus.RECEIVING)
+    if study_id is None:
+        study_id = c.execute(insert(_STUDIES).values(**study_values, status=receiving, first_received_at=now,
+                                                     last_received_at=now).returning(_STUDIES.c.id)).scalar_one()
+    else:
+        c.execute(update(_STUDIES).where(_STUDIES.c.id == study_id)
+                  .values(last_received_at=now, status=receiving, status_reason=""))
+    q = select(_SERIES.c.id, _SERIES.c.state, _SERIES.c.generation).where(_SERIES.c.series_uid == series_uid)
+    if c.dialect.name == "postgresql":
+        q = q.with_for_update()  # a concurrent completion waits for us, or we see the state it set
+    row = c.execute(q).first()
+    if row is None:
+        series_id = c.execute(insert(_SERIES).values(
+            study_id=study_id, **series_values, state=str(SeriesState.RECEIVING), first_received_at=now,
+            last_received_at=now, instance_count=0, generation=0, skip_reason="", meta={},
+        ).returning(_SERIES.c.id)).scalar_one()
+        return int(study_id), int(series_id), 0
+    generation = int(row.generation)
+    if row.state != SeriesState.RECEIVING:
+        generation = _reopen(s, int(row.id), row.state, generation, study_uid, series_uid,
+                             str(study_values.get("accession", "")), first_sop_uid)
+    return int(study_id), int(row.id), generation
+
+
+def _reopen(s: Session, series_id: int, old_state: str, old_gen: int, study_uid: str, series_uid: str,
+            accession: str, sop_uid: str) -> int:
+    res = s.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state == old_state, Series.generation == old_gen)
+        .values(state=str(SeriesState.RECEIVING), generation=old_gen + 1, completed_at=None, skip_reason="")
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return int(s.scalar(select(Series.generation).where(Series.id == series_id)) or old_gen)
+    audit.record(s, audit.SERIES_REOPENED, study_uid=study_uid, series_uid=series_uid, accession=accession,
+                 details={"previous_state": old_state, "generation": old_gen + 1, "sop_instance_uid": sop_uid})
+    log.info("series reopened", series_uid=series_uid, previous_state=old_state, generation=old_gen + 1)
+    return old_gen + 1
+
+
+# ---------------------------------------------------------------------------------- completion
+def receiving_series(s: Session) -> list[Any]:
+    """(id, generation, instance_count, last_received_at) of every series still receiving."""
+    return list(s.execute(
+        select(Series.id, Series.generation, Series.instance_count, Series.last_received_at)
+        .where(Series.state == SeriesState.RECEIVING)
+    ).all())
+
+
+def complete_series(s: Session, series_id: int, generation: int, count: int) -> bool:
+    """Claim a quiet series for completion. False when another monitor got it or an instance
+    arrived meanwhile (its generation or count moved): look again on the next tick."""
+    claimed = s.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state == SeriesState.RECEIVING, Series.generation == generation,
+               Series.instance_count == count)
+        .values(state=str(SeriesState.COMPLETE), completed_at=utcnow())
+    ).rowcount
+    return claimed == 1
+
+
+def select_for_inference(s: Session, series: Series, study: Study, *, stat: bool) -> Priority:
+    """A completed series passed the selection rules: ``selected`` (the caller queues its job in the
+    same transaction). A STAT request raises the study's priority (never lowers it)."""
+    series.state = str(SeriesState.SELECTED)
+    series.skip_reason = ""
+    priority = Priority.STAT if stat else Priority.ROUTINE
+    if stat:
+        study.stat = True
+        study.priority = max(study.priority or 0, int(Priority.STAT))
+    s.flush()
+    refresh_study(s, study.id)
+    return priority
+
+
+def skip_series(s: Session, series: Series, study: Study, reason: str, *, generation: int, instances: int) -> None:
+    """A completed series is not analysed: ``skipped`` with its reason (audit ``skipped``)."""
+    series.state = str(SeriesState.SKIPPED)
+    series.skip_reason = reason
+    s.flush()
+    audit.record(s, audit.SKIPPED, study_uid=study.study_uid, series_uid=series.series_uid,
+                 accession=study.accession,
+                 details={"reason": reason, "generation": generation, "instances": instances})
+    refresh_study(s, study.id)
+
+
+# ---------------------------------------------------------------------------------- inference
+@dataclass(frozen=True)
+class InferenceStart:
+    """What the inference job needs to know about the series it started on."""
+
+    study_id: int
+    series_id: int
+    study_uid: str
+    series_uid: str
+    accession: str
+
+
+def start_inference(s: Session, series_id: int, generation: int, *, actor: str, job_id: int) -> InferenceStart:
+    """The series goes ``processing`` (audit ``processing``). Raises :class:`StaleJob` when the
+    series is gone or at another generation."""
+    series = s.get(Series, series_id)
+    if series is None:
+        raise StaleJob(f"series {series_id} no longer exists")
+    if series.generation != generation:
+        raise StaleJob(f"series {series.series_uid} is at generation {series.generation}, job is {generation}")
+    study = series.study
+    series.state = str(SeriesState.PROCESSING)
+    s.flush()
+    refresh_study(s, study.id)
+    audit.record(s, audit.PROCESSING, actor=actor, study_uid=study.study_uid, series_uid=series.series_uid,
+                 accession=study.accession, details={"job_id": job_id, "generation": generation})
+    return InferenceStart(study.id, series.id, study.study_uid, series.series_uid, study.accession)
+
+
+def current_series(s: Session, series_id: int, generation: int) -> Series:
+    """The series row when it is still at ``generation`` (else :class:`StaleJob`)."""
+    series = s.get(Series, series_id)
+    if series is None or series.generation != generation:
+        raise StaleJob(f"series {series_id} changed while inferring")
+    return series
+
+
+def record_result(s: Session, series: Series, *, positive: bool) -> StudyStatus:
+    """The series' result is stored (same transaction): series ``done``, the study flagged when
+    positive, its priority raised (never lowered) and its status recomputed."""
+    study = series.study
+    series.state = str(SeriesState.DONE)
+    study.result_at = utcnow()
+    if positive:
+        study.flagged = True
+    study.priority = max(study.priority or 0, int(Priority.POSITIVE if positive else Priority.ROUTINE))
+    s.flush()
+    return refresh_study(s, study.id)
+
+
+def fail_inference(s: Session, series_id: int, *, job_id: int, error: str, actor: str,
+                   generation: int | None = None) -> bool:
+    """The series' infer job died: series ``failed``, audit ``inference_failed``, study status
+    recomputed. False (nothing changed) when the series is gone or has moved to another generation."""
+    series = s.get(Series, series_id)
+    if series is None or (generation is not None and series.generation != generation):
+        return False
+    study = series.study
+    series.state = str(SeriesState.FAILED)
+    s.flush()
+    refresh_study(s, study.id, reason=error[:500])
+    audit.record(s, audit.INFERENCE_FAILED, actor=actor, study_uid=study.study_uid, series_uid=series.series_uid,
+                 accession=study.accession, outcome=audit.FAILURE,
+                 details={"job_id": job_id, "generation": series.generation, "error": error[:500]})
+    log.warning("inference failed", series_id=series_id, job_id=job_id)
+    return True
