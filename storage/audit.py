@@ -58,6 +58,7 @@ LOCKOUT = "lockout"
 ROLE_CHANGE = "role_change"
 USER_CREATED = "user_created"
 TOKEN_CREATED = "token_created"
+USER_UPDATED = "user_updated"  # an admin's change to a user (details.action: disable, unlock, revoke_tokens ...)
 FEEDBACK = "feedback"
 VIEWED = "viewed"
 CONFIG_CHANGE = "config_change"
@@ -76,7 +77,7 @@ EVENT_TYPES = frozenset(
         QUEUED, PROCESSING, INFERRED, FLAGGED, INFERENCE_FAILED, RESULT_WRITTEN, DELIVERED, DELIVERY_FAILED,
         DELIVERY_DEAD, NOTIFIED, NOTIFY_FAILED, LOGIN, LOGIN_FAILED, LOGOUT, LOCKOUT, ROLE_CHANGE, USER_CREATED,
         TOKEN_CREATED, FEEDBACK, VIEWED, CONFIG_CHANGE, PURGE, DISK_FULL, JOB_FAILED, JOB_DEAD, JOB_RETRIED,
-        NODE_START, NODE_STOP, TEMP_SWEPT,
+        NODE_START, NODE_STOP, TEMP_SWEPT, USER_UPDATED,
     }
 )
 
@@ -86,6 +87,7 @@ OUTCOMES = (SUCCESS, FAILURE)
 
 AUDIT_LOCK_KEY = 0x1C4_A0D17  # constant advisory-lock key for the chain (PostgreSQL)
 HEAD_KEY = "audit_chain_head"  # node_settings key: "<id>:<hash>"
+CHECKPOINT_KEY = "audit_verified_checkpoint"  # node_settings key: "<id>:<hash>" of the last verified event
 GENESIS = ""  # prev_hash of the first event
 
 _EVENTS, _SETTINGS = AuditEvent.__table__, Setting.__table__
@@ -175,8 +177,8 @@ class VerifyReport:
     problem: str = ""
 
 
-def _iter_events(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:
-    last = 0
+def _iter_events(session: Session, batch: int = 2000, after: int = 0) -> Iterator[AuditEvent]:
+    last = after
     while True:
         rows = session.scalars(
             select(AuditEvent).where(AuditEvent.id > last).order_by(AuditEvent.id).limit(batch)
@@ -188,10 +190,11 @@ def _iter_events(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:
         session.expunge_all()
 
 
-def verify(session: Session) -> VerifyReport:
-    """Walk the chain from the first event; report the first edited, deleted or reordered row."""
-    expected_id, prev_hash, checked = 1, GENESIS, 0
-    for ev in _iter_events(session):
+def verify(session: Session, *, start_id: int = 1, start_prev_hash: str = GENESIS) -> VerifyReport:
+    """Walk the chain from the first event (or from ``start_id``, whose predecessor's hash is
+    ``start_prev_hash``); report the first edited, deleted or reordered row."""
+    expected_id, prev_hash, checked = start_id, start_prev_hash, 0
+    for ev in _iter_events(session, after=start_id - 1):
         if ev.id != expected_id:  # ids are assigned gap-free by record()
             return VerifyReport(
                 False, checked, expected_id, f"event {expected_id} is missing (deleted?): next id is {ev.id}"
@@ -223,6 +226,42 @@ def verify(session: Session) -> VerifyReport:
     elif checked:
         return VerifyReport(False, checked, None, "chain head record is missing")
     return VerifyReport(True, checked)
+
+
+def verify_incremental(session: Session) -> VerifyReport:
+    """Verify only the events added since the last verified checkpoint, then move it forward.
+
+    The checkpoint (node_settings ``CHECKPOINT_KEY``: id and hash of the last event found good)
+    makes the work proportional to the events added since the previous call, not to the size
+    of the trail, so the web audit page can show the chain's state on every view. The
+    checkpoint event itself is re-hashed on each call; edits further back are found by the
+    full :func:`verify` (``triage audit verify``, run daily). ``checked`` counts the events
+    verified by this call. The caller commits (the checkpoint is written in its transaction).
+    """
+    raw = str(session.execute(select(_SETTINGS.c.value).where(_SETTINGS.c.key == CHECKPOINT_KEY)).scalar() or "")
+    cp_text, sep, cp_hash = raw.partition(":")
+    start_id, prev_hash = 1, GENESIS
+    if sep and cp_text.isdigit():
+        cp_id = int(cp_text)
+        row = session.get(AuditEvent, cp_id, populate_existing=True)
+        if row is None:
+            return VerifyReport(False, 0, cp_id, f"event {cp_id} (verified earlier) is missing (deleted?)")
+        if row.hash != cp_hash or not row_intact(row):
+            return VerifyReport(False, 0, cp_id, f"event {cp_id} changed after it was verified (edited?)")
+        start_id, prev_hash = cp_id + 1, cp_hash
+    report = verify(session, start_id=start_id, start_prev_hash=prev_hash)
+    if report.ok and report.checked:
+        last = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).one()
+        value = f"{last[0]}:{last[1]}"
+        conn = session.connection()
+        if conn.execute(update(_SETTINGS).where(_SETTINGS.c.key == CHECKPOINT_KEY).values(value=value)).rowcount == 0:
+            conn.execute(insert(_SETTINGS).values(key=CHECKPOINT_KEY, value=value))
+    return report
+
+
+def row_intact(ev: AuditEvent) -> bool:
+    """Whether one event's stored hash still matches its content (no chain walk)."""
+    return compute_hash(_row_fields(ev), ev.prev_hash) == ev.hash
 
 
 # Queries ---------------------------------------------------------------------------------------

@@ -328,11 +328,44 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255), default="")
     role: Mapped[str] = mapped_column(String(16), default="radiologist")  # radiologist | admin
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    locked_until: Mapped[dt.datetime | None] = mapped_column(default=None)
     last_login_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     api_token_hash: Mapped[str | None] = mapped_column(String(128), default=None, unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class WebSession(Base):
+    """A server-side web session: the cookie carries a random id, this row its sha256.
+
+    Deleting the row ends the session at once (logout, account disabled, role or password
+    changed, an admin's "revoke sessions"), whatever copy of the cookie is replayed later.
+    """
+
+    __tablename__ = "web_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    via: Mapped[str] = mapped_column(String(16), default="password")  # password | proxy
+    ip: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class LoginThrottle(Base):
+    """Failed-login back-off of one client address (``account`` empty) or of one account as
+    tried from one address (reports/web/auth.py). User names typed at login get rows whether
+    or not they exist, so the throttle does not reveal which names exist."""
+
+    __tablename__ = "login_throttle"
+    __table_args__ = (UniqueConstraint("account", "address", name="uq_login_throttle_account_address"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), default="", index=True)
+    address: Mapped[str] = mapped_column(String(64), default="")
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # consecutive failures
+    blocks: Mapped[int] = mapped_column(Integer, default=0)  # back-off periods so far (doubles the next)
+    blocked_until: Mapped[dt.datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Feedback(Base):

@@ -172,3 +172,32 @@ def test_concurrent_writer_processes_keep_one_linear_chain(ctx: AppContext) -> N
         actors = {e.actor for e in audit.events(s, limit=1000)}
     assert report == audit.VerifyReport(True, 100)
     assert actors == {"p0", "p1", "p2", "p3"}
+
+
+def test_incremental_verification_reads_only_new_events(ctx: AppContext) -> None:
+    write_events(ctx, 6)
+    with ctx.sessions.begin() as s:
+        assert audit.verify_incremental(s) == audit.VerifyReport(True, 6)  # no checkpoint yet: all of them
+    write_events(ctx, 2)
+    with ctx.sessions.begin() as s:
+        assert audit.verify_incremental(s) == audit.VerifyReport(True, 2)  # only the two new ones
+    with ctx.sessions.begin() as s:
+        assert audit.verify_incremental(s) == audit.VerifyReport(True, 0)
+    # A new event edited before it is verified: caught.
+    write_events(ctx, 2)
+    with ctx.sessions.begin() as s:
+        s.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE id = 9"))
+    with ctx.sessions.begin() as s:
+        report = audit.verify_incremental(s)
+    assert not report.ok and report.bad_id == 9
+    with ctx.sessions.begin() as s:
+        s.execute(text("UPDATE audit_events SET actor = 'system' WHERE id = 9"))
+        assert audit.verify_incremental(s).ok
+    # The checkpoint event itself edited: caught. Older events: left to the full verification.
+    with ctx.sessions.begin() as s:
+        s.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = 10"))
+        s.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = 3"))
+    with ctx.sessions.begin() as s:
+        report = audit.verify_incremental(s)
+        assert not report.ok and report.bad_id == 10 and "after it was verified" in report.problem
+        assert audit.verify(s).bad_id == 3

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from reports.web.app import create_app
 from storage import audit
 from storage.db import session_scope
-from storage.models import AuditEvent, Feedback, Job, User
+from storage.models import AuditEvent, Feedback, Job, LoginThrottle, User
 from tests.conftest import make_settings
 from tests.web_support import PASSWORD, add_user, heartbeat, seed_study
 from triage.context import AppContext
@@ -115,15 +115,15 @@ def test_wrong_password_then_lockout(lite_ctx: AppContext, lite_client: TestClie
         assert status == 401 and "Invalid user name or password" in body
     status, body = log_in(lite_client, "rad", "wrong password!")
     assert status == 401 and "locked" in body
-    status, body = log_in(lite_client, "rad")  # right password, still locked
+    status, body = log_in(lite_client, "rad")  # right password, still waiting at this address
     assert status == 401 and "locked" in body
     assert len(events(lite_ctx, audit.LOCKOUT)) == 1
     failed = events(lite_ctx, audit.LOGIN_FAILED)
     assert len(failed) == attempts + 1
-    assert failed[-1].details["reason"] == "locked"
+    assert failed[-1].details["reason"] == "throttled"
     with session_scope(lite_ctx.sessions) as s:
-        user = s.scalars(select(User).where(User.username == "rad")).one()
-        assert user.locked_until is not None
+        row = s.scalars(select(LoginThrottle).where(LoginThrottle.account == "rad")).one()
+        assert row.blocked_until is not None and row.address == "testclient"
     status, body = log_in(lite_client, "nobody", "whatever12345")  # unknown user: same answer
     assert status == 401 and "Invalid user name or password" in body
 

@@ -80,6 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     ut = us.add_parser("token", help="Create an API token for a user")
     ut.add_argument("username")
     ut.set_defaults(func=_handler("reports.web.users:cli_token"))
+    us.add_parser("list", help="List users (role, state, token, sessions, throttled)").set_defaults(
+        func=_handler("reports.web.users:cli_list"))
+    for name, target, help_ in (("disable", "cli_disable", "Disable a user (ends its sessions)"),
+                                ("enable", "cli_enable", "Enable a disabled user"),
+                                ("unlock", "cli_unlock", "Clear a user's failed-login waits")):
+        sp = us.add_parser(name, help=help_)
+        sp.add_argument("username")
+        sp.set_defaults(func=_handler(f"reports.web.users:{target}"))
+    ur = us.add_parser("role", help="Change a user's role (ends its sessions)")
+    ur.add_argument("username")
+    ur.add_argument("role", choices=["admin", "radiologist"])
+    ur.set_defaults(func=_handler("reports.web.users:cli_role"))
+    up_ = us.add_parser("password", help="Reset a user's password (ends its sessions)")
+    up_.add_argument("username")
+    up_.add_argument("--password", help="New password (default: prompt, or TRIAGE_NEW_PASSWORD)")
+    up_.set_defaults(func=_handler("reports.web.users:cli_password"))
+    uv = us.add_parser("revoke", help="Revoke a user's API token and end its web sessions")
+    uv.add_argument("username")
+    uv.add_argument("--tokens", action="store_true", help="Only the API token")
+    uv.add_argument("--sessions", action="store_true", help="Only the web sessions")
+    uv.set_defaults(func=_handler("reports.web.users:cli_revoke"))
 
     # --- queue / operations
     q = sub.add_parser("queue", help="Job queue").add_subparsers(dest="queue_command", required=True)

@@ -25,6 +25,7 @@ ENV_PREFIX = "TRIAGE_"
 NON_SETTING_VARS = frozenset({"TRIAGE_CONFIG", "TRIAGE_NEW_PASSWORD"})
 TEST_HOOK_PREFIX = "TRIAGE_TEST_"
 SECRET_KEYS = ("webhook_secret", "secret_key", "database_url")
+URL_KEYS = ("webhook_url",)  # shown with any password in them masked
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, max 16
 
 
@@ -196,8 +197,17 @@ class Settings(BaseModel):
     secret_key: str = Field(default="", description="Session signing key; empty = generated once, kept in the database")
     session_https_only: bool = False
     trusted_proxy_header: str = Field(default="", description="e.g. X-Remote-User; empty = off")
-    lockout_attempts: int = Field(default=5, ge=1)
-    lockout_minutes: float = Field(default=15.0, gt=0)
+    lockout_attempts: int = Field(
+        default=5, ge=1, description="Failed logins on one account from one address before that address waits")
+    lockout_address_attempts: int = Field(
+        default=20, ge=1, description="Failed logins from one address (any user names) before it waits")
+    lockout_account_addresses: int = Field(
+        default=3, ge=2, description="Addresses waiting on one account at once before the account waits for all")
+    lockout_base_seconds: float = Field(default=30.0, gt=0, description="First wait; each further one doubles")
+    lockout_minutes: float = Field(default=15.0, gt=0, description="Longest wait (the back-off's cap)")
+    hsts_seconds: int = Field(
+        default=31536000, ge=0,
+        description="Strict-Transport-Security max-age sent on HTTPS requests and when session_https_only; 0 = off")
 
     # --- logging
     log_format: str = Field(default="console", pattern="^(console|json)$")
@@ -275,6 +285,8 @@ class Settings(BaseModel):
                 value = str(value)
             if name in SECRET_KEYS and value:
                 value = _mask_url(value) if name == "database_url" else "********"
+            elif name in URL_KEYS and value:
+                value = _mask_url(str(value))
             out[name] = value
         out["effective_database_url"] = _mask_url(self.effective_database_url)
         return out

@@ -1,7 +1,8 @@
 """structlog set-up: JSON lines in production, readable console in development.
 
 Patient names and IDs must never reach a log line. Call sites log UIDs and database ids only;
-as a safety net, :func:`scrub_phi` drops any event key that names a PHI attribute.
+as a safety net, :func:`scrub_phi` drops any event key that names a PHI attribute, and
+:func:`scrub_url_credentials` removes the user info (``user:secret@``) of any URL in a value.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import structlog
 
 from triage.config import Settings
+from triage.redact import strip_userinfo_deep
 
 PHI_KEYS = frozenset(
     {
@@ -39,6 +41,14 @@ def scrub_phi(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, An
     return event
 
 
+def scrub_url_credentials(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Drop ``user:secret@`` from every URL in the event's values (e.g. a webhook URL in an error)."""
+    for key, value in event.items():
+        if isinstance(value, str | dict | list | tuple):
+            event[key] = strip_userinfo_deep(value)
+    return event
+
+
 def configure_logging(settings: Settings | None = None, *, fmt: str | None = None, level: str | None = None) -> None:
     fmt = fmt or (settings.log_format if settings else "console")
     level_name = level or (settings.log_level if settings else "INFO")
@@ -58,6 +68,7 @@ def configure_logging(settings: Settings | None = None, *, fmt: str | None = Non
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             scrub_phi,
             structlog.processors.format_exc_info,
+            scrub_url_credentials,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

@@ -2,6 +2,10 @@
 
 Authentication: ``Authorization: Bearer <token>`` (``triage user token``) or a logged-in
 browser session. Patient name and ID are masked unless the user is an admin.
+
+Every answer that carries study identifiers (patient, accession, study UID) is audited as the
+study page is: an event ``viewed`` with ``details.api`` (the path), ``details.phi`` (whether
+full patient identifiers were returned) and the studies concerned.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ import re
 from typing import Any
 
 from sqlalchemy import Select, exists, func, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from reports.web import queries as q
-from reports.web.auth import CurrentUser, requires
+from reports.web.auth import CurrentUser, audit_record, requires
+from storage import audit
 from storage.db import session_scope
 from storage.models import Finding, Result, Study
 from triage import __version__
@@ -94,6 +100,28 @@ def _accession(value: str | None) -> str | None:
     return value
 
 
+# --------------------------------------------------------------------------- audit of reads
+AUDIT_ID_LIST_MAX = 500  # study ids listed in one read's audit event (a page holds at most MAX_LIMIT)
+
+
+def _audit_read(s: Session, user: CurrentUser, path: str, studies: list[Study], phi: bool) -> None:
+    """Record that ``user`` read identifiers of ``studies`` through the API (nothing when none).
+
+    One study: the event names its UID and accession, as the study page's does. Several: one
+    event listing their ids (a page of a list)."""
+    if not studies:
+        return
+    details: dict[str, Any] = {"api": path, "phi": phi, "via": user.via}
+    if len(studies) == 1:
+        st = studies[0]
+        audit_record(s, audit.VIEWED, actor=user.username, study_uid=st.study_uid, accession=st.accession,
+                     details={**details, "study_id": st.id})
+        return
+    ids = sorted({st.id for st in studies})
+    audit_record(s, audit.VIEWED, actor=user.username,
+                 details={**details, "studies": len(ids), "study_ids": ids[:AUDIT_ID_LIST_MAX]})
+
+
 # --------------------------------------------------------------------------- queries
 def _label_present(label: str) -> Any:
     return exists().where(
@@ -131,6 +159,7 @@ def list_studies(ctx: AppContext, params: dict[str, str], user: CurrentUser) -> 
         for st in studies:
             r = results.get(st.id)
             items.append(q.study_row(st, r, fnd.get(r.id, {}) if r else {}, user.sees_phi))
+        _audit_read(s, user, "/api/v1/studies", list(studies), user.sees_phi)
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
@@ -172,7 +201,7 @@ def _filtered_page(stmt: Select[Any], params: dict[str, str]) -> tuple[Select[An
     return stmt, limit, offset
 
 
-def list_results(ctx: AppContext, params: dict[str, str]) -> dict[str, Any]:
+def list_results(ctx: AppContext, params: dict[str, str], user: CurrentUser) -> dict[str, Any]:
     positive = _bool(params.get("positive"), "positive")
     include_superseded = bool(_bool(params.get("include_superseded"), "include_superseded"))
     stmt, limit, offset = _filtered_page(select(Result, Study).join(Study, Study.id == Result.study_id), params)
@@ -185,10 +214,11 @@ def list_results(ctx: AppContext, params: dict[str, str]) -> dict[str, Any]:
         rows = s.execute(stmt.order_by(Result.created_at.desc(), Result.id.desc()).limit(limit).offset(offset)).all()
         fnd = q.findings_of(s, [r.id for r, _ in rows])
         items = [result_dict(r, st, fnd.get(r.id, {})) for r, st in rows]
+        _audit_read(s, user, "/api/v1/results", list({st.id: st for _, st in rows}.values()), False)
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
-def list_findings(ctx: AppContext, params: dict[str, str]) -> dict[str, Any]:
+def list_findings(ctx: AppContext, params: dict[str, str], user: CurrentUser) -> dict[str, Any]:
     label = _choice(params.get("label"), "label", LABELS)
     present = _bool(params.get("present"), "present")
     stmt, limit, offset = _filtered_page(
@@ -206,26 +236,32 @@ def list_findings(ctx: AppContext, params: dict[str, str]) -> dict[str, Any]:
              "accession": st.accession, "created_at": q.iso(r.created_at)}
             for f, r, st in rows
         ]
+        _audit_read(s, user, "/api/v1/findings", list({st.id: st for _, _, st in rows}.values()), False)
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
 def get_study(ctx: AppContext, study_id: int, user: CurrentUser) -> dict[str, Any] | None:
     with session_scope(ctx.sessions) as s:
         d = q.study_detail(s, study_id, user.sees_phi)
+        study = s.get(Study, study_id) if d is not None else None
+        if study is not None:
+            _audit_read(s, user, "/api/v1/studies/{id}", [study], user.sees_phi)
     if d is None:
         return None
     keep = set(STUDY_SCHEMA["properties"])
     return {k: v for k, v in d.items() if k in keep}
 
 
-def get_result(ctx: AppContext, result_id: int) -> dict[str, Any] | None:
+def get_result(ctx: AppContext, result_id: int, user: CurrentUser) -> dict[str, Any] | None:
     with session_scope(ctx.sessions) as s:
         r = s.get(Result, result_id)
         if r is None:
             return None
         st = s.get(Study, r.study_id)
         assert st is not None
-        return result_dict(r, st, q.findings_of(s, [r.id]).get(r.id, {}))
+        out = result_dict(r, st, q.findings_of(s, [r.id]).get(r.id, {}))
+        _audit_read(s, user, "/api/v1/results/{id}", [st], False)
+        return out
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -265,7 +301,8 @@ async def study_endpoint(request: Request) -> Response:
 @requires()
 async def results_endpoint(request: Request) -> Response:
     try:
-        body = await run_in_threadpool(list_results, request.app.state.ctx, dict(request.query_params))
+        body = await run_in_threadpool(list_results, request.app.state.ctx, dict(request.query_params),
+                                       request.state.user)
     except BadParam as exc:
         return _bad(exc)
     return JSONResponse(body)
@@ -274,14 +311,15 @@ async def results_endpoint(request: Request) -> Response:
 @requires()
 async def result_endpoint(request: Request) -> Response:
     rid = _id(request, "result_id")
-    body = await run_in_threadpool(get_result, request.app.state.ctx, rid) if rid else None
+    body = await run_in_threadpool(get_result, request.app.state.ctx, rid, request.state.user) if rid else None
     return JSONResponse(body) if body is not None else _not_found("result")
 
 
 @requires()
 async def findings_endpoint(request: Request) -> Response:
     try:
-        body = await run_in_threadpool(list_findings, request.app.state.ctx, dict(request.query_params))
+        body = await run_in_threadpool(list_findings, request.app.state.ctx, dict(request.query_params),
+                                       request.state.user)
     except BadParam as exc:
         return _bad(exc)
     return JSONResponse(body)

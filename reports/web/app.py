@@ -34,9 +34,13 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reports.web import api, metrics
+from reports.web import auth as web_auth
 from reports.web import queries as q
+from reports.web import users as web_users
 from reports.web.auth import (
     EV_LOGOUT,
+    ROLES,
+    SESSION_TTL_SECONDS,
     audit_record,
     client_ip,
     csrf_ok,
@@ -49,19 +53,23 @@ from reports.web.auth import (
 )
 from storage import audit
 from storage.db import session_scope
-from storage.models import AuditEvent, Feedback, Study, Worker
+from storage.models import AuditEvent, Feedback, Study, User, Worker
 from triage import __version__
 from triage.context import AppContext
 from triage.labels import LABELS, SHORT
 from triage.logging import get_logger
+from triage.redact import strip_userinfo
 
 log = get_logger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "triage_session"
-SESSION_MAX_AGE = 12 * 3600
+SESSION_MAX_AGE = SESSION_TTL_SECONDS
 AUDIT_PAGE = 200
 AUDIT_CSV_MAX = 100_000
+AUDIT_COUNT_CAP = 10_000  # a filtered count stops here ("more than 10,000"): counting is work per row
+# Spreadsheet formula triggers: a cell starting with one of these is prefixed with "'" in the CSV.
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 WORKLIST_POLL_MS = 5000
 EV_FEEDBACK = audit.FEEDBACK
 EV_AUDIT_EXPORT = audit.VIEWED  # details {"export": "audit.csv", ...}
@@ -85,10 +93,17 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src '
 
 
 class SecurityHeaders:
-    """Adds CSP and friends to every response; pages and API answers are not cached."""
+    """Adds CSP and friends to every response; pages and API answers are not cached.
 
-    def __init__(self, app: ASGIApp) -> None:
+    HSTS (``Strict-Transport-Security: max-age=hsts_seconds``) goes on responses to HTTPS
+    requests, and on all responses when the node is configured as HTTPS-only
+    (``session_https_only``, i.e. behind a TLS proxy that forwards plain HTTP).
+    """
+
+    def __init__(self, app: ASGIApp, hsts_seconds: int = 0, https_only: bool = False) -> None:
         self.app = app
+        self.hsts = f"max-age={hsts_seconds}".encode() if hsts_seconds > 0 else b""
+        self.https_only = https_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,6 +122,8 @@ class SecurityHeaders:
                 ]
                 if not static:
                     headers.append((b"cache-control", b"no-store"))
+                if self.hsts and (self.https_only or scope.get("scheme") == "https"):
+                    headers.append((b"strict-transport-security", self.hsts))
                 message["headers"] = headers
             await send(message)
 
@@ -161,9 +178,9 @@ def fmt_pct(x: Any) -> str:
 def fmt_details(details: Any, max_chars: int = 400) -> str:
     """Audit details for a table cell: long lists summarised (e.g. hundreds of SOP UIDs), text capped."""
     if not isinstance(details, dict):
-        return str(details)[:max_chars]
+        return strip_userinfo(str(details))[:max_chars]
     short = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 5 else v) for k, v in details.items()}
-    text = json.dumps(short, sort_keys=True, default=str)
+    text = strip_userinfo(json.dumps(short, sort_keys=True, default=str))
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
@@ -208,19 +225,21 @@ async def login_page(request: Request) -> Response:
     outcome = await run_in_threadpool(login, ctx, username, password, client_ip(request))
     if outcome.user is None:
         return render(request, "login.html", status_code=401, next=nxt, error=outcome.error, username=username)
-    establish_session(request, outcome.user)
+    establish_session(request, outcome.user, outcome.session_id)
     return RedirectResponse(nxt, status_code=303)
 
 
 @requires()
 async def logout(request: Request) -> Response:
+    """End the session on the server (a copy of the cookie is refused from now on) and clear it."""
     user = request.state.user
 
-    def _audit() -> None:
+    def _end() -> None:
+        web_auth.logout(_ctx(request), request)
         with session_scope(_ctx(request).sessions) as s:
             audit_record(s, EV_LOGOUT, actor=user.username, details={"ip": client_ip(request)})
 
-    await run_in_threadpool(_audit)
+    await run_in_threadpool(_end)
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 
@@ -374,26 +393,33 @@ def _audit_filters(request: Request) -> tuple[dict[str, str], list[Any], str]:
 
 
 def _verify(ctx: AppContext) -> dict[str, Any]:
+    """The chain's state for the page: the events added since the last verified checkpoint are
+    verified (``audit.verify_incremental``), not the whole trail, so a view costs the same with
+    ten thousand or a million events."""
+    import dataclasses
+
     with session_scope(ctx.sessions) as s:
-        report = audit.verify(s)
-    if hasattr(report, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(report)
-    if hasattr(report, "_asdict"):
-        return dict(report._asdict())
-    return dict(vars(report))
+        report = audit.verify_incremental(s)
+    return dataclasses.asdict(report)
 
 
-def _audit_rows(ctx: AppContext, cond: list[Any], offset: int) -> tuple[list[AuditEvent], list[str], int]:
+def _audit_rows(ctx: AppContext, cond: list[Any], offset: int) -> tuple[list[AuditEvent], int, bool, list[int]]:
+    """One page of events, newest first; the total (exact without filters: ids are gap-free;
+    counted up to ``AUDIT_COUNT_CAP`` with filters, ``capped`` then True); and the ids among
+    the shown events whose content no longer matches their hash."""
     from sqlalchemy import func
 
     with session_scope(ctx.sessions) as s:
-        total = s.scalar(select(func.count()).select_from(AuditEvent).where(*cond)) or 0
+        if cond:
+            sub = select(AuditEvent.id).where(*cond).limit(AUDIT_COUNT_CAP + 1).subquery()
+            total = int(s.scalar(select(func.count()).select_from(sub)) or 0)
+        else:
+            total = int(s.scalar(select(func.max(AuditEvent.id))) or 0)
+        capped = total > AUDIT_COUNT_CAP
         rows = list(s.scalars(select(AuditEvent).where(*cond).order_by(AuditEvent.id.desc())
                               .limit(AUDIT_PAGE).offset(offset)))
-        types = [t for (t,) in s.execute(select(AuditEvent.event_type).distinct().order_by(AuditEvent.event_type))]
-    return rows, types, total
+        broken = [ev.id for ev in rows if not audit.row_intact(ev)]
+    return rows, min(total, AUDIT_COUNT_CAP) if capped else total, capped, broken
 
 
 @requires("admin")
@@ -404,15 +430,27 @@ async def audit_page(request: Request) -> Response:
         offset = max(0, min(int(request.query_params.get("offset", "0") or 0), 10_000_000))
     except ValueError:
         offset = 0
-    rows, types, total = await run_in_threadpool(_audit_rows, ctx, cond, offset)
+    rows, total, capped, broken = await run_in_threadpool(_audit_rows, ctx, cond, offset)
     try:
         verification: dict[str, Any] = await run_in_threadpool(_verify, ctx)
     except Exception as exc:  # report, never hide, a verification that cannot run
         log.error("web.audit_verify_failed", error=str(exc))
         verification = {"ok": False, "error": f"verification could not run: {exc}"}
+    if broken and verification.get("ok"):
+        verification = {"ok": False, "checked": verification.get("checked", 0), "bad_id": broken[-1],
+                        "problem": f"event {broken[-1]}: content does not match its hash (edited?)"}
     query = urlencode({k: v for k, v in filters.items() if v})
-    return render(request, "audit.html", rows=rows, types=types, filters=filters, error=error, total=total,
-                  offset=offset, page=AUDIT_PAGE, query=query, verification=verification)
+    return render(request, "audit.html", rows=rows, types=sorted(audit.EVENT_TYPES), filters=filters, error=error,
+                  total=total, capped=capped, broken=set(broken), offset=offset, page=AUDIT_PAGE, query=query,
+                  verification=verification)
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting with ``= + - @``, tab or CR gets a
+    leading ``'`` (OWASP CSV injection). Numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_START):
+        return "'" + value
+    return value
 
 
 @requires("admin")
@@ -431,8 +469,9 @@ async def audit_csv(request: Request) -> Response:
         with session_scope(ctx.sessions) as s:
             n = 0
             for ev in s.scalars(select(AuditEvent).where(*cond).order_by(AuditEvent.id).limit(AUDIT_CSV_MAX)):
-                w.writerow([ev.id, q.iso(ev.ts), ev.event_type, ev.actor, ev.study_uid, ev.series_uid, ev.accession,
-                            ev.outcome, json.dumps(ev.details or {}, sort_keys=True), ev.prev_hash, ev.hash])
+                w.writerow([csv_cell(v) for v in (
+                    ev.id, q.iso(ev.ts), ev.event_type, ev.actor, ev.study_uid, ev.series_uid, ev.accession,
+                    ev.outcome, strip_userinfo(json.dumps(ev.details or {}, sort_keys=True)), ev.prev_hash, ev.hash)])
                 n += 1
             audit_record(s, EV_AUDIT_EXPORT, actor=user.username,
                          details={"export": "audit.csv", "filters": {k: v for k, v in filters.items() if v}, "rows": n})
@@ -473,10 +512,23 @@ def _ops(ctx: AppContext) -> dict[str, Any]:
     return out
 
 
+#: The notices ``/ops?msg=CODE&job=N`` can show: fixed texts, never text from the URL.
+OPS_MESSAGES = {"retried": "Job {job} queued again.", "not_dead": "Job {job} is not dead-lettered."}
+
+
+def _notice(request: Request, messages: dict[str, str]) -> str:
+    """The fixed notice named by ``msg`` (its only parameter, ``job``, must be a number)."""
+    template = messages.get(request.query_params.get("msg", ""))
+    job = request.query_params.get("job", "")
+    if template is None or ("{job}" in template and not (job.isdigit() and len(job) <= 10)):
+        return ""
+    return template.format(job=job)
+
+
 @requires("admin")
 async def ops_page(request: Request) -> Response:
     data = await run_in_threadpool(_ops, _ctx(request))
-    return render(request, "ops.html", ops=data, message=request.query_params.get("msg", "")[:200])
+    return render(request, "ops.html", ops=data, message=_notice(request, OPS_MESSAGES))
 
 
 @requires("admin")
@@ -487,12 +539,85 @@ async def retry_job(request: Request) -> Response:
 
     def _retry() -> str:
         # retry_dead re-queues and audits "job_retried" with the admin as actor, in one transaction.
-        if not ctx.queue.retry_dead(job_id, actor=user.username):
-            return f"Job {job_id} is not dead-lettered."
-        return f"Job {job_id} queued again."
+        return "retried" if ctx.queue.retry_dead(job_id, actor=user.username) else "not_dead"
 
-    msg = await run_in_threadpool(_retry)
-    return RedirectResponse("/ops?" + urlencode({"msg": msg}), status_code=303)
+    code = await run_in_threadpool(_retry)
+    return RedirectResponse("/ops?" + urlencode({"msg": code, "job": job_id}), status_code=303)
+
+
+# --------------------------------------------------------------------------- users (admins)
+#: The notices ``/users?msg=CODE`` can show (fixed texts).
+USER_MESSAGES = {
+    "created": "User created.", "disabled": "User disabled; its sessions ended.", "enabled": "User enabled.",
+    "unlocked": "Login waits cleared.", "password": "Password reset; the user's sessions ended.",
+    "role": "Role changed; the user's sessions ended.", "tokens": "API token revoked.",
+    "sessions": "Sessions ended.", "self": "You cannot disable yourself or change your own role.",
+}
+USER_ACTIONS = ("disable", "enable", "unlock", "password", "role", "revoke-tokens", "revoke-sessions")
+
+
+def _users(ctx: AppContext) -> list[dict[str, Any]]:
+    with session_scope(ctx.sessions) as s:
+        return web_users.list_users(s)
+
+
+@requires("admin")
+async def users_page(request: Request) -> Response:
+    rows = await run_in_threadpool(_users, _ctx(request))
+    return render(request, "users.html", users=rows, roles=ROLES, message=_notice(request, USER_MESSAGES),
+                  error="")
+
+
+def _change_user(ctx: AppContext, actor: str, action: str, user_id: int, form: dict[str, str]) -> str:
+    """Apply one admin action (audited in the same transaction); return the notice code."""
+    with session_scope(ctx.sessions) as s:
+        target = s.get(User, user_id) if action != "add" else None
+        if action != "add" and target is None:
+            raise web_users.UserError("no such user")
+        username = target.username if target is not None else ""
+        if action == "add":
+            web_users.create_user(s, form.get("username", ""), form.get("password", ""),
+                                  form.get("role", "radiologist"), actor=actor)
+            return "created"
+        if action == "disable":
+            web_users.set_active(s, username, False, actor=actor)
+            return "disabled"
+        if action == "enable":
+            web_users.set_active(s, username, True, actor=actor)
+            return "enabled"
+        if action == "unlock":
+            web_users.unlock_user(s, username, actor=actor)
+            return "unlocked"
+        if action == "password":
+            web_users.reset_password(s, username, form.get("password", ""), actor=actor)
+            return "password"
+        if action == "role":
+            web_users.set_role(s, username, form.get("role", ""), actor=actor)
+            return "role"
+        if action == "revoke-tokens":
+            web_users.revoke_tokens(s, username, actor=actor)
+            return "tokens"
+        web_users.revoke_user_sessions(s, username, actor=actor)
+        return "sessions"
+
+
+@requires("admin")
+async def users_change(request: Request) -> Response:
+    """POST /users (add) and /users/{user_id}/{action}: every change is audited."""
+    user = request.state.user
+    action = request.path_params.get("action", "add")
+    user_id = _path_int(request, "user_id") if action != "add" else 0
+    if action != "add" and action not in USER_ACTIONS:
+        raise HTTPException(404)
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    if user_id == user.id and action in ("disable", "role"):
+        return RedirectResponse("/users?msg=self", status_code=303)
+    try:
+        code = await run_in_threadpool(_change_user, _ctx(request), user.username, action, user_id, form)
+    except web_users.UserError as exc:
+        rows = await run_in_threadpool(_users, _ctx(request))
+        return render(request, "users.html", status_code=400, users=rows, roles=ROLES, message="", error=str(exc))
+    return RedirectResponse(f"/users?msg={code}", status_code=303)
 
 
 # --------------------------------------------------------------------------- health and metrics
@@ -622,6 +747,9 @@ def create_app(ctx: AppContext, components: dict[str, Any] | None = None) -> Sta
         Route("/audit.csv", audit_csv, methods=["GET"]),
         Route("/ops", ops_page, methods=["GET"]),
         Route("/ops/jobs/{job_id}/retry", retry_job, methods=["POST"]),
+        Route("/users", users_page, methods=["GET"]),
+        Route("/users", users_change, methods=["POST"]),
+        Route("/users/{user_id}/{action}", users_change, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
@@ -630,7 +758,7 @@ def create_app(ctx: AppContext, components: dict[str, Any] | None = None) -> Sta
     ]
     s = ctx.settings
     middleware = [
-        Middleware(SecurityHeaders),
+        Middleware(SecurityHeaders, hsts_seconds=s.hsts_seconds, https_only=s.session_https_only),
         Middleware(SessionMiddleware, secret_key=session_secret(ctx), session_cookie=SESSION_COOKIE,
                    max_age=SESSION_MAX_AGE, same_site="lax", https_only=s.session_https_only),
     ]

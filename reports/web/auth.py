@@ -1,4 +1,4 @@
-"""Authentication for the web node: local users, sessions, API tokens, CSRF, lock-out.
+"""Authentication for the web node: local users, sessions, API tokens, CSRF, login throttle.
 
 Three ways to be a user, checked in this order:
 
@@ -7,10 +7,17 @@ Three ways to be a user, checked in this order:
 2. A trusted reverse-proxy header (``settings.trusted_proxy_header``, e.g. ``X-Remote-User``)
    naming an existing active user. Only enable it behind a proxy that strips the header
    from client requests.
-3. The signed session cookie set at login (Starlette ``SessionMiddleware``, itsdangerous).
+3. The signed session cookie set at login (Starlette ``SessionMiddleware``, itsdangerous). It
+   carries a random session id whose sha256 is a ``web_sessions`` row: the session lives only
+   while that row does. Logout deletes it; disabling an account, changing its role or password
+   and an admin's "revoke sessions" delete all of the user's rows, so a copied cookie replayed
+   afterwards is refused.
 
 Every state-changing request made with a cookie (or the proxy header) must carry the
 session's CSRF token, as a ``csrf_token`` form field or an ``X-CSRF-Token`` header.
+
+Failed logins are throttled (``login_throttle``) per client address and per account as tried
+from that address, with doubling waits; see :func:`login`.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -35,7 +43,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 
 from storage import audit
 from storage.db import session_scope
-from storage.models import Setting, User
+from storage.models import LoginThrottle, Setting, User, WebSession
 from triage.context import AppContext
 from triage.logging import get_logger
 
@@ -46,6 +54,12 @@ PHI_ROLES: frozenset[str] = frozenset({"admin"})  # roles that see full patient 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SECRET_SETTING_KEY = "web_session_secret"
 MIN_PASSWORD_LENGTH = 10
+SESSION_TTL_SECONDS = 12 * 3600
+SESSION_TOUCH_SECONDS = 60  # last_seen_at is written at most this often per session
+THROTTLE_FORGET = dt.timedelta(days=1)  # throttle rows idle this long are forgotten
+GENERIC_LOGIN_ERROR = "Invalid user name or password."
+THROTTLED_LOGIN_ERROR = ("Too many failed attempts: logins are locked here for {wait}. "
+                         "Try again later or ask an administrator.")
 
 # Audit event types written here (storage/audit.py). A refused request (wrong role, bad CSRF
 # token) is recorded as "viewed" with outcome "failure" and the reason in its details.
@@ -135,65 +149,183 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-# --------------------------------------------------------------------------- login / lock-out
+# --------------------------------------------------------------------------- login / throttle
 @dataclass(frozen=True)
 class LoginOutcome:
     user: CurrentUser | None
     error: str = ""
+    session_id: str = ""  # the new session's id (goes into the signed cookie)
 
 
-def _locked(user: User, now: dt.datetime) -> bool:
-    return user.locked_until is not None and user.locked_until > now
+def _session_hash(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode("utf-8")).hexdigest()
+
+
+def _fmt_wait(seconds: float) -> str:
+    s = max(1, int(seconds + 0.999))
+    return f"{s} s" if s < 120 else f"{(s + 59) // 60} min"
+
+
+def _throttle_rows(s: Session, pairs: list[tuple[str, str]], now: dt.datetime) -> list[LoginThrottle]:
+    """The throttle rows of (account, address) pairs, created when missing, locked for update."""
+    dialect = s.get_bind().dialect.name
+    table = LoginThrottle.__table__
+    for account, address in pairs:
+        values = {"account": account, "address": address, "failures": 0, "blocks": 0, "updated_at": now}
+        if dialect == "postgresql":
+            s.execute(postgresql.insert(table).values(**values).on_conflict_do_nothing(
+                index_elements=["account", "address"]))
+        elif dialect == "sqlite":
+            s.execute(sqlite.insert(table).values(**values).on_conflict_do_nothing(
+                index_elements=["account", "address"]))
+        elif s.scalars(select(LoginThrottle).where(LoginThrottle.account == account,
+                                                   LoginThrottle.address == address)).first() is None:
+            s.add(LoginThrottle(**values))
+            s.flush()
+    rows = []
+    for account, address in pairs:
+        row = s.scalars(select(LoginThrottle).where(LoginThrottle.account == account,
+                                                    LoginThrottle.address == address)
+                        .with_for_update().execution_options(populate_existing=True)).one()
+        if row.updated_at < now - THROTTLE_FORGET and not _blocked(row, now):
+            row.failures, row.blocks = 0, 0  # an old history no longer counts
+        rows.append(row)
+    return rows
+
+
+def _blocked(row: LoginThrottle, now: dt.datetime) -> bool:
+    return row.blocked_until is not None and row.blocked_until > now
+
+
+def _fail(row: LoginThrottle, limit: int, ctx: AppContext, now: dt.datetime) -> float:
+    """Count a failure; start the next (doubled, capped) wait at ``limit`` failures. Returns the
+    wait started, in seconds (0 when none)."""
+    row.failures += 1
+    row.updated_at = now
+    if row.failures < limit:
+        return 0.0
+    st = ctx.settings
+    wait = min(st.lockout_minutes * 60.0, st.lockout_base_seconds * 2.0 ** row.blocks)
+    row.blocks += 1
+    row.failures = 0
+    row.blocked_until = now + dt.timedelta(seconds=wait)
+    return wait
+
+
+def _account_wide_until(s: Session, account: str, ctx: AppContext, now: dt.datetime) -> dt.datetime | None:
+    """When ``lockout_account_addresses`` or more addresses are waiting on one account at once
+    (a guess spread over several addresses), the account waits for every address until the
+    soonest of those waits ends. One address alone can never cause this."""
+    untils = sorted(s.scalars(select(LoginThrottle.blocked_until).where(
+        LoginThrottle.account == account, LoginThrottle.blocked_until > now)))
+    if len(untils) < ctx.settings.lockout_account_addresses:
+        return None
+    return untils[0]
+
+
+def start_session(s: Session, user_id: int, ip: str, via: str = "password") -> str:
+    """Create a server-side session row for ``user_id``; return the id for the cookie."""
+    now = utcnow()
+    s.execute(delete(WebSession).where(WebSession.expires_at <= now))  # housekeeping (indexed)
+    session_id = secrets.token_urlsafe(32)
+    s.add(WebSession(id_hash=_session_hash(session_id), user_id=user_id, via=via, ip=ip[:64], created_at=now,
+                     last_seen_at=now, expires_at=now + dt.timedelta(seconds=SESSION_TTL_SECONDS)))
+    s.flush()
+    return session_id
+
+
+def end_session(s: Session, session_id: str) -> bool:
+    """Delete one session (logout). True when it existed."""
+    return bool(s.execute(delete(WebSession).where(WebSession.id_hash == _session_hash(session_id))).rowcount)
+
+
+def revoke_sessions(s: Session, user_id: int) -> int:
+    """End every session of a user; return how many there were."""
+    return int(s.execute(delete(WebSession).where(WebSession.user_id == user_id)).rowcount or 0)
+
+
+def active_sessions(s: Session) -> dict[int, int]:
+    """Open (unexpired) sessions per user id."""
+    return {uid: n for uid, n in s.execute(
+        select(WebSession.user_id, func.count()).where(WebSession.expires_at > utcnow())
+        .group_by(WebSession.user_id))}
+
+
+def unlock(s: Session, username: str) -> int:
+    """Clear every wait of an account (all addresses); return how many throttle rows went."""
+    return int(s.execute(delete(LoginThrottle).where(LoginThrottle.account == username)).rowcount or 0)
+
+
+def throttled_accounts(s: Session) -> set[str]:
+    """Accounts that some address is waiting on now (for the users page)."""
+    return set(s.scalars(select(LoginThrottle.account).where(
+        LoginThrottle.account != "", LoginThrottle.blocked_until > utcnow()).distinct()))
 
 
 def login(ctx: AppContext, username: str, password: str, ip: str) -> LoginOutcome:
-    """Check a password, apply lock-out, and audit the attempt.
+    """Check a password under the login throttle, start a session, and audit the attempt.
 
-    After ``settings.lockout_attempts`` consecutive failures the account is locked for
-    ``settings.lockout_minutes``; while locked, even the right password is refused. The
-    message never says whether the user name exists.
+    Two throttles, both with doubling waits (``lockout_base_seconds``, capped at
+    ``lockout_minutes``): one address that fails ``lockout_address_attempts`` times in a row (any
+    user names) waits, and one account that fails ``lockout_attempts`` times in a row from one
+    address waits *at that address*; other addresses can still log in to it. Only when
+    ``lockout_account_addresses`` addresses are waiting on the same account at once does the
+    account wait everywhere. A waiting address gets no password check at all.
+
+    User names that do not exist are throttled exactly as real ones, and both get the same
+    messages, so neither the message nor the throttle tells which names exist.
     """
-    s_ = ctx.settings
     now = utcnow()
-    generic = "Invalid user name or password."
     username = "".join(c for c in username if c.isprintable()).strip()[:64]
+    ip = (ip or "unknown")[:64]
+    account = username or "(empty)"
     with session_scope(ctx.sessions) as s:
+        s.execute(delete(LoginThrottle).where(LoginThrottle.updated_at < now - THROTTLE_FORGET,
+                                              LoginThrottle.blocked_until.is_(None)
+                                              | (LoginThrottle.blocked_until < now)))
+        by_address, by_pair = _throttle_rows(s, [("", ip), (account, ip)], now)
+        account_until = _account_wide_until(s, account, ctx, now)
+        waits = [r.blocked_until for r in (by_address, by_pair) if r.blocked_until and r.blocked_until > now]
+        if account_until is not None:
+            waits.append(account_until)
+        if waits:
+            until = max(waits)
+            scope = "address" if _blocked(by_address, now) else "account" if _blocked(by_pair, now) else "account-wide"
+            audit_record(s, EV_LOGIN_FAILED, actor=account, outcome="failure",
+                         details={"reason": "throttled", "scope": scope, "ip": ip})
+            return LoginOutcome(None, THROTTLED_LOGIN_ERROR.format(wait=_fmt_wait((until - now).total_seconds())))
         user = s.scalars(select(User).where(User.username == username)).first()
-        if user is None or not user.active or not user.password_hash:
-            verify_password(_DUMMY_HASH, password)
-            reason = "unknown user" if user is None else "inactive user"
-            audit_record(s, EV_LOGIN_FAILED, actor=username or "(empty)", outcome="failure",
-                         details={"reason": reason, "ip": ip})
-            return LoginOutcome(None, generic)
-        if _locked(user, now):
-            audit_record(s, EV_LOGIN_FAILED, actor=username, outcome="failure",
-                         details={"reason": "locked", "ip": ip})
-            return LoginOutcome(None, "This account is temporarily locked. Try again later or ask an administrator.")
-        if not verify_password(user.password_hash, password):
-            user.failed_logins = (user.failed_logins or 0) + 1
-            audit_record(s, EV_LOGIN_FAILED, actor=username, outcome="failure",
-                         details={"reason": "bad password", "failures": user.failed_logins, "ip": ip})
-            if user.failed_logins >= s_.lockout_attempts:
-                user.locked_until = now + dt.timedelta(minutes=s_.lockout_minutes)
-                user.failed_logins = 0
-                audit_record(s, EV_LOCKOUT, actor=username, outcome="failure",
-                             details={"minutes": s_.lockout_minutes, "ip": ip})
-                log.warning("web.lockout", user_id=user.id)
-                return LoginOutcome(None, "Too many failed attempts: this account is temporarily locked.")
-            return LoginOutcome(None, generic)
+        usable = user is not None and user.active and bool(user.password_hash)
+        ok = verify_password(user.password_hash if usable and user else _DUMMY_HASH, password) and usable
+        if not ok or user is None:
+            reason = "unknown user" if user is None else "inactive user" if not usable else "bad password"
+            audit_record(s, EV_LOGIN_FAILED, actor=account, outcome="failure", details={"reason": reason, "ip": ip})
+            waited = [(scope, _fail(row, limit, ctx, now)) for scope, row, limit in (
+                ("address", by_address, ctx.settings.lockout_address_attempts),
+                ("account", by_pair, ctx.settings.lockout_attempts))]
+            started = [(scope, w) for scope, w in waited if w > 0]
+            for scope, wait in started:
+                audit_record(s, EV_LOCKOUT, actor=account, outcome="failure",
+                             details={"scope": scope, "seconds": wait, "ip": ip})
+                log.warning("web.login_throttled", scope=scope, seconds=wait)
+            if started:
+                return LoginOutcome(None, THROTTLED_LOGIN_ERROR.format(wait=_fmt_wait(max(w for _, w in started))))
+            return LoginOutcome(None, GENERIC_LOGIN_ERROR)
         if _hasher.check_needs_rehash(user.password_hash):
             user.password_hash = hash_password(password)
-        user.failed_logins = 0
-        user.locked_until = None
+        s.delete(by_pair)
+        by_address.failures = 0
+        by_address.updated_at = now
         user.last_login_at = now
+        session_id = start_session(s, user.id, ip)
         audit_record(s, EV_LOGIN, actor=username, details={"ip": ip, "method": "password"})
-        return LoginOutcome(CurrentUser(user.id, user.username, user.role, "session"))
+        return LoginOutcome(CurrentUser(user.id, user.username, user.role, "session"), session_id=session_id)
 
 
-def establish_session(request: Request, user: CurrentUser) -> None:
-    """Start a fresh session for ``user`` (new CSRF token: no fixation across logins)."""
+def establish_session(request: Request, user: CurrentUser, session_id: str) -> None:
+    """Put a fresh session into the signed cookie (new CSRF token: no fixation across logins)."""
     request.session.clear()
-    request.session["uid"] = user.id
+    request.session["sid"] = session_id
     request.session["csrf"] = secrets.token_urlsafe(32)
     request.session["t"] = int(utcnow().timestamp())
 
@@ -249,18 +381,42 @@ def resolve_user(ctx: AppContext, request: Request) -> CurrentUser | None:
                 user = _load(s, username=name)
                 if user is None:
                     return None
-                if request.session.get("uid") != user.id:
-                    establish_session(request, CurrentUser(user.id, user.username, user.role, "proxy"))
+                current = CurrentUser(user.id, user.username, user.role, "proxy")
+                row = _session_row(s, request)
+                if row is None or row.user_id != user.id:
+                    establish_session(request, current, start_session(s, user.id, client_ip(request), "proxy"))
                     audit_record(s, EV_LOGIN, actor=user.username,
                                  details={"ip": client_ip(request), "method": f"proxy header {proxy_header}"})
-                return CurrentUser(user.id, user.username, user.role, "proxy")
-        uid = request.session.get("uid")
-        if not isinstance(uid, int):
+                return current
+        row = _session_row(s, request)
+        if row is None:
             return None
-        user = _load(s, id=uid)
+        user = _load(s, id=row.user_id)
         if user is None:
             return None
+        now = utcnow()
+        if (now - row.last_seen_at).total_seconds() > SESSION_TOUCH_SECONDS:
+            row.last_seen_at = now
         return CurrentUser(user.id, user.username, user.role, "session")
+
+
+def _session_row(s: Session, request: Request) -> WebSession | None:
+    """The live ``web_sessions`` row behind the request's cookie, or None (none, ended, expired)."""
+    session_id = request.session.get("sid")
+    if not isinstance(session_id, str) or not session_id:
+        return None
+    row = s.get(WebSession, _session_hash(session_id))
+    if row is None or row.expires_at <= utcnow():
+        return None
+    return row
+
+
+def logout(ctx: AppContext, request: Request) -> None:
+    """End the request's server-side session (the cookie is cleared by the caller)."""
+    session_id = request.session.get("sid")
+    if isinstance(session_id, str) and session_id:
+        with session_scope(ctx.sessions) as s:
+            end_session(s, session_id)
 
 
 def _wants_json(request: Request) -> bool:

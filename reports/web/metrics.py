@@ -1,25 +1,41 @@
-"""``/metrics`` in Prometheus text format, computed from the database at scrape time.
+"""``/metrics`` in Prometheus text format, from the database at scrape time.
 
 The database is the shared state of all roles, so one web process reports the whole node
-(receiver, workers, deliveries) without any in-memory counters. Counters are counts of
-append-only rows (audit events, deliveries, results); gauges are current states.
-Nothing here carries patient data.
+(receiver, workers, deliveries). Gauges are current states, read per scrape. Counters that
+would otherwise need a pass over growing tables (instances received, from the audit trail;
+results, results outside the input domain and the stage-duration histogram, from ``results``;
+delivery attempts, from ``deliveries``) are kept incrementally: :class:`Totals` holds the sums
+up to a cursor (the last row id counted) and lives in ``node_settings`` (:data:`STATE_KEY`), so
+every web process, and a restarted one, continues from it. A scrape reads only the rows after
+the cursor, so its cost follows the rows added since the previous scrape, not the table size.
+
+Why counting by id is exact: audit ids are assigned in commit order under the chain lock
+(storage/audit.py). Other tables' ids are not: a transaction may commit a lower id after a
+higher one is visible. Rows younger than :data:`SETTLE` are therefore counted on each scrape
+but not folded into the stored totals until they are older, so a late commit is still seen
+(unless its transaction stayed open longer than ``SETTLE``). Counters never fall: each process
+also keeps the highest value it reported for every series. Nothing here carries patient data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import func, select
+from sqlalchemy import case, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from storage import audit
 from storage.db import session_scope
-from storage.models import RESULT_OUT_OF_DOMAIN, AuditEvent, Delivery, Instance, Job, Result, Study, Worker
+from storage.models import RESULT_OUT_OF_DOMAIN, AuditEvent, Delivery, Instance, Job, Result, Setting, Study, Worker
 from triage.context import AppContext
 from triage.logging import get_logger
 
@@ -27,8 +43,11 @@ log = get_logger(__name__)
 
 # Seconds; covers sub-second stages up to a slow CPU inference.
 STAGE_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
-TIMING_WINDOW = 10_000  # newest results included in the stage histograms
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "dead")
+STATE_KEY = "metrics_totals"  # node_settings: JSON of Totals
+SETTLE = dt.timedelta(minutes=5)  # rows younger than this are counted live, not folded into the totals
+SCAN_BATCH = 50_000  # rows read per table per scrape (a backlog is caught up over several scrapes)
+AUDIT_BATCHES = 20  # audit id ranges of SCAN_BATCH read per scrape at most
 
 
 def stage_histograms(timings: list[dict[str, object]]) -> dict[str, tuple[list[int], float, int]]:
@@ -47,22 +66,175 @@ def stage_histograms(timings: list[dict[str, object]]) -> dict[str, tuple[list[i
     return out
 
 
+def _empty_hist() -> list[float]:
+    return [0.0] * (len(STAGE_BUCKETS) + 3)  # cumulative buckets with +Inf, then sum, then count
+
+
+def _add_timings(hists: dict[str, list[float]], timings: Any) -> None:
+    for stage, (buckets, total, n) in stage_histograms([timings if isinstance(timings, dict) else {}]).items():
+        h = hists.setdefault(stage, _empty_hist())
+        for i, c in enumerate(buckets):
+            h[i] += c
+        h[-2] += total
+        h[-1] += n
+
+
+@dataclasses.dataclass
+class Totals:
+    """Counter values up to a cursor per source table (JSON in ``node_settings``)."""
+
+    audit_cursor: int = 0
+    received: float = 0.0
+    results_cursor: int = 0
+    results: dict[str, float] = dataclasses.field(default_factory=lambda: {"true": 0.0, "false": 0.0})
+    out_of_domain: float = 0.0
+    stages: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    deliveries_cursor: int = 0
+    deliveries: dict[str, float] = dataclasses.field(default_factory=dict)  # "channel|ok" or "channel|failed"
+
+    @classmethod
+    def load(cls, raw: str) -> Totals:
+        try:
+            data = json.loads(raw) if raw else {}
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        except (ValueError, TypeError):
+            return cls()
+
+    def dump(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def copy(self) -> Totals:
+        return Totals.load(self.dump())
+
+
+def _scan_audit(s: Session, t: Totals) -> None:
+    """Fold the audit events after the cursor into ``received`` (one event covers
+    ``details.count`` instances stored together). Reads id ranges on the primary key."""
+    weight = case((AuditEvent.event_type == audit.RECEIVED,
+                   func.coalesce(AuditEvent.details["count"].as_integer(), 1)), else_=0)
+    for _ in range(AUDIT_BATCHES):
+        top, added = s.execute(select(func.max(AuditEvent.id), func.coalesce(func.sum(weight), 0)).where(
+            AuditEvent.id > t.audit_cursor, AuditEvent.id <= t.audit_cursor + SCAN_BATCH)).one()
+        if top is None:
+            return
+        t.received += float(added or 0)
+        t.audit_cursor = int(top)
+
+
+def _scan_results(s: Session, t: Totals, live: Totals, now: dt.datetime) -> None:
+    """Results after the cursor: settled ones into ``t``, younger ones only into ``live``."""
+    rows = s.execute(select(Result.id, Result.positive, Result.timings, RESULT_OUT_OF_DOMAIN.label("ood"),
+                            Result.created_at).where(Result.id > t.results_cursor)
+                     .order_by(Result.id).limit(SCAN_BATCH)).all()
+    settled = True
+    for rid, positive, timings, ood, created in rows:
+        settled = settled and created is not None and created <= now - SETTLE
+        for target in ((t, live) if settled else (live,)):
+            key = "true" if positive else "false"
+            target.results[key] = target.results.get(key, 0.0) + 1
+            target.out_of_domain += 1 if ood else 0
+            _add_timings(target.stages, timings)
+        if settled:
+            t.results_cursor = rid
+
+
+def _scan_deliveries(s: Session, t: Totals, live: Totals, now: dt.datetime) -> None:
+    rows = s.execute(select(Delivery.id, Delivery.channel, Delivery.ok, Delivery.started_at)
+                     .where(Delivery.id > t.deliveries_cursor).order_by(Delivery.id).limit(SCAN_BATCH)).all()
+    settled = True
+    for did, channel, ok, started in rows:
+        settled = settled and started is not None and started <= now - SETTLE
+        key = f"{channel}|{'ok' if ok else 'failed'}"
+        for target in ((t, live) if settled else (live,)):
+            target.deliveries[key] = target.deliveries.get(key, 0.0) + 1
+        if settled:
+            t.deliveries_cursor = did
+
+
+def advance_totals(s: Session, now: dt.datetime) -> Totals:
+    """The counters now: the stored totals moved forward over the new rows (and stored again,
+    compare-and-set, so concurrent web processes agree), plus the rows too young to settle."""
+    old = str(s.scalar(select(Setting.value).where(Setting.key == STATE_KEY)) or "")
+    t = Totals.load(old)
+    before = t.dump()
+    live = t.copy()
+    _scan_audit(s, t)
+    live.audit_cursor, live.received = t.audit_cursor, t.received
+    _scan_results(s, t, live, now)
+    _scan_deliveries(s, t, live, now)
+    if t.dump() != before:
+        table = Setting.__table__
+        if old:
+            s.execute(update(table).where(table.c.key == STATE_KEY, table.c.value == old).values(value=t.dump()))
+        else:
+            s.execute(insert(table).values(key=STATE_KEY, value=t.dump()))
+    return live
+
+
 class NodeCollector(Collector):
-    """Reads counts from the database on every scrape."""
+    """Reads the database on every scrape: gauges directly, counters incrementally (Totals)."""
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self._high: dict[tuple[str, tuple[str, ...]], float] = {}  # highest value reported per series
+        self._lock = threading.Lock()
+
+    def _mono(self, name: str, labels: tuple[str, ...], value: float) -> float:
+        """Never report less than before (a deleted row must not make a counter fall)."""
+        with self._lock:
+            key = (name, labels)
+            high = max(self._high.get(key, 0.0), float(value))
+            self._high[key] = high
+            return high
+
+    def _totals(self, now: dt.datetime) -> Totals:
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            with session_scope(self.ctx.sessions) as s:
+                return advance_totals(s, now)
+        except IntegrityError:  # another process stored the first totals at the same time: read theirs
+            with session_scope(self.ctx.sessions) as s:
+                return advance_totals(s, now)
 
     def collect(self) -> Iterator[Metric]:
         now = dt.datetime.now(dt.UTC)
+        totals = self._totals(now)
+        received = CounterMetricFamily(
+            "triage_instances_received", "DICOM instances received (sum of 'received' audit events' counts)")
+        received.add_metric([], self._mono("received", (), totals.received))
+        yield received
+
+        results = CounterMetricFamily("triage_results", "Inference results written", labels=["positive"])
+        for pos in ("true", "false"):
+            results.add_metric([pos], self._mono("results", (pos,), totals.results.get(pos, 0.0)))
+        yield results
+
+        # A rise means series unlike the model's training studies are arriving (a new scanner or
+        # protocol): the results on them are not to be relied on (triage/models/domain.py).
+        ood = CounterMetricFamily("triage_results_out_of_domain",
+                                  "Inference results on series outside the model's input domain")
+        ood.add_metric([], self._mono("ood", (), totals.out_of_domain))
+        yield ood
+
+        deliveries = CounterMetricFamily("triage_deliveries", "Delivery attempts by channel and outcome",
+                                         labels=["channel", "outcome"])
+        counts = dict(totals.deliveries) or {"dicom|ok": 0.0, "dicom|failed": 0.0}
+        for key in sorted(counts):
+            channel, _, outcome = key.partition("|")
+            deliveries.add_metric([channel, outcome], self._mono("deliveries", (channel, outcome), counts[key]))
+        yield deliveries
+
+        hist = HistogramMetricFamily("triage_stage_duration_seconds",
+                                     "Pipeline stage durations (results.timings, every result)", labels=["stage"])
+        for stage, h in sorted(totals.stages.items()):
+            values = [self._mono("stage", (stage, str(i)), v) for i, v in enumerate(h)]
+            pairs = [(floatToGoString(le), values[i]) for i, le in enumerate(STAGE_BUCKETS)]
+            pairs.append(("+Inf", values[len(STAGE_BUCKETS)]))
+            hist.add_metric([stage], pairs, values[-2])
+        yield hist
+
         with session_scope(self.ctx.sessions) as s:
-            # One "received" audit event covers a batch of instances stored together (details.count).
-            received = CounterMetricFamily(
-                "triage_instances_received", "DICOM instances received (sum of 'received' audit events' counts)")
-            received.add_metric([], s.scalar(
-                select(func.coalesce(func.sum(func.coalesce(AuditEvent.details["count"].as_integer(), 1)), 0))
-                .where(AuditEvent.event_type == audit.RECEIVED)) or 0)
-            yield received
 
             stored = GaugeMetricFamily("triage_instances_stored", "DICOM instances currently in the file store")
             stored.add_metric([], s.scalar(select(func.count()).select_from(Instance)) or 0)
@@ -84,45 +256,9 @@ class NodeCollector(Collector):
             yield studies
 
             flagged = CounterMetricFamily("triage_flagged_studies", "Studies flagged positive")
-            flagged.add_metric([], s.scalar(
-                select(func.count()).select_from(Study).where(Study.flagged.is_(True))) or 0)
+            flagged.add_metric([], self._mono("flagged", (), s.scalar(
+                select(func.count()).select_from(Study).where(Study.flagged.is_(True))) or 0))
             yield flagged
-
-            results = CounterMetricFamily("triage_results", "Inference results written", labels=["positive"])
-            by_pos = dict(s.execute(select(Result.positive, func.count()).group_by(Result.positive)).all())
-            for pos in (True, False):
-                results.add_metric(["true" if pos else "false"], by_pos.get(pos, 0))
-            yield results
-
-            # A rise means series unlike the model's training studies are arriving (a new scanner or
-            # protocol): the results on them are not to be relied on (triage/models/domain.py).
-            ood = CounterMetricFamily("triage_results_out_of_domain",
-                                      "Inference results on series outside the model's input domain")
-            ood.add_metric([], s.scalar(select(func.count()).select_from(Result).where(RESULT_OUT_OF_DOMAIN)) or 0)
-            yield ood
-
-            deliveries = CounterMetricFamily("triage_deliveries", "Delivery attempts by channel and outcome",
-                                             labels=["channel", "outcome"])
-            seen = False
-            for channel, ok, n in s.execute(
-                select(Delivery.channel, Delivery.ok, func.count()).group_by(Delivery.channel, Delivery.ok)
-            ):
-                deliveries.add_metric([channel, "ok" if ok else "failed"], n)
-                seen = True
-            if not seen:
-                deliveries.add_metric(["dicom", "ok"], 0)
-                deliveries.add_metric(["dicom", "failed"], 0)
-            yield deliveries
-
-            timings = list(s.scalars(select(Result.timings).order_by(Result.id.desc()).limit(TIMING_WINDOW)))
-            hist = HistogramMetricFamily("triage_stage_duration_seconds",
-                                         f"Pipeline stage durations (results.timings, newest {TIMING_WINDOW})",
-                                         labels=["stage"])
-            for stage, (buckets, total, _n) in sorted(stage_histograms(timings).items()):
-                pairs = [(floatToGoString(le), float(c)) for le, c in zip(STAGE_BUCKETS, buckets[:-1], strict=True)]
-                pairs.append(("+Inf", float(buckets[-1])))
-                hist.add_metric([stage], pairs, total)
-            yield hist
 
             hb = GaugeMetricFamily("triage_worker_heartbeat_age_seconds", "Seconds since each process's heartbeat",
                                    labels=["worker", "role"])

@@ -1,7 +1,9 @@
 """Read models for the pages and the API: plain dicts built from the database.
 
 Patient identifiers leave this module masked unless the caller says the user may see PHI
-(admins; see ``auth.PHI_ROLES``).
+(admins; see ``auth.PHI_ROLES``). Destinations and error texts leave it without URL
+credentials (``triage.redact.strip_userinfo``): a webhook may be configured as
+``https://user:secret@host/hook``, and the secret must not reach a page or the API.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from storage.models import (
     Worker,
 )
 from triage.labels import DISPLAY, LABELS, SHORT
+from triage.redact import strip_userinfo, strip_userinfo_deep
 
 STATUSES: tuple[str, ...] = ("receiving", "queued", "processing", "done", "skipped", "failed")
 FEEDBACK_ACTIONS: tuple[str, ...] = ("acknowledge", "agree", "disagree")
@@ -214,7 +217,7 @@ def study_detail(s: Session, study_id: int, phi: bool) -> dict[str, Any] | None:
     ]
     row["timeline"] = collapse_received([
         {"ts": iso(ev.ts), "event_type": ev.event_type, "actor": ev.actor, "outcome": ev.outcome,
-         "series_uid": ev.series_uid, "details": ev.details or {}}
+         "series_uid": ev.series_uid, "details": strip_userinfo_deep(ev.details or {})}
         for ev in s.scalars(
             select(AuditEvent).where(AuditEvent.study_uid == study.study_uid)
             .order_by(AuditEvent.ts, AuditEvent.id).limit(2000)
@@ -263,14 +266,15 @@ def deliveries_by_destination(s: Session, study_id: int) -> list[dict[str, Any]]
     ).all()
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for d in rows:
-        g = groups.setdefault((d.channel, d.destination), {
-            "channel": d.channel, "destination": d.destination, "attempts": 0, "ok": 0, "failed": 0,
+        destination = strip_userinfo(d.destination)
+        g = groups.setdefault((d.channel, destination), {
+            "channel": d.channel, "destination": destination, "attempts": 0, "ok": 0, "failed": 0,
             "objects": set(), "last_status": "", "last_error": "", "last_ok": None, "last_at": None})
         g["attempts"] += 1
         g["ok" if d.ok else "failed"] += 1
         if d.result_object_id is not None and d.ok:
             g["objects"].add(d.result_object_id)
-        g["last_status"], g["last_error"], g["last_ok"] = d.status, d.error, bool(d.ok)
+        g["last_status"], g["last_error"], g["last_ok"] = d.status, strip_userinfo(d.error or ""), bool(d.ok)
         g["last_at"] = iso(d.finished_at or d.started_at)
     out = []
     for g in groups.values():
@@ -299,19 +303,29 @@ def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
         cond.append(Study.first_received_at >= since)
     done = s.scalar(select(func.count()).select_from(Study).where(*cond)) or 0
     flagged = s.scalar(select(func.count()).select_from(Study).where(*cond, Study.flagged.is_(True))) or 0
-    # PPV: of the flagged studies with a verdict, how many did the radiologist agree with
-    # (latest agree/disagree per study counts).
+    # PPV: of the verdicts on flagged studies' results, the share that agree. One verdict per
+    # user per result: a user's latest answer replaces only that user's own earlier answers, so
+    # no user can move the PPV by more than one verdict per result.
     verdicts = s.execute(
-        select(Feedback.study_id, Feedback.action)
+        select(Feedback.study_id, Feedback.result_id, Feedback.user_id, Feedback.action)
         .join(Study, Study.id == Feedback.study_id)
         .where(*cond, Study.flagged.is_(True), Feedback.action.in_(("agree", "disagree")))
-        .order_by(Feedback.study_id, Feedback.created_at.desc(), Feedback.id.desc())
+        .order_by(Feedback.created_at.desc(), Feedback.id.desc())
     ).all()
-    latest: dict[int, str] = {}
-    for sid, action in verdicts:
-        latest.setdefault(sid, action)
+    latest: dict[tuple[int, int | None, int | None], str] = {}
+    for sid, rid, uid, action in verdicts:
+        latest.setdefault((sid, rid, uid), action)
     agree = sum(1 for a in latest.values() if a == "agree")
     disagree = len(latest) - agree
+    # Agreement between readers: results with verdicts from two or more users, and how many of
+    # those have the same verdict from all of them.
+    by_result: dict[tuple[int, int | None], set[str]] = defaultdict(set)
+    readers: dict[tuple[int, int | None], int] = defaultdict(int)
+    for (sid, rid, _uid), action in latest.items():
+        by_result[(sid, rid)].add(action)
+        readers[(sid, rid)] += 1
+    multi = [key for key, n in readers.items() if n >= 2]
+    concordant = sum(1 for key in multi if len(by_result[key]) == 1)
     # current results on series unlike the model's training studies (triage/models/domain.py)
     ood = s.scalar(
         select(func.count()).select_from(Result).join(Study, Study.id == Result.study_id)
@@ -333,6 +347,9 @@ def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
         "agree": agree,
         "disagree": disagree,
         "ppv": (agree / len(latest)) if latest else None,
+        "multi_reader": len(multi),
+        "concordant": concordant,
+        "agreement": (concordant / len(multi)) if multi else None,
         "out_of_domain": ood,
         "out_of_domain_rate": (ood / done) if done else None,
         "ttr_n": len(ttr),
@@ -354,8 +371,9 @@ def workers(s: Session, now: dt.datetime) -> list[dict[str, Any]]:
 
 def dead_jobs(s: Session, limit: int = 100) -> list[dict[str, Any]]:
     return [
-        {"id": j.id, "kind": j.kind, "attempts": j.attempts, "payload": j.payload, "study_id": j.study_id,
-         "finished_at": iso(j.finished_at), "last_error": (j.last_error or "")[:500]}
+        {"id": j.id, "kind": j.kind, "attempts": j.attempts, "payload": strip_userinfo_deep(j.payload),
+         "study_id": j.study_id, "finished_at": iso(j.finished_at),
+         "last_error": strip_userinfo(j.last_error or "")[:500]}
         for j in s.scalars(select(Job).where(Job.state == "dead").order_by(Job.id.desc()).limit(limit))
     ]
 
@@ -377,10 +395,10 @@ def destinations(s: Session, configured: Sequence[str]) -> list[dict[str, Any]]:
         waiting = s.scalar(select(func.count()).select_from(Job).where(
             Job.lane == f"dicom:{name}"[:255], Job.state.in_(("queued", "running", "failed"))))
         out.append({
-            "destination": name, "configured": name in configured,
+            "destination": strip_userinfo(name), "configured": name in configured,
             "channel": last.channel if last else "",
             "last_ok": bool(last.ok) if last else None, "last_status": last.status if last else "",
-            "last_error": (last.error or "")[:300] if last else "",
+            "last_error": strip_userinfo(last.error or "")[:300] if last else "",
             "last_at": iso(last.finished_at or last.started_at) if last else None,
             "ok": int(counts.get(True, 0)), "failed": int(counts.get(False, 0)),
             "waiting": int(waiting or 0), "down_failures": int(lane.failures) if lane else 0,
