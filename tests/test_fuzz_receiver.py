@@ -175,6 +175,9 @@ def test_fuzzed_datasets_and_pdus_never_crash_or_hang_and_are_audited(tmp_path: 
     assert len(statuses) + no_answer == N_DATASETS
     assert no_answer <= N_DATASETS // 20, f"{no_answer} C-STOREs without an answer"
     assert len(refused) >= N_DATASETS // 4, "the mutations should be refused often"
+    # A malformed dataset is a permanent fault: refused with 0xCxxx, never 0x0110 (which invites a
+    # retry and used to come back when the database rejected what the header check let through).
+    assert all(0xC000 <= s <= 0xCFFF for s in refused), sorted({hex(s) for s in refused})
     with ctx.sessions() as s:
         rejected = s.scalar(select(func.count()).select_from(AuditEvent)
                             .where(AuditEvent.event_type == "rejected")) or 0
