@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -100,14 +101,32 @@ def _ts_text(ts: dt.datetime) -> str:
     return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN/infinity replaced by its text (``"NaN"``, ``"Infinity"``,
+    ``"-Infinity"``), which strict JSON (and PostgreSQL's JSON type) can hold. Finite values and
+    everything else are returned as they are, so hashes of rows without such numbers do not change."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _plain(details: dict[str, Any] | None) -> dict[str, Any]:
-    """Details as they will read back from the JSON column (so the hash is reproducible)."""
-    return json.loads(json.dumps(details or {}, default=str, sort_keys=True))
+    """Details as they will read back from the JSON column (so the hash is reproducible).
+
+    Non-finite numbers (e.g. a NaN position recorded before the receiver refused them) become
+    text: such a value must never make an audit event, and whatever waits on it, fail."""
+    return _finite(json.loads(json.dumps(details or {}, default=str, sort_keys=True)))
 
 
 def compute_hash(fields: dict[str, Any], prev_hash: str) -> str:
-    """SHA-256 over a canonical JSON (sorted keys, no spaces) of the hashed fields and prev_hash."""
-    doc = {name: fields[name] for name in HASHED_FIELDS}
+    """SHA-256 over a canonical JSON (sorted keys, no spaces) of the hashed fields and prev_hash.
+
+    Non-finite floats are hashed as their text (see :func:`_finite`) rather than raising."""
+    doc = {name: _finite(fields[name]) for name in HASHED_FIELDS}
     doc["ts"] = _ts_text(doc["ts"])
     doc["prev_hash"] = prev_hash
     canon = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
