@@ -7,6 +7,7 @@ for the administrator (it is shown on the study page and in the audit trail).
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,9 @@ from triage.config import Settings
 from triage.dicom.header import CT_CLASSES, normal_of, tilt_from_normal
 
 _NO_CONTRAST = {"", "NONE", "NO", "N/A", "NA", "-", "0", "NON", "WITHOUT"}
+# The smallest matrix analysed: a head CT slice is 512 x 512 (sometimes 256 or 768); below 64 x 64
+# there is no head to see (8 x 8 or 1 x 4096 series are malformed, not small heads).
+MIN_MATRIX = 64
 
 
 @dataclass
@@ -37,6 +41,31 @@ def _has_keyword(text: str, keywords: Iterable[str]) -> str | None:
     for kw in keywords:
         if kw and re.search(r"(?<![A-Z0-9])" + re.escape(kw), upper):
             return kw
+    return None
+
+
+_GEOMETRY_FIELDS = {
+    "ipp": "ImagePositionPatient", "frame_ipps": "ImagePositionPatient", "iop": "ImageOrientationPatient",
+    "pixel_spacing": "PixelSpacing", "thickness": "SliceThickness", "slope": "RescaleSlope",
+    "intercept": "RescaleIntercept",
+}
+
+
+def _non_finite(metas: Sequence[dict[str, Any]]) -> str | None:
+    """The attribute holding a NaN/infinity in any instance, if one does. The receiver refuses
+    these (0xC214); rows recorded before it did are skipped here rather than computed with."""
+    def numbers(value: Any) -> Iterable[Any]:
+        if isinstance(value, list | tuple):
+            for v in value:
+                yield from numbers(v)
+        elif value is not None:
+            yield value
+
+    for m in metas:
+        for key, name in _GEOMETRY_FIELDS.items():
+            for v in numbers(m.get(key)):
+                if isinstance(v, float) and not math.isfinite(v):
+                    return name
     return None
 
 
@@ -111,16 +140,29 @@ def select_series(
         return SelectionResult(False, f"series description/protocol {series_desc!r} matches excluded keyword "
                                       f"{excluded!r}")
 
+    # The series' own BodyPartExamined wins: a chest series in a study described "CT HEAD" is
+    # not a head. Only a series without one falls back to the descriptions.
     body_part = (first.get("body_part") or "").upper()
-    head_by_part = bool(body_part) and body_part in s.selection_body_parts
-    head_kw = _has_keyword(" | ".join(texts), s.selection_head_keywords)
-    if not head_by_part and not head_kw:
-        if body_part and body_part not in s.selection_body_parts:
-            return SelectionResult(False, f"body part {body_part} is not a head, and no head keyword in the "
-                                          f"descriptions")
+    if body_part:
+        if body_part not in s.selection_body_parts and not _has_keyword(body_part, s.selection_head_keywords):
+            return SelectionResult(False, f"body part {body_part} is not a head (the series' BodyPartExamined "
+                                          "decides, whatever the descriptions say)")
+    elif not _has_keyword(" | ".join(texts), s.selection_head_keywords):
         return SelectionResult(False, "not a head study: no head body part and no head keyword in the series, "
                                       "study or protocol description")
     meta["body_part"] = body_part
+
+    matrices = {(m.get("rows"), m.get("cols")) for m in images}
+    if len(matrices) > 1:
+        shown = ", ".join(f"{r}x{c}" for r, c in sorted(matrices, key=str))
+        return SelectionResult(False, f"mixed matrix sizes in one series ({shown})", meta)
+    ((rows, cols),) = matrices
+    if not isinstance(rows, int) or not isinstance(cols, int):
+        return SelectionResult(False, "Rows/Columns not recorded for the images", meta)
+    if rows < MIN_MATRIX or cols < MIN_MATRIX:
+        return SelectionResult(False, f"matrix {rows}x{cols} is smaller than the {MIN_MATRIX}x{MIN_MATRIX} "
+                                      "minimum of a head CT slice", meta)
+    meta["matrix"] = [rows, cols]
 
     contrasts = {(m.get("contrast") or "").strip().upper() for m in images} - _NO_CONTRAST
     if contrasts:
@@ -133,6 +175,9 @@ def select_series(
         return SelectionResult(False, f"bone/sharp reconstruction kernel only ({', '.join(sorted(kernels))})",
                                meta)
 
+    bad = _non_finite(images)
+    if bad:
+        return SelectionResult(False, f"non-finite {bad} (NaN or infinity) on some images", meta)
     iops = [tuple(round(v, 3) for v in m["iop"]) for m in images if m.get("iop")]
     if len(iops) != len(images):
         return SelectionResult(False, "ImageOrientationPatient missing on some images", meta)
