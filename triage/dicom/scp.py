@@ -7,12 +7,22 @@ committed. Pixel data is never decoded here: the header is parsed up to the pixe
 committed in groups by one writer thread (:mod:`triage.dicom.recorder`), which several
 associations share.
 
-Access control happens at association time (:class:`_NodeACSE`): calling AE title (optionally
-bound to a host or network), called AE title; a refusal is an A-ASSOCIATE-RJ plus an audit event.
+Access control happens when the A-ASSOCIATE-RQ arrives, through pynetdicom's public extension
+points only (pinned in pyproject.toml): an ``EVT_REQUESTED`` handler checks the calling AE title
+(optionally bound to a host or network) and the called AE title, and answers a refusal with an
+A-ASSOCIATE-RJ (``ACSE.send_reject``) plus an ``association_rejected`` audit event before
+pynetdicom negotiates anything. Two backstops keep the filter closed should an upstream change
+stop that hook from running: ``AE.require_calling_aet``/``require_called_aet`` hold the same AE
+titles, and an ``EVT_ESTABLISHED`` handler aborts (and audits) any association that was not
+admitted by the hook and fails the check.
 
-Failure statuses: 0xA700 file store below its free-space floor; 0xC210 unparseable dataset;
-0xC211 truncated pixel data; 0xC212 image without pixel data; 0xC213 missing/invalid UIDs;
-0x0110 internal error (database). Every rejection is audited and the node keeps running.
+Failure statuses (all in :mod:`triage.dicom.header` unless named here; docs/pacs-setup.md lists
+them): 0xA700 file store below its free-space floor; 0xC210 unparseable dataset; 0xC211 truncated
+pixel data; 0xC212 image without pixel data; 0xC213 missing/invalid UIDs (or a UID differing from
+the request); 0xC214 NaN/infinity; 0xC215 integer out of range; 0xC216 control character;
+0xC217 inconsistent CT image header; 0xC218 pixel data longer than described; 0xC219 pixel data
+encoded other than the transfer syntax says; 0x0110 internal error (database unreachable: worth a
+retry). Every refusal is audited (``rejected``) and the node keeps running.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import logging
 import socket
 import ssl
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +45,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, _config, evt
-from pynetdicom.acse import ACSE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
@@ -108,33 +118,6 @@ class StoreOutcome:
     duplicate: bool = False
 
 
-class _NodeACSE(ACSE):
-    """ACSE that applies the node's access rules before the usual negotiation.
-
-    pynetdicom only knows lists of AE titles; we also check the peer address (host/CIDR) and
-    write an ``association_rejected`` audit event for every A-ASSOCIATE-RJ we send.
-    """
-
-    node: DicomNode
-
-    def _negotiate_as_acceptor(self) -> None:
-        rq = self.requestor.primitive
-        calling = (rq.calling_ae_title or "").strip()
-        called = (rq.called_ae_title or "").strip()
-        address = self.requestor.address
-        reason = self.node.check_peer(calling, called, address)
-        if reason is None:
-            super()._negotiate_as_acceptor()
-            return
-        result, source, diag = (0x01, 0x01, 0x07) if reason.startswith("called") else (0x01, 0x01, 0x03)
-        log.warning("association rejected", calling_aet=calling, called_aet=called, peer=address, reason=reason)
-        self.node.audit_rejection(calling, called, address, reason)
-        self.requestor.ae_title = calling
-        self.send_reject(result, source, diag)
-        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-        self.assoc.kill()
-
-
 class DicomNode:
     """The receiving DICOM node of one process. ``start()`` returns at once; ``stop()`` closes."""
 
@@ -146,6 +129,7 @@ class DicomNode:
         self._server: Any = None
         self._lock = threading.Lock()
         self._recent: dict[str, None] = {}  # SOP Instance UIDs recorded lately (insertion-ordered)
+        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()  # associations the access check let in
         self.recorder = Recorder(ctx.sessions, sync_dirs=ctx.store.sync_dirs)
         self.ae = self._make_ae()
 
@@ -158,8 +142,10 @@ class DicomNode:
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
-        ae.require_called_aet = False  # checked in _NodeACSE (with an audit event)
-        ae.require_calling_aet = []
+        # The EVT_REQUESTED handler checks (and audits) first; pynetdicom's own AE title checks
+        # are a backstop that still refuses unknown titles if that hook were ever bypassed.
+        ae.require_called_aet = s.check_called_aet
+        ae.require_calling_aet = sorted({p.aet for p in s.allowed_aets})
         syntaxes = decodable_syntaxes()
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         # Every storage class is accepted (non-CT objects are recorded, not processed) in the
@@ -191,6 +177,8 @@ class DicomNode:
             log.warning("no allowed_aets configured: associations from ANY calling AE title are accepted")
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -241,13 +229,60 @@ class DicomNode:
 
     # ------------------------------------------------------------------ handlers
     def _on_conn_open(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        if assoc.is_acceptor:
-            acse = _NodeACSE(assoc)
-            acse.node = self
-            assoc.acse = acse
-        with_socket = getattr(assoc.dul, "socket", None)
+        with_socket = getattr(event.assoc.dul, "socket", None)
         set_nodelay(getattr(with_socket, "socket", None))
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """The A-ASSOCIATE-RQ arrived: admit it, or reject it before pynetdicom negotiates.
+
+        A notification handler's exceptions are only logged by pynetdicom, which would then go on
+        and accept: so any error here rejects (fail closed)."""
+        assoc = event.assoc
+        if not assoc.is_acceptor:
+            return
+        calling = called = ""
+        address = None
+        try:
+            rq = assoc.requestor.primitive
+            calling = str(rq.calling_ae_title or "").strip()
+            called = str(rq.called_ae_title or "").strip()
+            address = assoc.requestor.address
+            reason = self.check_peer(calling, called, address)
+        except Exception as exc:
+            log.exception("access check failed: association rejected")
+            reason = f"access check failed: {type(exc).__name__}"
+        if reason is None:
+            self._admitted.add(assoc)
+            return
+        # PS3.8 9.3.4: rejected-permanent, service user, 0x07 called / 0x03 calling AE title not recognised
+        diagnostic = 0x07 if reason.startswith("called") else 0x03
+        log.warning("association rejected", calling_aet=calling, called_aet=called, peer=address, reason=reason)
+        self.audit_rejection(calling, called, address, reason)
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        assoc.kill()
+
+    def _on_established(self, event: evt.Event) -> None:
+        """Backstop: an association that did not pass :meth:`_on_requested` is checked here and
+        aborted when refused (it would mean pynetdicom no longer calls that hook)."""
+        assoc = event.assoc
+        if not assoc.is_acceptor or assoc in self._admitted:
+            return
+        rq = assoc.requestor.primitive
+        calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
+        called = str(getattr(rq, "called_ae_title", "") or "").strip()
+        address = assoc.requestor.address
+        log.error("association established without the access check of EVT_REQUESTED: checking now",
+                  calling_aet=calling, peer=address)
+        try:
+            reason = self.check_peer(calling, called, address)
+        except Exception as exc:
+            reason = f"access check failed: {type(exc).__name__}"
+        if reason is None:
+            self._admitted.add(assoc)
+            return
+        log.warning("association aborted", calling_aet=calling, called_aet=called, peer=address, reason=reason)
+        self.audit_rejection(calling, called, address, reason)
+        assoc.abort()
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
