@@ -188,9 +188,9 @@ def make_enhanced_ct(path: Path, frames: int = 6, size: int = 16) -> None:
 
 def test_enhanced_ct_frames_become_sorted_slices(tmp_path: Path) -> None:
     path = tmp_path / "enh.dcm"
-    make_enhanced_ct(path)
+    make_enhanced_ct(path, size=64)  # selection skips matrices under 64 x 64
     vol, headers = load_volume([path])
-    assert vol.shape == (6, 16, 16)
+    assert vol.shape == (6, 64, 64)
     assert [float(v) for v in vol.hu[:, 0, 0]] == [5.0 * i for i in range(6)]  # HU = stored - 1024 = z
     assert len(headers) == 6 and vol.slice_thickness == 5.0
     meta = header_from_dataset(dcmread(path, stop_before_pixels=True), True).meta
