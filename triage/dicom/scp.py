@@ -252,7 +252,8 @@ class DicomNode:
             log.exception("access check failed: association rejected")
             reason = f"access check failed: {type(exc).__name__}"
         if reason is None:
-            self._admitted.add(assoc)
+            with self._lock:
+                self._admitted.add(assoc)
             return
         # PS3.8 9.3.4: rejected-permanent, service user, 0x07 called / 0x03 calling AE title not recognised
         diagnostic = 0x07 if reason.startswith("called") else 0x03
@@ -265,8 +266,11 @@ class DicomNode:
         """Backstop: an association that did not pass :meth:`_on_requested` is checked here and
         aborted when refused (it would mean pynetdicom no longer calls that hook)."""
         assoc = event.assoc
-        if not assoc.is_acceptor or assoc in self._admitted:
+        if not assoc.is_acceptor:
             return
+        with self._lock:
+            if assoc in self._admitted:
+                return
         rq = assoc.requestor.primitive
         calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
         called = str(getattr(rq, "called_ae_title", "") or "").strip()
@@ -278,7 +282,8 @@ class DicomNode:
         except Exception as exc:
             reason = f"access check failed: {type(exc).__name__}"
         if reason is None:
-            self._admitted.add(assoc)
+            with self._lock:
+                self._admitted.add(assoc)
             return
         log.warning("association aborted", calling_aet=calling, called_aet=called, peer=address, reason=reason)
         self.audit_rejection(calling, called, address, reason)
