@@ -429,3 +429,23 @@ def test_access_control_stays_closed_without_the_association_request_hook(tmp_pa
         events = list(s.scalars(select(AuditEvent).where(AuditEvent.event_type == audit.ASSOCIATION_REJECTED)))
     assert [e.details["calling_aet"] for e in events] == ["PACS2"]  # the backstop audits what it aborts
 
+
+
+@pytest.mark.network
+def test_an_error_in_the_access_check_rejects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom only logs a notification handler's exception and would then accept: the hook
+    must fail closed."""
+    ctx = node_context(tmp_path)  # no allow-list: everyone would be accepted
+
+    def broken(*_: object) -> str | None:
+        raise RuntimeError("boom")
+
+    with running_node(ctx) as node:
+        monkeypatch.setattr(node, "check_peer", broken)
+        ae = AE("ANYONE")
+        ae.add_requested_context(CT, EXPLICIT)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ICHTRIAGE")
+        assert assoc.is_rejected and not assoc.is_established
+    with ctx.sessions() as s:
+        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == audit.ASSOCIATION_REJECTED))
+    assert event.details["reason"] == "access check failed: RuntimeError"
