@@ -7,10 +7,11 @@ ImagesInAcquisition recorded on every slice. (Instance numbers alone are not tru
 that sends in order looks complete after any prefix.)
 
 On completion the selection rules (:mod:`triage.dicom.selection`) decide: ``selected`` plus an
-``infer`` job, or ``skipped`` with the reason. Every transition is claimed with a conditional
-UPDATE (``WHERE state='receiving' AND generation=.. AND instance_count=..``), so several
-receiver processes sharing one PostgreSQL database never complete a series twice, and an
-instance that arrived meanwhile (the receiver locks the series row) keeps the series open.
+``infer`` job, or ``skipped`` with the reason (transitions of :mod:`storage.lifecycle`). The
+completion is claimed with a conditional UPDATE (:func:`storage.lifecycle.complete_series`: still
+receiving, same generation, same instance count), so several receiver processes sharing one
+PostgreSQL database never complete a series twice, and an instance that arrived meanwhile (the
+receiver locks the series row) keeps the series open.
 """
 
 from __future__ import annotations
