@@ -209,11 +209,15 @@ def _iter_events(session: Session, batch: int = 2000, after: int = 0) -> Iterato
         session.expunge_all()
 
 
-def verify(session: Session, *, start_id: int = 1, start_prev_hash: str = GENESIS) -> VerifyReport:
+def verify(session: Session, *, start_id: int = 1, start_prev_hash: str = GENESIS,
+           end_id: int | None = None) -> VerifyReport:
     """Walk the chain from the first event (or from ``start_id``, whose predecessor's hash is
-    ``start_prev_hash``); report the first edited, deleted or reordered row."""
+    ``start_prev_hash``; up to ``end_id`` when given, without the chain-head check); report the
+    first edited, deleted or reordered row."""
     expected_id, prev_hash, checked = start_id, start_prev_hash, 0
     for ev in _iter_events(session, after=start_id - 1):
+        if end_id is not None and ev.id > end_id:
+            return VerifyReport(True, checked)
         if ev.id != expected_id:  # ids are assigned gap-free by record()
             return VerifyReport(
                 False, checked, expected_id, f"event {expected_id} is missing (deleted?): next id is {ev.id}"
@@ -247,7 +251,7 @@ def verify(session: Session, *, start_id: int = 1, start_prev_hash: str = GENESI
     return VerifyReport(True, checked)
 
 
-def verify_incremental(session: Session) -> VerifyReport:
+def verify_incremental(session: Session, max_events: int | None = None) -> VerifyReport:
     """Verify only the events added since the last verified checkpoint, then move it forward.
 
     The checkpoint (node_settings ``CHECKPOINT_KEY``: id and hash of the last event found good)
@@ -256,6 +260,10 @@ def verify_incremental(session: Session) -> VerifyReport:
     checkpoint event itself is re-hashed on each call; edits further back are found by the
     full :func:`verify` (``triage audit verify``, run daily). ``checked`` counts the events
     verified by this call. The caller commits (the checkpoint is written in its transaction).
+
+    ``max_events`` bounds the work of one call (a first call on a large trail without a
+    checkpoint): the checkpoint then moves to the last event verified, and ``problem`` says how far
+    it got; the next calls go on from there.
     """
     raw = str(session.execute(select(_SETTINGS.c.value).where(_SETTINGS.c.key == CHECKPOINT_KEY)).scalar() or "")
     cp_text, sep, cp_hash = raw.partition(":")
@@ -268,13 +276,18 @@ def verify_incremental(session: Session) -> VerifyReport:
         if row.hash != cp_hash or not row_intact(row):
             return VerifyReport(False, 0, cp_id, f"event {cp_id} changed after it was verified (edited?)")
         start_id, prev_hash = cp_id + 1, cp_hash
-    report = verify(session, start_id=start_id, start_prev_hash=prev_hash)
+    end_id = start_id + max_events - 1 if max_events else None
+    report = verify(session, start_id=start_id, start_prev_hash=prev_hash, end_id=end_id)
     if report.ok and report.checked:
-        last = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).one()
-        value = f"{last[0]}:{last[1]}"
+        cp_id = start_id + report.checked - 1  # the last event verified (ids are gap-free)
+        value = f"{cp_id}:{session.execute(select(AuditEvent.hash).where(AuditEvent.id == cp_id)).scalar_one()}"
         conn = session.connection()
         if conn.execute(update(_SETTINGS).where(_SETTINGS.c.key == CHECKPOINT_KEY).values(value=value)).rowcount == 0:
             conn.execute(insert(_SETTINGS).values(key=CHECKPOINT_KEY, value=value))
+        head_id = int(session.scalar(select(func.max(AuditEvent.id))) or 0)
+        if head_id > cp_id:
+            return VerifyReport(True, report.checked, None,
+                                f"verified up to event {cp_id} of {head_id}; the next views go on from there")
     return report
 
 

@@ -183,21 +183,28 @@ def test_incremental_verification_reads_only_new_events(ctx: AppContext) -> None
         assert audit.verify_incremental(s) == audit.VerifyReport(True, 2)  # only the two new ones
     with ctx.sessions.begin() as s:
         assert audit.verify_incremental(s) == audit.VerifyReport(True, 0)
+    # Bounded work per call: a backlog is verified over several calls.
+    write_events(ctx, 5)
+    with ctx.sessions.begin() as s:
+        part = audit.verify_incremental(s, max_events=3)
+    assert part.ok and part.checked == 3 and "up to event 11 of 13" in part.problem
+    with ctx.sessions.begin() as s:
+        assert audit.verify_incremental(s, max_events=3) == audit.VerifyReport(True, 2)
     # A new event edited before it is verified: caught.
     write_events(ctx, 2)
     with ctx.sessions.begin() as s:
-        s.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE id = 9"))
+        s.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE id = 14"))
     with ctx.sessions.begin() as s:
         report = audit.verify_incremental(s)
-    assert not report.ok and report.bad_id == 9
+    assert not report.ok and report.bad_id == 14
     with ctx.sessions.begin() as s:
-        s.execute(text("UPDATE audit_events SET actor = 'system' WHERE id = 9"))
+        s.execute(text("UPDATE audit_events SET actor = 'system' WHERE id = 14"))
         assert audit.verify_incremental(s).ok
     # The checkpoint event itself edited: caught. Older events: left to the full verification.
     with ctx.sessions.begin() as s:
-        s.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = 10"))
+        s.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = 15"))
         s.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = 3"))
     with ctx.sessions.begin() as s:
         report = audit.verify_incremental(s)
-        assert not report.ok and report.bad_id == 10 and "after it was verified" in report.problem
+        assert not report.ok and report.bad_id == 15 and "after it was verified" in report.problem
         assert audit.verify(s).bad_id == 3

@@ -67,6 +67,7 @@ SESSION_COOKIE = "triage_session"
 SESSION_MAX_AGE = SESSION_TTL_SECONDS
 AUDIT_PAGE = 200
 AUDIT_CSV_MAX = 100_000
+AUDIT_VERIFY_PER_VIEW = 100_000  # events one audit view verifies at most (a first view of a large trail)
 AUDIT_COUNT_CAP = 10_000  # a filtered count stops here ("more than 10,000"): counting is work per row
 # Spreadsheet formula triggers: a cell starting with one of these is prefixed with "'" in the CSV.
 CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -399,7 +400,7 @@ def _verify(ctx: AppContext) -> dict[str, Any]:
     import dataclasses
 
     with session_scope(ctx.sessions) as s:
-        report = audit.verify_incremental(s)
+        report = audit.verify_incremental(s, max_events=AUDIT_VERIFY_PER_VIEW)
     return dataclasses.asdict(report)
 
 
