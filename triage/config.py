@@ -153,6 +153,11 @@ class Settings(BaseModel):
     selection_allow_uneven_spacing: bool = Field(
         default=True, description="Process (and record) uneven spacing rather than skip it"
     )
+    inference_max_slices: int = Field(
+        default=400, ge=16,
+        description="A series of more slices is analysed as averaged slabs of consecutive slices (at most this "
+                    "many): bounds the worker's memory and time (docs/deploy.md, sizing)",
+    )
     stat_keywords: list[str] = Field(
         default_factory=lambda: ["STAT", "EMERG", "CODE STROKE", "STROKE", "TRAUMA", "NOTFALL", "URGENT"]
     )

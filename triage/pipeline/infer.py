@@ -115,7 +115,7 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
     study_id = started.study_id
 
     # 2. Volume and model.
-    volume, headers = load_volume(paths)
+    volume, headers = load_volume(paths, max_slices=ctx.settings.inference_max_slices)
     timings["read"] = time.perf_counter() - t0
     prediction: Prediction = bundle.predict(volume)
     timings.update({k: float(v) for k, v in prediction.timings.items()})
