@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from alembic import context
 from sqlalchemy import Connection
 
+from alembic import context
 from storage.db import is_sqlite, make_engine
 from storage.models import Base
 

@@ -18,7 +18,6 @@ collide with the PostgreSQL sequence.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -31,7 +30,6 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from storage.models import AuditEvent, Setting, utcnow
-from triage.config import Settings
 
 # Event types ----------------------------------------------------------------------------------
 RECEIVED = "received"
@@ -280,15 +278,22 @@ def verify_incremental(session: Session, max_events: int | None = None) -> Verif
     report = verify(session, start_id=start_id, start_prev_hash=prev_hash, end_id=end_id)
     if report.ok and report.checked:
         cp_id = start_id + report.checked - 1  # the last event verified (ids are gap-free)
-        value = f"{cp_id}:{session.execute(select(AuditEvent.hash).where(AuditEvent.id == cp_id)).scalar_one()}"
-        conn = session.connection()
-        if conn.execute(update(_SETTINGS).where(_SETTINGS.c.key == CHECKPOINT_KEY).values(value=value)).rowcount == 0:
-            conn.execute(insert(_SETTINGS).values(key=CHECKPOINT_KEY, value=value))
+        mark_verified(session, cp_id)
         head_id = int(session.scalar(select(func.max(AuditEvent.id))) or 0)
         if head_id > cp_id:
             return VerifyReport(True, report.checked, None,
                                 f"verified up to event {cp_id} of {head_id}; the next views go on from there")
     return report
+
+
+def mark_verified(session: Session, event_id: int) -> None:
+    """Move the verified checkpoint to ``event_id`` (every event up to it was found good); the
+    caller commits. ``triage audit verify`` calls it after a clean full run, so the audit page
+    never walks the whole trail itself."""
+    value = f"{event_id}:{session.execute(select(AuditEvent.hash).where(AuditEvent.id == event_id)).scalar_one()}"
+    conn = session.connection()
+    if conn.execute(update(_SETTINGS).where(_SETTINGS.c.key == CHECKPOINT_KEY).values(value=value)).rowcount == 0:
+        conn.execute(insert(_SETTINGS).values(key=CHECKPOINT_KEY, value=value))
 
 
 def row_intact(ev: AuditEvent) -> bool:
@@ -336,22 +341,3 @@ def events(
 
 def count(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(AuditEvent)) or 0)
-
-
-# CLI -------------------------------------------------------------------------------------------
-def cli_verify(args: argparse.Namespace, settings: Settings) -> int:
-    """``triage audit verify``: exit 0 and print OK, or exit 1 naming the bad event."""
-    from storage.db import make_engine, make_sessionmaker
-
-    engine = make_engine(settings.effective_database_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            report = verify(session)
-    finally:
-        engine.dispose()
-    if report.ok:
-        print(f"OK: audit chain intact ({report.checked} events)")
-        return 0
-    where = f"event {report.bad_id}" if report.bad_id is not None else "chain"
-    print(f"FAILED: {where}: {report.problem} ({report.checked} events verified before it)")
-    return 1

@@ -87,6 +87,10 @@ def test_edited_row_fails_cli_verify_naming_it(ctx: AppContext, tmp_path: Path) 
     ok = cli_verify(ctx, tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.startswith("OK") and "6 events" in ok.stdout
+    with ctx.sessions() as s:  # a clean full run is the audit page's checkpoint: it verifies nothing again
+        assert s.scalar(text(f"SELECT value FROM node_settings WHERE key = '{audit.CHECKPOINT_KEY}'")
+                        ).startswith("6:")
+        assert audit.verify_incremental(s).checked == 0
     with ctx.sessions.begin() as s:
         s.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = 4"))
     bad = cli_verify(ctx, tmp_path)

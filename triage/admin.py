@@ -49,8 +49,10 @@ def cli_verify(args: argparse.Namespace, settings: Settings) -> int:
     """``triage audit verify``: exit 0 and print OK, or exit 1 naming the bad event."""
     engine = make_engine(settings.effective_database_url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(engine).begin() as session:
             report = audit.verify(session)
+            if report.ok and report.checked:
+                audit.mark_verified(session, report.checked)  # the audit page goes on from here
     finally:
         engine.dispose()
     if report.ok:

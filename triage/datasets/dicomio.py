@@ -37,25 +37,32 @@ def sort_slices(headers: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(headers, key=normal_position)
 
 
-def slice_hu(ds: pydicom.Dataset, rsna_fix: bool = False) -> np.ndarray:
-    """Pixel data in HU. ``rsna_fix`` repairs the RSNA 2019 files stored as 12-bit unsigned with a
-    wrong intercept (values wrapped at 4096), as described by the challenge's participants."""
-    px = ds.pixel_array.astype(np.float32)
+def _rsna_wrapped(ds: pydicom.Dataset) -> bool:
+    return (int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0
+            and float(ds.get("RescaleIntercept", 0) or 0) > -100)
+
+
+def fix_rsna_wrap(hu: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Repair one slice of the RSNA 2019 files stored as 12-bit unsigned with a wrong intercept
+    (values wrapped at 4096), as described by the challenge's participants."""
+    if not _rsna_wrapped(ds):
+        return hu
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if rsna_fix and int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0 \
-            and intercept > -100:
-        px += 1000
-        px[px >= 4096] -= 4096
-        intercept = -1000
-    return px * slope + intercept
+    px = (hu - intercept) / slope + 1000
+    px[px >= 4096] -= 4096
+    return px * slope - 1000
 
 
 def stack(headers: list[dict[str, Any]], rsna_fix: bool = False) -> tuple[np.ndarray, tuple[float, float], float]:
-    """HU volume (Z, Y, X) of already sorted slices, pixel spacing and median slice spacing."""
-    vol = np.stack([slice_hu(pydicom.dcmread(h["path"]), rsna_fix) for h in headers]).astype(np.float32)
-    ps = headers[0].get("PixelSpacing") or [1.0, 1.0]
-    pos = [normal_position(h) for h in headers]
-    gaps = np.diff(pos)
-    spacing = float(np.median(gaps)) if len(gaps) else float(headers[0].get("SliceThickness") or 1.0)
-    return vol, (float(ps[0]), float(ps[1])), spacing
+    """HU volume (Z, Y, X), pixel spacing and median slice spacing of one series, built by the node's
+    assembler (:func:`triage.dicom.assembly.load_volume`: the worker's sorting, geometry checks and
+    rescale), so training and serving read DICOM the same way."""
+    from triage.dicom.assembly import load_volume
+
+    volume, sources = load_volume([h["path"] for h in headers])
+    hu = volume.hu
+    if rsna_fix:
+        for i, ds in enumerate(sources):
+            hu[i] = fix_rsna_wrap(hu[i], ds)
+    return hu, volume.pixel_spacing, float(volume.slice_spacing)

@@ -459,47 +459,16 @@ def load_bundle(path: str | os.PathLike[str] | None = None, device: str = "auto"
 
 
 def load_dicom_folder(path: str | os.PathLike[str]) -> Volume:
-    """A Volume from a folder of DICOM files (the node's assembler when present)."""
+    """A Volume from a folder of DICOM files, built by the node's assembler (same geometry handling
+    as the worker)."""
+    from triage.dicom.assembly import load_volume
+
     p = Path(path)
     files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
     if not files:
         raise FileNotFoundError(f"no files under {p}")
-    try:
-        from triage.dicom.assembly import load_volume
-    except ImportError:
-        load_volume = None
-    if load_volume is not None:
-        volume, _ = load_volume(files)
-        return volume
-    return _minimal_load(files)
-
-
-def _minimal_load(files: list[Path]) -> Volume:
-    """Fallback reader: one series, sorted along the slice normal, HU via rescale (no tilt resampling)."""
-    import pydicom
-
-    ds = []
-    for f in files:
-        try:
-            d = pydicom.dcmread(f)
-        except Exception:  # noqa: BLE001 - skip non-DICOM files in the folder
-            continue
-        if "PixelData" in d and "ImagePositionPatient" in d:
-            ds.append(d)
-    if not ds:
-        raise ValueError("no DICOM images with a position in the folder")
-    iop = np.array(ds[0].ImageOrientationPatient, float)
-    normal = np.cross(iop[:3], iop[3:])
-    ds.sort(key=lambda d: float(np.dot(normal, np.array(d.ImagePositionPatient, float))))
-    hu = np.stack([d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0))
-                   for d in ds]).astype(np.float32)
-    pos = np.array([d.ImagePositionPatient for d in ds], float)
-    gaps = np.diff(pos @ normal).tolist()
-    return Volume(hu=hu, pixel_spacing=tuple(float(v) for v in ds[0].PixelSpacing),  # type: ignore[arg-type]
-                  slice_spacing=float(np.median(gaps)) if gaps else float(ds[0].get("SliceThickness", 5.0)),
-                  positions=pos, orientation=tuple(iop.tolist()),  # type: ignore[arg-type]
-                  sop_instance_uids=[str(d.SOPInstanceUID) for d in ds], spacings=gaps,
-                  tilt_deg=float(ds[0].get("GantryDetectorTilt", 0.0) or 0.0))
+    volume, _ = load_volume(files)
+    return volume
 
 
 def prediction_summary(pred: Prediction) -> dict[str, Any]:
