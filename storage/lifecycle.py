@@ -190,6 +190,12 @@ def receiving_series(s: Session) -> list[Any]:
     ).all())
 
 
+def overdue_after(settings: Any) -> float:
+    """Seconds after its last instance past which a series still ``receiving`` is overdue: its
+    completion is stuck (metrics ``triage_series_overdue``, /readyz of the receiver)."""
+    return max(60.0, 10.0 * float(settings.stable_seconds))
+
+
 def complete_series(s: Session, series_id: int, generation: int, count: int) -> bool:
     """Claim a quiet series for completion. False when another monitor got it or an instance
     arrived meanwhile (its generation or count moved): look again on the next tick."""

@@ -210,3 +210,44 @@ def test_two_receivers_and_two_monitors_share_postgresql(pg_url: str, tmp_path: 
     assert sum(e.details["count"] for e in events(ctx_a, audit.RECEIVED)) == 24
     ctx_a.close()
     ctx_b.close()
+
+
+def test_a_series_whose_completion_keeps_failing_is_skipped_and_health_shows_it(
+        sqlite_ctx, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """A completion that raises on every tick (the old NaN bug: ~6 KB/s of tracebacks, the study
+    "receiving" forever, /readyz healthy) is reported stuck, then skipped with the error as reason."""
+    from reports.web.metrics import make_registry
+    from triage.dicom import completion
+
+    ctx = sqlite_ctx
+
+    def overdue() -> float | None:
+        return make_registry(ctx).get_sample_value("triage_series_overdue")
+
+    with ctx.sessions.begin() as s:
+        study = Study(study_uid="1.2.3.9", status="receiving")
+        s.add(study)
+        s.flush()
+        s.add(Series(study_id=study.id, series_uid="1.2.3.9.1", state="receiving", instance_count=0,
+                     last_received_at=utcnow() - dt.timedelta(minutes=10)))
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise ValueError("Out of range float values are not JSON compliant")
+
+    monkeypatch.setattr(completion, "select_series", boom)
+    monitor = SeriesMonitor(ctx)
+    assert monitor.healthy()
+    for _ in range(completion.STUCK_AFTER):
+        assert monitor.tick() == []
+    assert not monitor.healthy()
+    assert overdue() == 1.0
+    for _ in range(completion.GIVE_UP_AFTER - completion.STUCK_AFTER):
+        monitor.tick()
+    assert monitor.healthy()
+    with ctx.reads() as s:
+        series = s.scalars(select(Series)).one()
+        study = s.scalars(select(Study)).one()
+        skipped = s.scalars(select(AuditEvent).where(AuditEvent.event_type == audit.SKIPPED)).all()
+    assert series.state == "skipped" and "not JSON compliant" in series.skip_reason
+    assert study.status == "skipped" and len(skipped) == 1
+    assert overdue() == 0.0

@@ -128,6 +128,7 @@ class Role:
         self.stoppers.append(node.stop)
         self.components["dicom-scp"] = lambda: node.listening
         monitor = SeriesMonitor(self.ctx)
+        self.components["series-monitor"] = monitor.healthy
         # a tick is one indexed query when nothing is receiving; 0.25 s bounds the completion latency
         self.scheduler.add_job(_safe(monitor.tick), "interval", seconds=0.25, id="series-monitor",
                                max_instances=1, coalesce=True)

@@ -52,7 +52,8 @@ from reports.web.auth import (
     session_secret,
 )
 from storage import audit
-from storage.db import session_scope
+from storage.db import READ_ONLY, session_scope
+from storage.lifecycle import JobState
 from storage.models import AuditEvent, Feedback, Study, User, Worker
 from triage import __version__
 from triage.context import AppContext
@@ -247,7 +248,7 @@ async def logout(request: Request) -> Response:
 
 # --------------------------------------------------------------------------- worklist
 def _worklist(ctx: AppContext, phi: bool) -> list[dict[str, Any]]:
-    with session_scope(ctx.sessions) as s:
+    with session_scope(ctx.reads) as s:  # read-only: never queues behind the receiver (SQLite)
         return q.worklist(s, phi)
 
 
@@ -410,7 +411,7 @@ def _audit_rows(ctx: AppContext, cond: list[Any], offset: int) -> tuple[list[Aud
     the shown events whose content no longer matches their hash."""
     from sqlalchemy import func
 
-    with session_scope(ctx.sessions) as s:
+    with session_scope(ctx.reads) as s:
         if cond:
             sub = select(AuditEvent.id).where(*cond).limit(AUDIT_COUNT_CAP + 1).subquery()
             total = int(s.scalar(select(func.count()).select_from(sub)) or 0)
@@ -494,7 +495,7 @@ def _ops(ctx: AppContext) -> dict[str, Any]:
         log.error("web.queue_counts_failed", error=str(exc))
         counts = {}
     kinds = sorted({k for k, _ in counts})
-    states = ["queued", "running", "failed", "dead", "done"]
+    states = [JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.DEAD, JobState.DONE]
     states += sorted({st for _, st in counts} - set(states))
     with session_scope(ctx.sessions) as s:
         out = {
@@ -652,7 +653,7 @@ def readiness(ctx: AppContext, components: dict[str, Any] | None = None) -> tupl
     try:
         from alembic.runtime.migration import MigrationContext
 
-        with ctx.engine.connect() as conn:
+        with ctx.engine.execution_options(**{READ_ONLY: True}).connect() as conn:  # probes never wait for writers
             conn.execute(text("select 1"))
             db_ok = True
             current = MigrationContext.configure(conn).get_current_revision()
@@ -679,7 +680,7 @@ def readiness(ctx: AppContext, components: dict[str, Any] | None = None) -> tupl
     if db_ok:
         limit = readiness_heartbeat_limit(ctx)
         try:
-            with session_scope(ctx.sessions) as s:
+            with session_scope(ctx.reads) as s:
                 newest = s.scalar(select(Worker.heartbeat_at).where(Worker.role.in_(("worker", "serve")))
                                   .order_by(Worker.heartbeat_at.desc()).limit(1))
             age = (dt.datetime.now(dt.UTC) - newest).total_seconds() if newest else None

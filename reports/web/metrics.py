@@ -35,7 +35,19 @@ from sqlalchemy.orm import Session
 
 from storage import audit
 from storage.db import session_scope
-from storage.models import RESULT_OUT_OF_DOMAIN, AuditEvent, Delivery, Instance, Job, Result, Setting, Study, Worker
+from storage.lifecycle import JobState, SeriesState, StudyStatus, overdue_after
+from storage.models import (
+    RESULT_OUT_OF_DOMAIN,
+    AuditEvent,
+    Delivery,
+    Instance,
+    Job,
+    Result,
+    Series,
+    Setting,
+    Study,
+    Worker,
+)
 from triage.context import AppContext
 from triage.logging import get_logger
 
@@ -43,7 +55,7 @@ log = get_logger(__name__)
 
 # Seconds; covers sub-second stages up to a slow CPU inference.
 STAGE_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
-JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "dead")
+JOB_STATES: tuple[str, ...] = tuple(JobState)
 STATE_KEY = "metrics_totals"  # node_settings: JSON of Totals
 SETTLE = dt.timedelta(minutes=5)  # rows younger than this are counted live, not folded into the totals
 SCAN_BATCH = 50_000  # rows read per table per scrape (a backlog is caught up over several scrapes)
@@ -250,10 +262,16 @@ class NodeCollector(Collector):
 
             studies = GaugeMetricFamily("triage_studies", "Studies by status", labels=["status"])
             by_status = dict(s.execute(select(Study.status, func.count()).group_by(Study.status)).all())
-            for status in sorted(set(by_status) | {"receiving", "queued", "processing", "done", "skipped",
-                                                   "failed"}):
+            for status in sorted(set(by_status) | set(StudyStatus)):
                 studies.add_metric([status], by_status.get(status, 0))
             yield studies
+
+            overdue = GaugeMetricFamily(
+                "triage_series_overdue", "Series still receiving long after their quiet period (a stuck completion)")
+            overdue.add_metric([], s.scalar(select(func.count()).select_from(Series).where(
+                Series.state == SeriesState.RECEIVING,
+                Series.last_received_at < now - dt.timedelta(seconds=overdue_after(self.ctx.settings)))) or 0)
+            yield overdue
 
             flagged = CounterMetricFamily("triage_flagged_studies", "Studies flagged positive")
             flagged.add_metric([], self._mono("flagged", (), s.scalar(

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from storage.lifecycle import LIVE_JOB_STATES, JobState, StudyStatus
 from storage.models import (
     RESULT_OUT_OF_DOMAIN,
     AuditEvent,
@@ -35,7 +36,7 @@ from storage.models import (
 from triage.labels import DISPLAY, LABELS, SHORT
 from triage.redact import strip_userinfo, strip_userinfo_deep
 
-STATUSES: tuple[str, ...] = ("receiving", "queued", "processing", "done", "skipped", "failed")
+STATUSES: tuple[str, ...] = tuple(StudyStatus)
 FEEDBACK_ACTIONS: tuple[str, ...] = ("acknowledge", "agree", "disagree")
 
 
@@ -298,7 +299,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
     """Flag rate, PPV from radiologist feedback, results outside the model's input domain,
     time-to-result percentiles."""
-    cond = [Study.status == "done"]
+    cond = [Study.status == StudyStatus.DONE]
     if since is not None:
         cond.append(Study.first_received_at >= since)
     done = s.scalar(select(func.count()).select_from(Study).where(*cond)) or 0
@@ -374,7 +375,7 @@ def dead_jobs(s: Session, limit: int = 100) -> list[dict[str, Any]]:
         {"id": j.id, "kind": j.kind, "attempts": j.attempts, "payload": strip_userinfo_deep(j.payload),
          "study_id": j.study_id, "finished_at": iso(j.finished_at),
          "last_error": strip_userinfo(j.last_error or "")[:500]}
-        for j in s.scalars(select(Job).where(Job.state == "dead").order_by(Job.id.desc()).limit(limit))
+        for j in s.scalars(select(Job).where(Job.state == JobState.DEAD).order_by(Job.id.desc()).limit(limit))
     ]
 
 
@@ -393,7 +394,7 @@ def destinations(s: Session, configured: Sequence[str]) -> list[dict[str, Any]]:
         ).all())
         lane = s.get(JobLane, f"dicom:{name}"[:255])  # the destination's back-off (storage/queue.py)
         waiting = s.scalar(select(func.count()).select_from(Job).where(
-            Job.lane == f"dicom:{name}"[:255], Job.state.in_(("queued", "running", "failed"))))
+            Job.lane == f"dicom:{name}"[:255], Job.state.in_(LIVE_JOB_STATES)))
         out.append({
             "destination": strip_userinfo(name), "configured": name in configured,
             "channel": last.channel if last else "",

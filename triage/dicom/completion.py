@@ -17,6 +17,7 @@ receiver locks the series row) keeps the series open.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,9 @@ from triage.logging import get_logger
 log = get_logger(__name__)
 
 UNIFORM_TOLERANCE = 0.05  # relative deviation of gaps allowed for early completion
+GIVE_UP_AFTER = 20  # completions of one series that raised in a row (5 s at 4 Hz) before it is skipped
+STUCK_AFTER = 4  # ... and after this many, /readyz reports the monitor stuck until it gives up
+TICK_STALE_S = 30.0  # no finished tick for this long: the monitor is stuck
 
 
 def stack_is_complete(metas: Sequence[dict[str, Any]], sop_classes: Sequence[str]) -> bool:
@@ -85,6 +89,8 @@ class SeriesMonitor:
         self.ctx = ctx
         self.settings: Settings = ctx.settings
         self._early_cache: dict[int, tuple[int, int, bool]] = {}  # series id -> (gen, count, verdict)
+        self.failures: dict[int, int] = {}  # series id -> completions that raised in a row
+        self.last_tick = time.monotonic()
 
     def tick(self, now: dt.datetime | None = None) -> list[Completion]:
         """Complete every series that is ready; returns what was done."""
@@ -106,16 +112,51 @@ class SeriesMonitor:
                     continue
             try:
                 result = self._complete(series_id, generation, count, early)
-            except Exception:
-                log.exception("series completion failed", series_id=series_id)
+            except Exception as exc:
+                self._failed(series_id, generation, count, exc)
                 continue
+            self.failures.pop(series_id, None)
             if result is not None:
                 done.append(result)
                 if result.job_id is not None:
                     self.ctx.doorbell.ring()  # committed: this process's idle worker claims it now
         for stale in set(self._early_cache) - live:
             self._early_cache.pop(stale, None)
+        for stale in set(self.failures) - live:
+            self.failures.pop(stale, None)
+        self.last_tick = time.monotonic()
         return done
+
+    def _failed(self, series_id: int, generation: int, count: int, exc: Exception) -> None:
+        """A completion that raised: logged once with its traceback (then counted, not repeated);
+        after ``GIVE_UP_AFTER`` tries in a row the series is skipped with the error as its reason, so
+        one bad series can never block itself (or fill the log) forever."""
+        n = self.failures.get(series_id, 0) + 1
+        self.failures[series_id] = n
+        if n == 1:
+            log.exception("series completion failed", series_id=series_id)
+        if n < GIVE_UP_AFTER:
+            return
+        reason = f"could not be completed: {type(exc).__name__}: {str(exc)[:300]}"
+        try:
+            with self.ctx.sessions.begin() as s:
+                if not lifecycle.complete_series(s, series_id, generation, count):
+                    return  # it moved meanwhile: the next tick looks again
+                series = s.get(Series, series_id)
+                assert series is not None
+                lifecycle.skip_series(s, series, series.study, reason, generation=generation, instances=count)
+        except Exception as give_up_exc:  # the database itself fails: /readyz shows the monitor stuck
+            if n % 100 == GIVE_UP_AFTER % 100:
+                log.error("series completion stuck", series_id=series_id, tries=n, error=str(give_up_exc)[:200])
+            return
+        self.failures.pop(series_id, None)
+        log.warning("series skipped after failed completions", series_id=series_id, tries=n)
+
+    def healthy(self) -> bool:
+        """False while a series keeps failing to complete or the monitor has not ticked lately
+        (the receiver's ``/readyz`` component ``series-monitor``)."""
+        stuck = any(n >= STUCK_AFTER for n in self.failures.values())
+        return not stuck and time.monotonic() - self.last_tick < TICK_STALE_S
 
     def _early(self, series_id: int, generation: int, count: int) -> bool:
         cached = self._early_cache.get(series_id)
