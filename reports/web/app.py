@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reports.web import api, metrics
+from reports.web import api, dicomweb, metrics
 from reports.web import auth as web_auth
 from reports.web import queries as q
 from reports.web import users as web_users
@@ -711,7 +711,7 @@ async def metrics_endpoint(request: Request) -> Response:
 # --------------------------------------------------------------------------- errors
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if request.url.path.startswith("/api/") or exc.status_code == 405:
+    if request.url.path.startswith(("/api/", "/dicomweb/")) or exc.status_code == 405:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
     user = getattr(request.state, "user", None)
     if user is None:
@@ -725,7 +725,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def server_error(request: Request, exc: Exception) -> Response:
     log.error("web.unhandled", path=request.url.path, error=repr(exc))
-    if request.url.path.startswith("/api/"):
+    if request.url.path.startswith(("/api/", "/dicomweb/")):
         return JSONResponse({"error": "internal error"}, status_code=500)
     return PlainTextResponse("Internal error. The event was logged.", status_code=500)
 
@@ -756,6 +756,7 @@ def create_app(ctx: AppContext, components: dict[str, Any] | None = None) -> Sta
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *api.routes,
+        *dicomweb.routes,
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     s = ctx.settings

@@ -420,7 +420,9 @@ def logout(ctx: AppContext, request: Request) -> None:
 
 
 def _wants_json(request: Request) -> bool:
-    return request.url.path.startswith("/api/") or "application/json" in request.headers.get("accept", "")
+    """API and DICOMweb clients get 401/403 as JSON; browsers are sent to the login page."""
+    path = request.url.path
+    return path.startswith(("/api/", "/dicomweb/")) or "application/json" in request.headers.get("accept", "")
 
 
 def _deny(ctx: AppContext, request: Request, user: CurrentUser, reason: str) -> None:
