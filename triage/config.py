@@ -213,10 +213,21 @@ class Settings(BaseModel):
     hsts_seconds: int = Field(
         default=31536000, ge=0,
         description="Strict-Transport-Security max-age sent on HTTPS requests and when session_https_only; 0 = off")
+    viewer_url_template: str = Field(
+        default="", description="'Open in viewer' link on the worklist and study page, e.g. "
+        "https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}; empty = no link")
 
     # --- logging
     log_format: str = Field(default="console", pattern="^(console|json)$")
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_template(cls, v: str) -> str:
+        v = v.strip()
+        if v and ("{study_uid}" not in v or not v.lower().startswith(("https://", "http://", "/"))):
+            raise ValueError("must be an http(s) URL (or a path) containing {study_uid}")
+        return v
 
     @field_validator("ae_title")
     @classmethod

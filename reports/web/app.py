@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reports.web import api, dicomweb, metrics
+from reports.web import api, dicomweb, metrics, viewer
 from reports.web import auth as web_auth
 from reports.web import queries as q
 from reports.web import users as web_users
@@ -193,8 +193,19 @@ def make_templates(bundle_path: str | None = None) -> Jinja2Templates:
                        details=fmt_details,
                        tojson_compact=lambda v: json.dumps(v, sort_keys=True, default=str))
     env.globals.update(LABELS=LABELS, SHORT=SHORT, DISCLAIMER=model_disclaimer(bundle_path), VERSION=__version__,
-                       POLL_MS=WORKLIST_POLL_MS, FEEDBACK_ACTIONS=q.FEEDBACK_ACTIONS)
+                       POLL_MS=WORKLIST_POLL_MS, FEEDBACK_ACTIONS=q.FEEDBACK_ACTIONS,
+                       VIEWER_PRESETS=viewer.PRESETS)
     return templates
+
+
+def viewer_url(template: str, study_uid: str) -> str:
+    """The configured external viewer's link for a study (``viewer_url_template`` with
+    ``{study_uid}``, URL-quoted), or "" when none is configured."""
+    if not template or not study_uid:
+        return ""
+    from urllib.parse import quote
+
+    return template.replace("{study_uid}", quote(study_uid, safe=""))
 
 
 def _ctx(request: Request) -> AppContext:
@@ -327,8 +338,14 @@ def _study(ctx: AppContext, study_id: int, username: str, phi: bool) -> dict[str
             return None
         audit_record(s, audit.VIEWED, actor=username, study_uid=study.study_uid, accession=study.accession,
                      details={"page": "study", "phi": phi})
-    with session_scope(ctx.sessions) as s:
-        return q.study_detail(s, study_id, phi)
+    with session_scope(ctx.reads) as s:
+        detail = q.study_detail(s, study_id, phi)
+        if detail is not None:
+            result = q.latest_results(s, [study_id]).get(study_id)
+            detail["captions"] = viewer.key_slice_captions(s, result)
+            detail["viewer_series_id"] = result.series_id if result is not None else next(
+                (se["id"] for se in detail["series"] if se["instances"]), None)
+        return detail
 
 
 @requires()
@@ -338,7 +355,8 @@ async def study_page(request: Request) -> Response:
                                     user.sees_phi)
     if study is None:
         raise HTTPException(404, "No such study.")
-    return render(request, "study.html", study=study)
+    return render(request, "study.html", study=study,
+                  viewer_link=viewer_url(_ctx(request).settings.viewer_url_template, study["study_uid"]))
 
 
 @requires()
@@ -362,6 +380,80 @@ async def preview_image(request: Request) -> Response:
     if path is None:
         raise HTTPException(404, "No such image.")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+# --------------------------------------------------------------------------- series viewer
+def _optional_int(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or not 0 < int(value) < 2**31:
+        raise HTTPException(404)
+    return int(value)
+
+
+@requires()
+async def viewer_manifest(request: Request) -> Response:
+    """The series viewer's description of one series (slices in order, key slices, segments)."""
+    ctx = _ctx(request)
+    study_id = _path_int(request, "study_id")
+    series_id = _optional_int(request.query_params.get("series"))
+
+    def _load() -> dict[str, Any] | None:
+        with session_scope(ctx.reads) as s:
+            return viewer.manifest(s, ctx.store, study_id, series_id)
+
+    data = await run_in_threadpool(_load)
+    if data is None:
+        return JSONResponse({"error": "no such series"}, status_code=404)
+    return JSONResponse(data)
+
+
+@requires()
+async def viewer_slice(request: Request) -> Response:
+    """One stored slice as little-endian int16 HU (the browser windows it)."""
+    ctx = _ctx(request)
+    study_id, instance_id = _path_int(request, "study_id"), _path_int(request, "instance_id")
+
+    def _load() -> bytes | None:
+        with session_scope(ctx.reads) as s:
+            rel = viewer.slice_path(s, study_id, instance_id)
+        return viewer.slice_hu(ctx.store, instance_id, rel) if rel else None
+
+    data = await run_in_threadpool(_load)
+    if data is None:
+        raise HTTPException(404, "No such slice.")
+    return Response(data, media_type="application/octet-stream")
+
+
+@requires()
+async def viewer_overlay(request: Request) -> Response:
+    """The segment bitmask of one slice (bit n-1 = segment n), 204 when the slice has none."""
+    ctx = _ctx(request)
+    study_id, instance_id = _path_int(request, "study_id"), _path_int(request, "instance_id")
+
+    def _load() -> bytes | None:
+        with session_scope(ctx.reads) as s:
+            return viewer.overlay_bytes(s, ctx.store, study_id, instance_id)
+
+    data = await run_in_threadpool(_load)
+    if data is None:
+        return Response(status_code=204)
+    return Response(data, media_type="application/octet-stream")
+
+
+@requires()
+async def viewer_heat(request: Request) -> Response:
+    ctx = _ctx(request)
+    study_id, index = _path_int(request, "study_id"), int(request.path_params["index"])
+
+    def _load() -> bytes | None:
+        with session_scope(ctx.reads) as s:
+            return viewer.heat_png(s, ctx.store, study_id, index)
+
+    data = await run_in_threadpool(_load)
+    if data is None:
+        raise HTTPException(404, "No such image.")
+    return Response(data, media_type="image/png")
 
 
 # --------------------------------------------------------------------------- audit (admins)
@@ -745,6 +837,10 @@ def create_app(ctx: AppContext, components: dict[str, Any] | None = None) -> Sta
         Route("/studies/{study_id}", study_page, methods=["GET"]),
         Route("/studies/{study_id}/feedback", feedback, methods=["POST"]),
         Route("/studies/{study_id}/preview/{index:int}/{kind:str}", preview_image, methods=["GET"]),
+        Route("/studies/{study_id}/viewer.json", viewer_manifest, methods=["GET"]),
+        Route("/studies/{study_id}/viewer/slice/{instance_id}", viewer_slice, methods=["GET"]),
+        Route("/studies/{study_id}/viewer/overlay/{instance_id}", viewer_overlay, methods=["GET"]),
+        Route("/studies/{study_id}/viewer/heat/{index:int}", viewer_heat, methods=["GET"]),
         Route("/audit", audit_page, methods=["GET"]),
         Route("/audit.csv", audit_csv, methods=["GET"]),
         Route("/ops", ops_page, methods=["GET"]),
