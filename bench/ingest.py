@@ -1,4 +1,4 @@
-"""Ingest benchmark: DCMTK storescu → DCMTK storescp vs storescu → the node, same run.
+"""Ingest benchmark: DCMTK storescu → DCMTK storescp, Orthanc and the node, same run.
 
 Sends one synthetic CT series (default 300 slices of 512x512, 16 bit, uncompressed) over 1 and
 over 4 associations (4 storescu processes, a quarter of the files each), to:
@@ -7,12 +7,19 @@ over 4 associations (4 storescu processes, a quarter of the files each), to:
 * DCMTK ``storescp`` made durable: ``--exec-on-reception 'sync -d FILE DIR' --exec-sync`` runs before
   each response, so its ack, like the node's, waits for the file and its directory entry on disk
   (the apples-to-apples row; DCMTK has no fsync option of its own),
+* Orthanc (``tests.peers.Orthanc``: started by the benchmark for every run with its own
+  configuration and an empty storage and index directory, loopback, ``TCP_NODELAY=1``; its
+  defaults otherwise, so ``SyncStorageArea`` is on: it fsyncs every file it stores),
 * the node (:class:`triage.dicom.scp.DicomNode`, in this process) with durable writes
   (``fsync`` of every file and its directory) and its database rows committed before each ack.
 
-Every DCMTK process runs with ``TCP_NODELAY=1`` (see docs/benchmarks.md). Each cell is the median
-of ``--repeat`` runs; the node gets a fresh database and file store for every run, so nothing
-is a duplicate. Prints a Markdown table.
+Every DCMTK process and Orthanc run with ``TCP_NODELAY=1`` (see docs/benchmarks.md). The
+receivers take turns within each repeat (interleaved), so all see the same machine load. Each
+cell is the median of ``--repeat`` runs; every receiver gets a fresh database and store for
+every run, so nothing is a duplicate. "receiver CPU" is the CPU time (user + system) of the
+receiving process during the send: storescp's and Orthanc's from /proc, the node's from this
+process, which runs only the node meanwhile. Prints a Markdown table with the node's ratios to
+Orthanc and to the durable storescp (images/s).
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeat 3] [--database-url URL]
 """
@@ -33,7 +40,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.peers import SeriesSpec, StoreSCP, dcmtk_env, make_ct_series, node_context, running_node  # noqa: E402
+from tests.peers import (  # noqa: E402
+    Orthanc,
+    SeriesSpec,
+    StoreSCP,
+    dcmtk_env,
+    make_ct_series,
+    node_context,
+    running_node,
+    wait_for,
+)
 
 
 def send(port: int, aet: str, paths: list[Path], associations: int) -> float:
@@ -78,6 +94,28 @@ def run_storescp(paths: list[Path], associations: int, work: Path, durable: bool
         cpu = proc_cpu_seconds(scp.proc.pid) - cpu0
         if len(scp.files()) != len(paths):
             raise RuntimeError(f"storescp wrote {len(scp.files())} of {len(paths)} files")
+    return seconds, cpu
+
+
+def run_orthanc(paths: list[Path], associations: int, work: Path) -> tuple[float, float]:
+    """(wall seconds, receiver CPU seconds) of a fresh Orthanc receiving ``paths``. Orthanc answers
+    a C-STORE after the instance is stored and indexed; the count is checked afterwards."""
+    d = work / "orthanc"
+    shutil.rmtree(d, ignore_errors=True)
+    server = Orthanc(d, aet="ORTHANC")
+    server.start()
+    try:
+        assert server.proc is not None
+        cpu0 = proc_cpu_seconds(server.proc.pid)
+        seconds = send(server.dicom_port, "ORTHANC", paths, associations)
+        cpu = proc_cpu_seconds(server.proc.pid) - cpu0
+        n = wait_for(lambda: server.get("/statistics")["CountInstances"] >= len(paths) and
+                     server.get("/statistics")["CountInstances"], timeout=30, message="Orthanc's instance count")
+        if n != len(paths):
+            raise RuntimeError(f"Orthanc stored {n} of {len(paths)} instances")
+    finally:
+        server.stop()
+        shutil.rmtree(d, ignore_errors=True)
     return seconds, cpu
 
 
@@ -154,32 +192,35 @@ def main(argv: list[str] | None = None) -> int:
         for associations in (1, 4):
             ref: list[tuple[float, float]] = []
             durable: list[tuple[float, float]] = []
+            orth: list[tuple[float, float]] = []
             node: list[tuple[float, float]] = []
             nosync: list[tuple[float, float]] = []
             for run in range(args.repeat):  # interleaved, so all see the same machine load
                 ref.append(run_storescp(paths, associations, work))
                 durable.append(run_storescp(paths, associations, work, durable=True))
+                orth.append(run_orthanc(paths, associations, work))
                 node.append(run_node(paths, associations, work, args.database_url, run))
                 if args.compare_fsync:
                     nosync.append(run_node(paths, associations, work, args.database_url, run, fsync=False))
-            rows.append((associations, "DCMTK storescp (no fsync)", *med(ref), None, None))
-            rows.append((associations, "DCMTK storescp (durable: sync per file)", *med(durable), None, None))
-            rows.append((associations, "node (fsync on)", *med(node), med(ref)[0], med(durable)[0]))
+            refs = (med(ref)[0], med(orth)[0], med(durable)[0])
+            rows.append((associations, "DCMTK storescp (no fsync)", *med(ref), None))
+            rows.append((associations, "DCMTK storescp (durable: sync per file)", *med(durable), None))
+            rows.append((associations, "Orthanc 1.10 (SyncStorageArea on)", *med(orth), None))
+            rows.append((associations, "node (fsync on)", *med(node), refs))
             if nosync:
-                rows.append((associations, "node (fsync off)", *med(nosync), med(ref)[0], med(durable)[0]))
+                rows.append((associations, "node (fsync off)", *med(nosync), refs))
         db = "PostgreSQL" if args.database_url and "postgres" in args.database_url else "SQLite"
         load = os.getloadavg()[0]
         print(f"\n{args.slices} slices {args.size}x{args.size} ({mb:.0f} MB), median of {args.repeat}, "
               f"database {db}, {os.cpu_count()} CPUs, load average {load:.1f}, "
               f"write+fsync of 512 KiB here: {fsync_latency_ms(work / 'fsync-probe'):.1f} ms\n")
         print("| associations | receiver | seconds | images/s | MB/s | receiver CPU ms/image "
-              "| node/DCMTK (images/s) | node/durable DCMTK |")
-        print("|---|---|---|---|---|---|---|---|")
-        for associations, name, secs, cpu, ref_s, durable_s in rows:
-            ratio = f"{ref_s / secs:.2f}" if ref_s else ""
-            ratio_d = f"{durable_s / secs:.2f}" if durable_s else ""
+              "| node/storescp | node/Orthanc | node/durable storescp |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for associations, name, secs, cpu, ref_secs in rows:
+            ratios = [f"{r / secs:.2f}" for r in ref_secs] if ref_secs else ["", "", ""]
             print(f"| {associations} | {name} | {secs:.2f} | {args.slices / secs:.0f} | {mb / secs:.0f} | "
-                  f"{cpu / args.slices * 1000:.1f} | {ratio} | {ratio_d} |")
+                  f"{cpu / args.slices * 1000:.1f} | {' | '.join(ratios)} |")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

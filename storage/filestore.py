@@ -20,13 +20,16 @@ with the attribute ``free_bytes_override`` or the environment variable ``TRIAGE_
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -68,6 +71,8 @@ class FileStore:
         #: Free bytes to report instead of the real value (tests: simulate a full disk).
         self.free_bytes_override: int | None = None
         self.root.mkdir(parents=True, exist_ok=True)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     # ------------------------------------------------------------------ layout
     @staticmethod
@@ -190,6 +195,67 @@ class FileStore:
         with self.open_atomic(rel, expected_size=len(data), enforce_floor=enforce_floor, sync_dir=sync_dir) as fh:
             fh.write(data)
         return len(data)
+
+    def _dir_sync_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-dirsync")
+            return self._pool
+
+    def write_new(self, rel: str, data: bytes) -> int:
+        """Write a file that should not exist yet (a received instance); return the bytes written.
+
+        When this returns, the content *and* the name are durable, like :meth:`write_atomic`, but
+        the two flushes overlap: the data is written under a temporary name, hard-linked to ``rel``
+        (which fails if ``rel`` exists, so a name is never given to another writer's file), and the
+        file and its directory are fsynced at the same time (the directory on a pool thread). On
+        this project's disks that costs one flush instead of two in a row (docs/benchmarks.md).
+
+        Readers never see a partial file (the name appears after the last ``write``). A crash before
+        this returns may leave ``rel`` with incomplete content: the caller records nothing for it
+        before this returns, and a later write of the same name (a re-sent instance) finds it
+        existing and takes :meth:`write_atomic`'s path, which replaces it atomically. When ``rel``
+        already exists that path is taken from the start: a recorded file is never exposed.
+        """
+        self.ensure_space(len(data))
+        target = self.path(rel)
+        self._makedirs(target.parent)
+        if target.exists():
+            return self.write_atomic(rel, data)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=".part")
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                try:
+                    os.link(tmp_name, target)
+                except FileExistsError:  # another writer got there first: replace atomically instead
+                    return self.write_atomic(rel, data)
+                finally:
+                    os.unlink(tmp_name)
+                if self.fsync:
+                    directory = self._dir_sync_pool().submit(self._fsync_dir, target.parent)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        directory.result()
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, DiskFullError):
+                raise DiskFullError(f"disk full writing {rel}: {exc.strerror}") from exc
+            raise
+        return len(data)
+
+    def close(self) -> None:
+        """Stop the directory-sync threads (if :meth:`write_new` started them)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     # ------------------------------------------------------------------ deleting
     def delete(self, rel: str) -> bool:

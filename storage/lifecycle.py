@@ -38,7 +38,7 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from storage import audit
@@ -131,6 +131,15 @@ def refresh_study(s: Session, study_id: int, *, reason: str = "") -> StudyStatus
 
 # ---------------------------------------------------------------------------------- receive
 _STUDIES, _SERIES = Study.__table__, Series.__table__
+# Built once: the receiver runs these for every group of instances it records, and building and
+# keying a Core statement costs more CPU than executing it (bench/ingest.py, docs/benchmarks.md).
+_STUDY_TOUCH = (update(_STUDIES).where(_STUDIES.c.study_uid == bindparam("b_study_uid"))
+                .values(last_received_at=bindparam("b_now"), status=str(StudyStatus.RECEIVING), status_reason="")
+                .returning(_STUDIES.c.id))
+_STUDY_ID = select(_STUDIES.c.id).where(_STUDIES.c.study_uid == bindparam("b_study_uid"))
+_SERIES_ROW = (select(_SERIES.c.id, _SERIES.c.state, _SERIES.c.generation)
+               .where(_SERIES.c.series_uid == bindparam("b_series_uid")))
+_SERIES_ROW_LOCKED = _SERIES_ROW.with_for_update()
 
 
 def receive(s: Session, study_uid: str, series_uid: str, study_values: dict[str, Any],
@@ -139,20 +148,22 @@ def receive(s: Session, study_uid: str, series_uid: str, study_values: dict[str,
     rows; a series that had left ``receiving`` is reopened (generation + 1, audit
     ``series_reopened``). Returns (study id, series id, generation).
 
-    Plain Core statements: this is the receiver's hot path."""
+    Prebuilt Core statements: this is the receiver's hot path."""
     c = s.connection()
-    study_id = c.execute(select(_STUDIES.c.id).where(_STUDIES.c.study_uid == study_uid)).scalar()
     receiving = str(StudyStatus.RECEIVING)
+    if c.dialect.insert_returning and c.dialect.update_returning:
+        study_id = c.execute(_STUDY_TOUCH, {"b_study_uid": study_uid, "b_now": now}).scalar()
+    else:  # pragma: no cover - both supported back-ends have UPDATE ... RETURNING
+        study_id = c.execute(_STUDY_ID, {"b_study_uid": study_uid}).scalar()
+        if study_id is not None:
+            c.execute(update(_STUDIES).where(_STUDIES.c.id == study_id)
+                      .values(last_received_at=now, status=receiving, status_reason=""))
     if study_id is None:
         study_id = c.execute(insert(_STUDIES).values(**study_values, status=receiving, first_received_at=now,
                                                      last_received_at=now).returning(_STUDIES.c.id)).scalar_one()
-    else:
-        c.execute(update(_STUDIES).where(_STUDIES.c.id == study_id)
-                  .values(last_received_at=now, status=receiving, status_reason=""))
-    q = select(_SERIES.c.id, _SERIES.c.state, _SERIES.c.generation).where(_SERIES.c.series_uid == series_uid)
-    if c.dialect.name == "postgresql":
-        q = q.with_for_update()  # a concurrent completion waits for us, or we see the state it set
-    row = c.execute(q).first()
+    # PostgreSQL: a concurrent completion waits for us, or we see the state it set
+    q = _SERIES_ROW_LOCKED if c.dialect.name == "postgresql" else _SERIES_ROW
+    row = c.execute(q, {"b_series_uid": series_uid}).first()
     if row is None:
         series_id = c.execute(insert(_SERIES).values(
             study_id=study_id, **series_values, state=str(SeriesState.RECEIVING), first_received_at=now,

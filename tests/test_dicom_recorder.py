@@ -135,3 +135,55 @@ def test_a_failed_directory_sync_refuses_the_batch(tmp_path: Path) -> None:
         rec.stop()
     assert instance_count(ctx) == 0  # names not durable: no rows, so no instance is acknowledged
     ctx.close()
+
+
+def test_statements_run_while_files_flush_and_the_commit_waits_for_them(tmp_path: Path) -> None:
+    """The overlapped path: the batch's transaction is open while its files are still being
+    written (a reader sees nothing), it commits right after the last file is durable, not after
+    the fallback's OVERLAP_WAIT."""
+    from storage.db import make_read_sessionmaker
+
+    ctx = node_context(tmp_path)
+    reads = make_read_sessionmaker(ctx.engine)
+    rec = Recorder(ctx.sessions)
+    rec.start()
+    try:
+        recs = records(3)
+        futures = [rec.submit(r) for r in recs]
+        time.sleep(0.3)  # the writer has run the statements and waits for the files
+        with reads() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 0
+        assert not any(f.done() for f in futures)
+        t0 = time.monotonic()
+        for r in recs:
+            r.written.set_result(None)
+        assert [f.result(timeout=60) for f in futures] == [False] * 3
+        assert time.monotonic() - t0 < 1.5  # committed on the overlapped path, not after falling back
+        assert rec.overlapped >= 1 and rec.recorded == 3
+    finally:
+        rec.stop()
+    assert instance_count(ctx) == 3
+    ctx.close()
+
+
+def test_a_slow_file_falls_back_without_committing_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file not durable within OVERLAP_WAIT: the open transaction rolls back (the lock is let go)
+    and the rows are committed only once the file is there."""
+    import triage.dicom.recorder as recorder_mod
+
+    monkeypatch.setattr(recorder_mod, "OVERLAP_WAIT", 0.2)
+    ctx = node_context(tmp_path)
+    rec = Recorder(ctx.sessions)
+    rec.start()
+    try:
+        (slow,) = records(1)
+        future = rec.submit(slow)
+        time.sleep(0.8)
+        assert instance_count(ctx) == 0 and not future.done()  # a writer session gets the lock: rolled back
+        slow.written.set_result(None)
+        assert future.result(timeout=60) is False
+        assert rec.overlapped == 0 and rec.recorded == 1
+    finally:
+        rec.stop()
+    assert instance_count(ctx) == 1
+    ctx.close()

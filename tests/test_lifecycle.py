@@ -273,7 +273,9 @@ def test_inference_on_a_full_disk_resumes_by_itself(tmp_path: Path) -> None:
             os.remove(ballast)  # space comes back; nobody retries by hand
             wait_for(lambda: scalar(url, "select state from series") == "done", timeout=120,
                      message="inference finished once space returned")
-            assert scalar(url, "select state from jobs where kind = 'infer'") == "done"
+            # the job is completed in the worker's next transaction, just after the series' result
+            wait_for(lambda: scalar(url, "select state from jobs where kind = 'infer'") == "done", timeout=30,
+                     message="infer job completed")
             assert scalar(url, "select count(*) from result_objects") >= 2
             assert node.alive(), node.tail(60)
 

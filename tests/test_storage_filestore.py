@@ -172,3 +172,58 @@ def test_delete_study_removes_instances_and_results_only_of_that_study(tmp_path:
     assert store.study_dirs(STUDY) == []
     assert store.read_bytes(other) == b"keep"
     assert store.delete_study(STUDY) == (0, 0)
+
+
+def test_write_new_makes_content_and_name_durable_with_overlapping_flushes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver's write: the file and its directory are both fsynced before it returns, and
+    the two flushes run at the same time (one flush of latency instead of two in a row)."""
+    import stat
+    import time
+
+    store = FileStore(tmp_path / "store", floor_bytes=0, fsync=True)
+    rel = store.instance_rel(STUDY, SERIES, SOP)
+    store.write_new(store.instance_rel(STUDY, SERIES, "1.2.9"), b"warm")  # directories exist from here on
+    spans: dict[str, tuple[float, float]] = {}
+    real = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        start = time.monotonic()
+        time.sleep(0.2)
+        real(fd)
+        spans[kind] = (start, time.monotonic())
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    t0 = time.monotonic()
+    assert store.write_new(rel, b"DICM" * 1000) == 4000
+    elapsed = time.monotonic() - t0
+    assert set(spans) == {"file", "dir"}  # both flushed before it returned
+    (fa, fb), (da, db) = spans["file"], spans["dir"]
+    assert fa < db and da < fb, "the file and directory fsyncs did not overlap"
+    assert elapsed < 0.38, f"{elapsed:.2f} s: the two 0.2 s flushes ran one after the other"
+    assert store.read_bytes(rel) == b"DICM" * 1000
+    assert leftovers(store.root) == []
+    store.close()
+
+
+def test_write_new_on_an_existing_name_replaces_it_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-sent instance (the name exists, e.g. left by a crash before its row) never exposes the
+    name with partial content: that write goes through write_atomic (fsync before rename)."""
+    store = FileStore(tmp_path / "store", floor_bytes=0, fsync=True)
+    rel = store.instance_rel(STUDY, SERIES, SOP)
+    store.write_new(rel, b"partial")
+    order: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1])
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    store.write_new(rel, b"whole instance")
+    assert store.read_bytes(rel) == b"whole instance"
+    assert order[:2] == ["fsync", "replace"]  # content durable before the name moves
+    assert leftovers(store.root) == []
+    with pytest.raises(DiskFullError):
+        store.free_bytes_override = 0
+        store.floor_bytes = 1
+        store.write_new(store.instance_rel(STUDY, SERIES, "1.2.10"), b"x")
+    store.close()

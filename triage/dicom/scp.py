@@ -130,7 +130,9 @@ class DicomNode:
         self._lock = threading.Lock()
         self._recent: dict[str, None] = {}  # SOP Instance UIDs recorded lately (insertion-ordered)
         self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()  # associations the access check let in
-        self.recorder = Recorder(ctx.sessions, sync_dirs=ctx.store.sync_dirs)
+        # FileStore.write_new makes each file's name durable itself (its directory fsync overlaps
+        # the file's), so the recorder has no directories left to sync.
+        self.recorder = Recorder(ctx.sessions, sync_dirs=None)
         self.ae = self._make_ae()
 
     # ------------------------------------------------------------------ set-up
@@ -200,6 +202,7 @@ class DicomNode:
             self._server = None
         self.ae.shutdown()
         self.recorder.stop()
+        self.ctx.store.close()
 
     def __enter__(self) -> DicomNode:
         self.start()
@@ -349,8 +352,8 @@ class DicomNode:
             return StoreOutcome(STATUS_SUCCESS, "duplicate", duplicate=True)
 
         # The recorder thread gathers this instance into its next group while this thread
-        # writes the file (atomic write + fsync); it fsyncs the group's directories, records the
-        # group, and the ack waits for that commit. A duplicate this process has not seen lately is rewritten
+        # writes the file (content and name fsynced); it records the group once every file of it
+        # is durable, and the ack waits for that commit. A duplicate this process has not seen lately is rewritten
         # with the same bytes under the same name and then recognised by the database.
         data: bytes = file_meta_bytes()
         record = InstanceRecord(header, rel, len(data), hashlib.sha256(data).hexdigest(), transfer_syntax,
@@ -362,7 +365,7 @@ class DicomNode:
         overlap = self.recorder.running  # without the writer thread: write first, then record inline
         pending = self.recorder.submit(record) if overlap else None
         try:
-            self.ctx.store.write_atomic(rel, data, sync_dir=False)  # the recorder syncs the directory
+            self.ctx.store.write_new(rel, data)  # content and name durable when it returns
         except OSError as exc:
             assert record.written is not None
             record.written.set_exception(exc)
