@@ -111,7 +111,10 @@ def test_radiologist_and_admin_flow(site: dict[str, Any], browser: Any, tmp_path
     assert "CT-24-0101" in rows.first.inner_text()
     assert "J.D." in rows.first.inner_text() and "DOE" not in page.content()
     assert "not for clinical use" in page.locator("#disclaimer").inner_text().lower()
+    assert "not a head CT" not in page.locator("#worklist-body").inner_text()  # "to read": no skipped studies
+    page.goto("/?view=all")
     assert "not a head CT" in page.locator("#worklist-body").inner_text()
+    page.goto("/")
 
     # Live update: a new flagged study appears at the top without a reload.
     marker = page.evaluate("() => (window.__marker = Math.random())")

@@ -73,6 +73,7 @@ AUDIT_COUNT_CAP = 10_000  # a filtered count stops here ("more than 10,000"): co
 # Spreadsheet formula triggers: a cell starting with one of these is prefixed with "'" in the CSV.
 CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 WORKLIST_POLL_MS = 5000
+ALERT_POLL_MS = 2000  # every page asks /alerts this often: a new flagged study alerts within ~2 s
 EV_FEEDBACK = audit.FEEDBACK
 EV_AUDIT_EXPORT = audit.VIEWED  # details {"export": "audit.csv", ...}
 DISCLAIMER = ("Results come from a research model ({trained_on}). Not for clinical use: "
@@ -194,7 +195,8 @@ def make_templates(bundle_path: str | None = None) -> Jinja2Templates:
                        tojson_compact=lambda v: json.dumps(v, sort_keys=True, default=str))
     env.globals.update(LABELS=LABELS, SHORT=SHORT, DISCLAIMER=model_disclaimer(bundle_path), VERSION=__version__,
                        POLL_MS=WORKLIST_POLL_MS, FEEDBACK_ACTIONS=q.FEEDBACK_ACTIONS,
-                       VIEWER_PRESETS=viewer.PRESETS)
+                       VIEWER_PRESETS=viewer.PRESETS, ALERT_POLL_MS=ALERT_POLL_MS, LABEL_SHORT=SHORT)
+    env.filters["viewer_url"] = viewer_url
     return templates
 
 
@@ -258,22 +260,47 @@ async def logout(request: Request) -> Response:
 
 
 # --------------------------------------------------------------------------- worklist
-def _worklist(ctx: AppContext, phi: bool) -> list[dict[str, Any]]:
+def _worklist(ctx: AppContext, phi: bool, filters: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
     with session_scope(ctx.reads) as s:  # read-only: never queues behind the receiver (SQLite)
-        return q.worklist(s, phi)
+        return q.worklist(s, phi, filters=filters), q.to_read_count(s)
+
+
+def _worklist_context(request: Request) -> dict[str, Any]:
+    user = request.state.user
+    filters = q.worklist_filters(dict(request.query_params), user.sees_phi)
+    return {"filters": filters, "query": urlencode({k: v for k, v in filters.items() if v}),
+            "viewer_template": _ctx(request).settings.viewer_url_template}
 
 
 @requires()
 async def worklist_page(request: Request) -> Response:
-    rows = await run_in_threadpool(_worklist, _ctx(request), request.state.user.sees_phi)
-    return render(request, "worklist.html", rows=rows)
+    extra = _worklist_context(request)
+    rows, to_read = await run_in_threadpool(_worklist, _ctx(request), request.state.user.sees_phi, extra["filters"])
+    return render(request, "worklist.html", rows=rows, to_read=to_read, statuses=q.STATUSES, **extra)
 
 
 @requires()
 async def worklist_rows(request: Request) -> Response:
-    """The worklist table body, polled by the page for live updates."""
-    rows = await run_in_threadpool(_worklist, _ctx(request), request.state.user.sees_phi)
-    return render(request, "_worklist_rows.html", rows=rows)
+    """The worklist table body, polled by the page for live updates (same filters as the page)."""
+    extra = _worklist_context(request)
+    rows, to_read = await run_in_threadpool(_worklist, _ctx(request), request.state.user.sees_phi, extra["filters"])
+    response = render(request, "_worklist_rows.html", rows=rows, **extra)
+    response.headers["X-To-Read"] = str(to_read)
+    return response
+
+
+@requires()
+async def alerts(request: Request) -> Response:
+    """Flagged studies nobody has read yet (accession and subtypes, no patient identifiers):
+    every page polls this for the title count, the notification and the sound."""
+    ctx = _ctx(request)
+
+    def _load() -> list[dict[str, Any]]:
+        with session_scope(ctx.reads) as s:
+            return q.alerts(s)
+
+    items = await run_in_threadpool(_load)
+    return JSONResponse({"count": len(items), "studies": items})
 
 
 def _save_feedback(ctx: AppContext, study_id: int, user_id: int, username: str, action: str,
@@ -832,6 +859,7 @@ def create_app(ctx: AppContext, components: dict[str, Any] | None = None) -> Sta
     routes = [
         Route("/", worklist_page, methods=["GET"]),
         Route("/worklist/rows", worklist_rows, methods=["GET"]),
+        Route("/alerts", alerts, methods=["GET"]),
         Route("/login", login_page, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/studies/{study_id}", study_page, methods=["GET"]),

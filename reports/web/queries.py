@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from storage.lifecycle import LIVE_JOB_STATES, JobState, StudyStatus
@@ -140,6 +140,9 @@ def study_row(study: Study, result: Result | None, findings: dict[str, Finding],
         "patient_masked": not phi,
         "description": study.study_description,
         "study_date": study.study_date,
+        "study_when": study_when(study),
+        "age": patient_age(study.patient_birth_date, study.study_date),
+        "sex": study.patient_sex if study.patient_sex in ("F", "M", "O") else "",
         "status": study.status,
         "status_reason": study.status_reason,
         "priority": study.priority,
@@ -159,13 +162,80 @@ def study_row(study: Study, result: Result | None, findings: dict[str, Finding],
     }
 
 
-def worklist(s: Session, phi: bool, limit: int = 200) -> list[dict[str, Any]]:
-    """Studies for the worklist: flagged first, then newest first."""
+#: Study statuses that stay out of the "to read" view: nothing from the node to read there.
+NOT_TO_READ = (StudyStatus.SKIPPED, StudyStatus.FAILED)
+WORKLIST_VIEWS = ("to-read", "all")
+FLAG_FILTERS = ("flagged", "not-flagged")
+
+
+def read_condition() -> Any:
+    """SQL: someone acknowledged, agreed or disagreed with a current (not superseded) result of
+    the study. Such a study is read: it leaves the "to read" view and raises no more alerts."""
+    return exists().where(Feedback.study_id == Study.id, Feedback.result_id == Result.id,
+                          Result.superseded.is_(False))
+
+
+def subtype_present(label: str) -> Any:
+    """SQL: ``label`` is present in a current result of the study."""
+    return exists().where(Result.study_id == Study.id, Result.superseded.is_(False), Finding.result_id == Result.id,
+                          Finding.label == label, Finding.present.is_(True))
+
+
+def _like_escape(value: str) -> str:
+    return "%" + value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def worklist_filters(params: dict[str, str], phi: bool) -> dict[str, str]:
+    """The worklist's filters from query parameters, checked and normalised (unknown values
+    dropped). Patient search is kept only for roles that see patient identifiers."""
+    out: dict[str, str] = {"view": params.get("view", "") if params.get("view") in WORKLIST_VIEWS else "to-read"}
+    for name in ("accession", "patient"):
+        v = "".join(c for c in str(params.get(name, "")) if c.isprintable()).strip()[:64]
+        if v and (name != "patient" or phi):
+            out[name] = v
+    for name in ("date_from", "date_to"):
+        v = str(params.get(name, "")).replace("-", "")
+        if len(v) == 8 and v.isdigit():
+            out[name] = v
+    if params.get("flag") in FLAG_FILTERS:
+        out["flag"] = params["flag"]
+    if params.get("status") in STATUSES:
+        out["status"] = params["status"]
+    if params.get("subtype") in LABELS:
+        out["subtype"] = params["subtype"]
+    return out
+
+
+def apply_worklist_filters(stmt: Select[Any], f: dict[str, str]) -> Select[Any]:
+    if f.get("view", "to-read") == "to-read":
+        stmt = stmt.where(Study.status.not_in([str(x) for x in NOT_TO_READ]), ~read_condition())
+    if f.get("accession"):
+        stmt = stmt.where(Study.accession.like(_like_escape(f["accession"]), escape="\\"))
+    if f.get("patient"):
+        pat = _like_escape(f["patient"].replace(" ", "^"))
+        stmt = stmt.where(or_(Study.patient_name.like(pat, escape="\\"),
+                              Study.patient_id.like(_like_escape(f["patient"]), escape="\\")))
+    if f.get("date_from"):
+        stmt = stmt.where(Study.study_date >= f["date_from"])
+    if f.get("date_to"):
+        stmt = stmt.where(Study.study_date <= f["date_to"])
+    if f.get("flag"):
+        stmt = stmt.where(Study.flagged.is_(f["flag"] == "flagged"))
+    if f.get("status"):
+        stmt = stmt.where(Study.status == f["status"])
+    if f.get("subtype"):
+        stmt = stmt.where(subtype_present(f["subtype"]))
+    return stmt
+
+
+def worklist(s: Session, phi: bool, limit: int = 200, filters: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Studies for the worklist: flagged first, then newest first (``filters``: see
+    :func:`worklist_filters`; none = every study)."""
+    stmt = select(Study).where(Study.purged_at.is_(None))
+    if filters:
+        stmt = apply_worklist_filters(stmt, filters)
     studies = s.scalars(
-        select(Study)
-        .where(Study.purged_at.is_(None))
-        .order_by(Study.flagged.desc(), Study.first_received_at.desc(), Study.id.desc())
-        .limit(limit)
+        stmt.order_by(Study.flagged.desc(), Study.first_received_at.desc(), Study.id.desc()).limit(limit)
     ).all()
     results = latest_results(s, [st.id for st in studies])
     fnd = findings_of(s, [r.id for r in results.values()])
@@ -175,6 +245,49 @@ def worklist(s: Session, phi: bool, limit: int = 200) -> list[dict[str, Any]]:
         r = results.get(st.id)
         rows.append(study_row(st, r, fnd.get(r.id, {}) if r else {}, phi, fb.get(st.id)))
     return rows
+
+
+def to_read_count(s: Session) -> int:
+    stmt = apply_worklist_filters(select(func.count()).select_from(Study).where(Study.purged_at.is_(None)),
+                                  {"view": "to-read"})
+    return int(s.scalar(stmt) or 0)
+
+
+def alerts(s: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """Flagged studies that nobody has read yet (newest result first): what raises alerts.
+    Accession and subtypes only, no patient identifiers."""
+    studies = s.scalars(select(Study).where(Study.purged_at.is_(None), Study.flagged.is_(True), ~read_condition())
+                        .order_by(Study.result_at.desc(), Study.id.desc()).limit(limit)).all()
+    results = latest_results(s, [st.id for st in studies])
+    fnd = findings_of(s, [r.id for r in results.values()])
+    out = []
+    for st in studies:
+        r = results.get(st.id)
+        present = [SHORT[lb] for lb in LABELS[1:] if r and lb in fnd.get(r.id, {}) and fnd[r.id][lb].present]
+        out.append({"id": st.id, "accession": st.accession, "result_at": iso(st.result_at), "subtypes": present})
+    return out
+
+
+def patient_age(birth_date: str, study_date: str) -> str:
+    """Age at the study from DICOM dates (YYYYMMDD), e.g. ``76 y`` (``8 mo`` under two years), or ""."""
+    try:
+        b = dt.date(int(birth_date[:4]), int(birth_date[4:6]), int(birth_date[6:8]))
+        d = dt.date(int(study_date[:4]), int(study_date[4:6]), int(study_date[6:8]))
+    except (ValueError, TypeError):
+        return ""
+    months = (d.year - b.year) * 12 + d.month - b.month - (d.day < b.day)
+    if months < 0:
+        return ""
+    return f"{months // 12} y" if months >= 24 else f"{months} mo"
+
+
+def study_when(study: Study) -> str:
+    """Study date and time from the DICOM header, e.g. ``2026-01-02 03:15``, or ""."""
+    d, t = study.study_date or "", (study.study_time or "").split(".")[0]
+    if len(d) != 8:
+        return ""
+    out = f"{d[:4]}-{d[4:6]}-{d[6:8]}"
+    return out + (f" {t[:2]}:{t[2:4]}" if len(t) >= 4 and t[:4].isdigit() else "")
 
 
 # --------------------------------------------------------------------------- study view

@@ -26,6 +26,13 @@
       box.querySelectorAll("button.fb").forEach((b) => b.classList.toggle("chosen", b === button));
       const state = box.querySelector(".fb-state");
       if (state) state.textContent = `${body.feedback.action} · ${body.feedback.user}`;
+      const table = document.getElementById("worklist");
+      if (box.tagName === "TR" && table && table.dataset.view === "to-read") {
+        box.remove(); // read now: it leaves the "to read" view
+        const n = document.getElementById("to-read-count");
+        if (n) n.textContent = String(Math.max(0, parseInt(n.textContent, 10) - 1));
+      }
+      pollAlerts();
     } finally { button.disabled = false; }
   }
 
@@ -51,13 +58,17 @@
     stamp();
     async function poll() {
       try {
-        const resp = await fetch("/worklist/rows", { credentials: "same-origin", headers: { "Accept": "text/html" } });
+        const query = table.dataset.query ? `?${table.dataset.query}` : "";
+        const resp = await fetch(`/worklist/rows${query}`, { credentials: "same-origin", headers: { "Accept": "text/html" } });
         if (resp.redirected || resp.status === 401) { window.location = "/login"; return; }
         if (!resp.ok) throw new Error(String(resp.status));
         const html = await resp.text();
         const before = new Set([...body.querySelectorAll("tr[data-study-id]")].map((r) => r.dataset.studyId));
         if (document.activeElement && body.contains(document.activeElement)) return; // do not yank a focused button
         body.innerHTML = html;
+        const toRead = resp.headers.get("X-To-Read");
+        const count = document.getElementById("to-read-count");
+        if (count && toRead !== null) count.textContent = toRead;
         body.querySelectorAll("tr[data-study-id]").forEach((r) => {
           if (!before.has(r.dataset.studyId)) r.classList.add("fresh");
         });
@@ -73,8 +84,78 @@
     setTimeout(poll, period);
   }
 
+  // ---- alerts: title count, browser notification and sound for flagged studies nobody has read
+  const alertState = { known: null, baseTitle: "", timer: null };
+  const soundOn = () => localStorage.getItem("triage.sound") !== "off";
+  let audio = null;
+
+  function beep() {
+    try {
+      audio = audio || new (window.AudioContext || window.webkitAudioContext)();
+      const o = audio.createOscillator(), g = audio.createGain();
+      o.type = "sine"; o.frequency.value = 880;
+      g.gain.setValueAtTime(0.0001, audio.currentTime);
+      g.gain.exponentialRampToValueAtTime(0.25, audio.currentTime + 0.02);
+      g.gain.exponentialRampToValueAtTime(0.0001, audio.currentTime + 0.6);
+      o.connect(g).connect(audio.destination);
+      o.start(); o.stop(audio.currentTime + 0.65);
+      window.__alertSounds = (window.__alertSounds || 0) + 1;
+    } catch (e) { /* no audio output */ }
+  }
+
+  function notify(study) {
+    if (!("Notification" in window) || Notification.permission !== "granted") return;
+    try {
+      const n = new Notification(`Flagged: ${study.accession || "study " + study.id}`, {
+        body: study.subtypes.length ? `Suspected ${study.subtypes.join(", ")}` : "Suspected hemorrhage",
+        tag: `triage-study-${study.id}`, requireInteraction: true,
+      });
+      n.onclick = () => { window.focus(); window.location = `/studies/${study.id}`; };
+    } catch (e) { /* notifications unavailable here (e.g. some mobile browsers) */ }
+  }
+
+  async function pollAlerts() {
+    const bar = document.getElementById("alerts");
+    if (!bar) return;
+    try {
+      const resp = await fetch("/alerts", { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (!resp.ok) return;
+      const body = await resp.json();
+      const ids = new Set(body.studies.map((s) => s.id));
+      if (alertState.known !== null) {
+        const fresh = body.studies.filter((s) => !alertState.known.has(s.id));
+        fresh.forEach(notify);
+        if (fresh.length && soundOn()) beep();
+        window.__alertsRaised = (window.__alertsRaised || 0) + fresh.length;
+      }
+      alertState.known = ids;
+      document.title = body.count ? `(${body.count}) ${alertState.baseTitle}` : alertState.baseTitle;
+      const count = document.getElementById("alert-count");
+      count.textContent = String(body.count);
+      bar.classList.toggle("active", body.count > 0);
+      bar.title = body.count ? `Unread flagged: ${body.studies.map((s) => s.accession).join(", ")}` : "No unread flagged studies";
+    } catch (e) { /* offline: try again */ }
+  }
+
+  function startAlerts(bar) {
+    alertState.baseTitle = document.title;
+    const period = parseInt(bar.dataset.pollMs || "2000", 10);
+    const sound = document.getElementById("sound-toggle");
+    const showSound = () => { sound.textContent = soundOn() ? "Sound on" : "Sound off"; sound.setAttribute("aria-pressed", String(soundOn())); };
+    sound.addEventListener("click", () => { localStorage.setItem("triage.sound", soundOn() ? "off" : "on"); showSound(); });
+    showSound();
+    const perm = document.getElementById("notify-enable");
+    const showPerm = () => { perm.hidden = !("Notification" in window) || Notification.permission !== "default"; };
+    perm.addEventListener("click", () => { Notification.requestPermission().then(showPerm); if (soundOn()) beep(); });
+    showPerm();
+    pollAlerts();
+    alertState.timer = setInterval(pollAlerts, period);
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     localTimes(document);
+    const bar = document.getElementById("alerts");
+    if (bar) startAlerts(bar);
     const table = document.getElementById("worklist");
     if (table) startWorklist(table);
     document.querySelectorAll(".bar .fill[data-fraction]").forEach((el) => {
