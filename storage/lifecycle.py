@@ -89,6 +89,9 @@ class Priority(IntEnum):
 
 
 LIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)  # work still to be done
+# A series in one of these states may still give its study a result (a thick series arriving after
+# the thin one, or the other way round): see :func:`study_pending`.
+PENDING_SERIES_STATES = (SeriesState.RECEIVING, SeriesState.COMPLETE, SeriesState.SELECTED, SeriesState.PROCESSING)
 FINAL_JOB_STATES = (JobState.DONE, JobState.DEAD)
 
 # Study status from its series' states, most urgent first (module docstring).
@@ -199,6 +202,15 @@ def receiving_series(s: Session) -> list[Any]:
         select(Series.id, Series.generation, Series.instance_count, Series.last_received_at)
         .where(Series.state == SeriesState.RECEIVING)
     ).all())
+
+
+def study_pending(s: Session, study_id: int, *, besides: int | None = None) -> bool:
+    """True while a series of the study (other than ``besides``) may still bring a result:
+    it is receiving, complete, selected or processing."""
+    q = select(Series.id).where(Series.study_id == study_id, Series.state.in_([str(x) for x in PENDING_SERIES_STATES]))
+    if besides is not None:
+        q = q.where(Series.id != besides)
+    return s.execute(q.limit(1)).first() is not None
 
 
 def overdue_after(settings: Any) -> float:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -518,6 +518,25 @@ class JobQueue:
                 details={"job_id": job.id, "kind": job.kind, "last_error": (job.last_error or "")[:500]},
             )
             return True
+
+    def release_held(self, study_id: int, kind: str, *, session: Session | None = None) -> int:
+        """Jobs of ``kind`` for the study that were queued to run later (held, never tried) run now;
+        returns how many."""
+        now = utcnow()
+        with self._tx(session) as s:
+            return int(s.execute(
+                update(Job).where(Job.study_id == study_id, Job.kind == kind, Job.state == QUEUED, Job.attempts == 0,
+                                  Job.run_after > now).values(run_after=now)
+            ).rowcount or 0)  # type: ignore[attr-defined]
+
+    def withdraw_held(self, study_id: int, kind: str, *, session: Session | None = None) -> int:
+        """Remove the study's held jobs of ``kind`` (queued to run later, never tried); returns how many."""
+        now = utcnow()
+        with self._tx(session) as s:
+            return int(s.execute(
+                delete(Job).where(Job.study_id == study_id, Job.kind == kind, Job.state == QUEUED, Job.attempts == 0,
+                                  Job.run_after > now)
+            ).rowcount or 0)  # type: ignore[attr-defined]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Number of jobs by (kind, state)."""

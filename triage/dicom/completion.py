@@ -32,6 +32,7 @@ from triage.context import AppContext
 from triage.dicom.header import CT_CLASSES, normal_of
 from triage.dicom.selection import is_stat, select_series, slice_positions
 from triage.logging import get_logger
+from triage.pipeline import answer
 
 log = get_logger(__name__)
 
@@ -207,5 +208,8 @@ class SeriesMonitor:
                          early=early, note=result.reason)
             else:
                 lifecycle.skip_series(s, series, study, result.reason, generation=generation, instances=len(inst))
+                s.flush()
+                # a negative result of another series of the study may have waited for this one
+                answer.settle(s, self.ctx.queue, study.id)
                 log.info("series skipped", series_uid=series.series_uid, reason=result.reason)
             return Completion(series_id, series.series_uid, generation, result.ok, result.reason, early, job_id)

@@ -10,11 +10,20 @@ Result object UIDs are deterministic in the input (the source instances) and the
 never receives duplicates, while a reopened series (new instances) gets new UIDs for its new
 content, so a PACS that keeps the first copy of a UID still ends with the new finding.
 
+A series of more than ``FAST_READ_SLICES`` slices (a thin reconstruction: 0.625 mm, 240+
+slices) is read as averaged slabs of consecutive slices (:func:`triage.dicom.assembly.load_volume`,
+``max_slices``), about the slice count of a thick series: its result comes in the time of a thick
+series (bench/inference.py: 240 x 512 x 512 takes ~20 s, 60 slices ~4 s, 30 slices ~2 s on the
+2-core development host) whichever of the two arrives first. Deliveries follow the study's one
+answer (:mod:`triage.pipeline.answer`): a positive goes out at once, a negative is held while
+another series of the study may still bring a result and withheld once the study is positive.
+
 Series and study states change only through :mod:`storage.lifecycle`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import time
 from dataclasses import dataclass
@@ -26,15 +35,20 @@ from sqlalchemy import select, update
 
 from storage import audit, lifecycle
 from storage.lifecycle import JobKind, Priority
-from storage.models import Finding, Instance, ModelVersion, Result, ResultObject
+from storage.models import Finding, Instance, ModelVersion, Result, ResultObject, utcnow
 from storage.queue import delivery_lane
 from triage.context import AppContext
 from triage.dicom.header import CT_CLASSES
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.types import Prediction
+from triage.pipeline import answer
 
 log = get_logger(__name__)
+
+#: At most this many slices (slabs) reach the model per series: a thin series is read as slabs of
+#: ``ceil(n / FAST_READ_SLICES)`` averaged slices, as thick as a routine 2.5-5 mm reconstruction.
+FAST_READ_SLICES = 48
 
 @dataclass
 class InferOutcome:
@@ -115,7 +129,8 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
     study_id = started.study_id
 
     # 2. Volume and model.
-    volume, headers = load_volume(paths, max_slices=ctx.settings.inference_max_slices)
+    max_slices = min(int(ctx.settings.inference_max_slices), int(job.payload.get("max_slices") or FAST_READ_SLICES))
+    volume, headers = load_volume(paths, max_slices=max_slices)
     timings["read"] = time.perf_counter() - t0
     prediction: Prediction = bundle.predict(volume)
     timings.update({k: float(v) for k, v in prediction.timings.items()})
@@ -151,6 +166,8 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
     priority = Priority.POSITIVE if positive else Priority.ROUTINE
     with ctx.sessions.begin() as s:
         series = lifecycle.current_series(s, series_id, generation)
+        delivery = answer.plan(positive=positive, study_flagged_before=bool(series.study.flagged),
+                               others_pending=lifecycle.study_pending(s, study_id, besides=series_id))
         mv_id = _record_model(s, bundle)
         s.execute(update(Result).where(Result.series_id == series_id).values(superseded=True))
         timings["total"] = time.perf_counter() - t0
@@ -165,7 +182,9 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
                 "exam_probs": prediction.exam_probs,
                 "input_domain": prediction.input_domain,
                 "volume": {"shape": list(volume.shape), "tilt_deg": volume.tilt_deg,
-                           "slice_spacing": volume.slice_spacing, "pixel_spacing": list(volume.pixel_spacing)},
+                           "slice_spacing": volume.slice_spacing, "pixel_spacing": list(volume.pixel_spacing),
+                           "source_slices": len(paths), "max_slices": max_slices},
+                "delivery": str(delivery),
             },
         )
         s.add(result)
@@ -214,14 +233,24 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
                     distance=domain.get("distance"), threshold=domain.get("threshold"))
     # 5. Deliveries and notifications (own transactions; dedupe keys make this idempotent).
     _queue_outbound(ctx, result.id, object_ids, written, study_id, series_id, priority, positive,
-                    study_uid, series_uid, accession)
+                    study_uid, series_uid, accession, delivery)
+    with ctx.sessions.begin() as s:  # after our own deliveries are queued: see answer.settle
+        answer.settle(s, ctx.queue, study_id, actor=ctx.worker_id)
     return InferOutcome(result.id, positive, object_ids, timings)
 
 
 def _queue_outbound(ctx: AppContext, result_id: int, object_ids: list[int], written: list, study_id: int,
                     series_id: int, priority: int, positive: bool, study_uid: str, series_uid: str,
-                    accession: str) -> None:
+                    accession: str, delivery: answer.Delivery = answer.Delivery.NOW) -> None:
     s = ctx.settings
+    if delivery is answer.Delivery.WITHHOLD:  # the study is positive from another series already
+        with ctx.sessions.begin() as sess:
+            audit.record(sess, audit.QUEUED, actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
+                         accession=accession, details={"deliveries": 0, "result_id": result_id,
+                                                       "withheld": "negative result of a study already "
+                                                                   "positive from another series"})
+        return
+    run_after = utcnow() + dt.timedelta(seconds=answer.HOLD_SECONDS) if delivery is answer.Delivery.HOLD else None
     # SR first, then SEG, then SC: the finding reaches the PACS before the pictures.
     order = {"sr": 0, "seg": 1, "sc": 2}
     pairs = sorted(zip(written, object_ids, strict=True), key=lambda p: order.get(p[0][0], 9))
@@ -232,6 +261,7 @@ def _queue_outbound(ctx: AppContext, result_id: int, object_ids: list[int], writ
                 JobKind.DELIVER, {"result_object_id": oid, "destination": str(dest)}, priority=priority,
                 dedupe_key=f"deliver:{ds.SOPInstanceUID}:{dest}", study_id=study_id, series_id=series_id,
                 lane=delivery_lane(dest),  # one destination's deliveries go out in order (storage/queue.py)
+                run_after=run_after,  # held: released by answer.settle once the study's answer stands
             )
             queued += 1
     channels = []
@@ -246,4 +276,5 @@ def _queue_outbound(ctx: AppContext, result_id: int, object_ids: list[int], writ
         with ctx.sessions.begin() as sess:
             audit.record(sess, audit.QUEUED, actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
                          accession=accession, details={"deliveries": queued, "notifications": channels,
-                                                       "result_id": result_id, "priority": priority})
+                                                       "result_id": result_id, "priority": priority,
+                                                       "held": delivery is answer.Delivery.HOLD})

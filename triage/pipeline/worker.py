@@ -18,6 +18,7 @@ from storage.lifecycle import JobKind, JobState, StaleJob
 from storage.queue import LaneDown
 from triage.context import AppContext
 from triage.logging import get_logger
+from triage.pipeline import answer
 
 log = get_logger(__name__)
 
@@ -148,8 +149,12 @@ class Worker:
             if row is not None and row.state == JobState.DEAD and job.kind == JobKind.INFER:
                 with self.ctx.sessions.begin() as s:
                     audit.lock_chain(s)
-                    lifecycle.fail_inference(s, int(job.payload.get("series_id", 0)), job_id=job.id, error=error,
-                                             actor=self.name, generation=job.payload.get("generation"))
+                    failed = lifecycle.fail_inference(s, int(job.payload.get("series_id", 0)), job_id=job.id,
+                                                      error=error, actor=self.name,
+                                                      generation=job.payload.get("generation"))
+                if failed and job.study_id is not None:  # a negative of another series may wait on this one
+                    with self.ctx.sessions.begin() as s:
+                        answer.settle(s, q, int(job.study_id), actor=self.name)
         except Exception as db_exc:  # database away: the lease expires and the job is retried
             log.error("could not record job failure", job_id=job.id, error=str(db_exc)[:200])
 
