@@ -378,7 +378,8 @@ class Feedback(Base):
     result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id", ondelete="SET NULL"), default=None)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), default=None)
     action: Mapped[str] = mapped_column(String(16))  # acknowledge | agree | disagree
-    comment: Mapped[str] = mapped_column(Text, default="")
+    reason: Mapped[str] = mapped_column(String(64), default="")  # a code of reports.web.queries.FEEDBACK_REASONS
+    comment: Mapped[str] = mapped_column(Text, default="")  # free text
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

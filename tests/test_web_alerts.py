@@ -15,7 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from storage.db import session_scope
+from storage.models import Feedback
 from tests.test_web_browser import ARGS, CHROMIUM, TIMEOUT_MS, login, shot
 from tests.web_support import add_user, live_server, seed_study
 from triage.context import AppContext
@@ -133,6 +136,18 @@ def test_new_flagged_study_alerts_and_acknowledging_reads_it(site: dict[str, Any
     assert page.locator("#sound-toggle").inner_text() == "Sound off"
     page.reload()
     assert page.locator("#sound-toggle").inner_text() == "Sound off"
+
+    # Disagree takes an optional reason (list) and free text before it is saved.
+    row = page.locator("#worklist-body tr.study", has_text="CT-A-0001")
+    row.locator("button.fb-disagree").click()
+    page.select_option("#fb-reason", "artifact")
+    page.fill("#fb-comment", "streak artefact from dental fillings")
+    page.click("#fb-save")
+    page.wait_for_function("() => ![...document.querySelectorAll('#worklist-body a.open-study')]"
+                           ".some(a => a.textContent === 'CT-A-0001')")
+    with session_scope(ctx.sessions) as s:
+        fb = s.scalars(select(Feedback).where(Feedback.action == "disagree")).one()
+    assert (fb.reason, fb.comment) == ("artifact", "streak artefact from dental fillings")
     page.context.close()
 
 

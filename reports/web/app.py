@@ -76,6 +76,12 @@ WORKLIST_POLL_MS = 5000
 ALERT_POLL_MS = 2000  # every page asks /alerts this often: a new flagged study alerts within ~2 s
 EV_FEEDBACK = audit.FEEDBACK
 EV_AUDIT_EXPORT = audit.VIEWED  # details {"export": "audit.csv", ...}
+VOLUME_HELP = ("Voxel volume: the voxels the model's segmentation marks as blood, times the voxel size "
+               "(what the overlay outlines).")
+ABC2_HELP = ("ABC/2: the bedside ellipsoid estimate from the same region (length A x width B x height C, halved). "
+             "Close to the voxel volume for a round haematoma; it overestimates thin or irregular collections "
+             "(subdural, subarachnoid).")
+NO_REGION = "detected on slice scores, no region above the segmentation threshold"
 DISCLAIMER = ("Results come from a research model ({trained_on}). Not for clinical use: "
               "every study must be read by a radiologist.")
 
@@ -195,6 +201,8 @@ def make_templates(bundle_path: str | None = None) -> Jinja2Templates:
                        tojson_compact=lambda v: json.dumps(v, sort_keys=True, default=str))
     env.globals.update(LABELS=LABELS, SHORT=SHORT, DISCLAIMER=model_disclaimer(bundle_path), VERSION=__version__,
                        POLL_MS=WORKLIST_POLL_MS, FEEDBACK_ACTIONS=q.FEEDBACK_ACTIONS,
+                       FEEDBACK_REASONS=q.FEEDBACK_REASONS, VOLUME_HELP=VOLUME_HELP, ABC2_HELP=ABC2_HELP,
+                       NO_REGION=NO_REGION,
                        VIEWER_PRESETS=viewer.PRESETS, ALERT_POLL_MS=ALERT_POLL_MS, LABEL_SHORT=SHORT)
     env.filters["viewer_url"] = viewer_url
     return templates
@@ -304,20 +312,21 @@ async def alerts(request: Request) -> Response:
 
 
 def _save_feedback(ctx: AppContext, study_id: int, user_id: int, username: str, action: str,
-                   comment: str) -> dict[str, Any] | None:
+                   comment: str, reason: str = "") -> dict[str, Any] | None:
     with session_scope(ctx.sessions) as s:
         study = s.get(Study, study_id)
         if study is None:
             return None
         result = q.latest_results(s, [study.id]).get(study.id)
         fb = Feedback(study_id=study.id, result_id=result.id if result else None, user_id=user_id,
-                      action=action, comment=comment)
+                      action=action, reason=reason, comment=comment)
         s.add(fb)
         s.flush()
         audit_record(s, EV_FEEDBACK, actor=username, study_uid=study.study_uid, accession=study.accession,
                      details={"action": action, "result_id": fb.result_id, "feedback_id": fb.id,
-                              "flagged": bool(study.flagged), "comment": comment})
-        return {"action": action, "user": username, "at": q.iso(fb.created_at), "result_id": fb.result_id}
+                              "flagged": bool(study.flagged), "reason": reason, "comment": comment})
+        return {"action": action, "user": username, "at": q.iso(fb.created_at), "result_id": fb.result_id,
+                "reason": reason}
 
 
 @requires()
@@ -337,8 +346,14 @@ async def feedback(request: Request) -> Response:
     comment = str(body.get("comment", ""))[:1000]
     if action not in q.FEEDBACK_ACTIONS:
         return JSONResponse({"error": f"action must be one of {', '.join(q.FEEDBACK_ACTIONS)}"}, status_code=400)
+    reason = str(body.get("reason", "") or "")
+    allowed = [code for code, _text in q.FEEDBACK_REASONS.get(action, ())]
+    if reason and reason not in allowed:
+        return JSONResponse({"error": f"reason for {action} must be one of {', '.join(allowed) or '(none)'}"},
+                            status_code=400)
     user = request.state.user
-    saved = await run_in_threadpool(_save_feedback, _ctx(request), study_id, user.id, user.username, action, comment)
+    saved = await run_in_threadpool(_save_feedback, _ctx(request), study_id, user.id, user.username, action, comment,
+                                    reason)
     if saved is None:
         return JSONResponse({"error": "study not found"}, status_code=404)
     if is_json:
@@ -625,6 +640,7 @@ def _ops(ctx: AppContext) -> dict[str, Any]:
             "models": q.model_versions(s),
             "quality_7d": q.quality(s, now - dt.timedelta(days=7)),
             "quality_all": q.quality(s),
+            "reasons_7d": q.verdict_reasons(s, now - dt.timedelta(days=7)),
         }
     out["disk"] = q.disk_usage(ctx.settings.store_dir if ctx.settings.store_dir.exists()
                                else ctx.settings.resolved_data_dir.parent)

@@ -38,6 +38,15 @@ from triage.redact import strip_userinfo, strip_userinfo_deep
 
 STATUSES: tuple[str, ...] = tuple(StudyStatus)
 FEEDBACK_ACTIONS: tuple[str, ...] = ("acknowledge", "agree", "disagree")
+#: Optional reasons a reader can give with a verdict (code, text), per action; free text goes in the comment.
+FEEDBACK_REASONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "agree": (("confirmed", "Hemorrhage confirmed"), ("subtype_differs", "Bleed confirmed, another subtype"),
+              ("extent_differs", "Bleed confirmed, extent or volume differs")),
+    "disagree": (("no_bleed", "No hemorrhage"), ("artifact", "Artifact (beam hardening, motion, metal)"),
+                 ("calcification", "Calcification or contrast"), ("wrong_region", "Marked region is not the bleed"),
+                 ("missed", "Hemorrhage missed or under-called"), ("other", "Other")),
+}
+REASON_TEXT: dict[str, str] = {code: text for items in FEEDBACK_REASONS.values() for code, text in items}
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -209,12 +218,13 @@ def worklist_filters(params: dict[str, str], phi: bool) -> dict[str, str]:
 def apply_worklist_filters(stmt: Select[Any], f: dict[str, str]) -> Select[Any]:
     if f.get("view", "to-read") == "to-read":
         stmt = stmt.where(Study.status.not_in([str(x) for x in NOT_TO_READ]), ~read_condition())
+    # Case-insensitive substring search, alike on SQLite and PostgreSQL ("rossi maria" finds ROSSI^MARIA).
     if f.get("accession"):
-        stmt = stmt.where(Study.accession.like(_like_escape(f["accession"]), escape="\\"))
+        stmt = stmt.where(func.lower(Study.accession).like(_like_escape(f["accession"].lower()), escape="\\"))
     if f.get("patient"):
-        pat = _like_escape(f["patient"].replace(" ", "^"))
-        stmt = stmt.where(or_(Study.patient_name.like(pat, escape="\\"),
-                              Study.patient_id.like(_like_escape(f["patient"]), escape="\\")))
+        pat = _like_escape(f["patient"].lower().replace(" ", "^"))
+        stmt = stmt.where(or_(func.lower(Study.patient_name).like(pat, escape="\\"),
+                              func.lower(Study.patient_id).like(_like_escape(f["patient"].lower()), escape="\\")))
     if f.get("date_from"):
         stmt = stmt.where(Study.study_date >= f["date_from"])
     if f.get("date_to"):
@@ -323,7 +333,8 @@ def study_detail(s: Session, study_id: int, phi: bool) -> dict[str, Any] | None:
         row["device"] = result.device
         row["generation"] = result.generation
     row["feedback_history"] = [
-        {"action": fb.action, "user": username or "?", "at": iso(fb.created_at), "comment": fb.comment}
+        {"action": fb.action, "user": username or "?", "at": iso(fb.created_at), "comment": fb.comment,
+         "reason": REASON_TEXT.get(fb.reason, fb.reason)}
         for fb, username in s.execute(
             select(Feedback, User.username).outerjoin(User, User.id == Feedback.user_id)
             .where(Feedback.study_id == study.id).order_by(Feedback.created_at, Feedback.id)
@@ -472,6 +483,26 @@ def quality(s: Session, since: dt.datetime | None = None) -> dict[str, Any]:
         "ttr_p99": percentile(ttr, 99),
         "ttr_max": max(ttr) if ttr else None,
     }
+
+
+def verdict_reasons(s: Session, since: dt.datetime | None = None, recent: int = 20) -> dict[str, Any]:
+    """Agree / disagree verdicts by reason (counts) and the latest ones with their free text
+    (operations page, admins only)."""
+    cond = [Feedback.action.in_(("agree", "disagree"))]
+    if since is not None:
+        cond.append(Feedback.created_at >= since)
+    counts = [{"action": a, "reason": r, "text": REASON_TEXT.get(r, "(no reason given)") if r else "(no reason given)",
+               "n": int(n)}
+              for a, r, n in s.execute(select(Feedback.action, Feedback.reason, func.count()).where(*cond)
+                                       .group_by(Feedback.action, Feedback.reason)
+                                       .order_by(Feedback.action, func.count().desc()))]
+    latest = [{"at": iso(fb.created_at), "user": username or "?", "accession": accession, "study_id": fb.study_id,
+               "action": fb.action, "reason": REASON_TEXT.get(fb.reason, fb.reason), "comment": fb.comment}
+              for fb, username, accession in s.execute(
+                  select(Feedback, User.username, Study.accession).outerjoin(User, User.id == Feedback.user_id)
+                  .join(Study, Study.id == Feedback.study_id).where(*cond)
+                  .order_by(Feedback.created_at.desc(), Feedback.id.desc()).limit(recent))]
+    return {"counts": counts, "latest": latest}
 
 
 def workers(s: Session, now: dt.datetime) -> list[dict[str, Any]]:

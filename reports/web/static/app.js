@@ -10,7 +10,39 @@
     });
   }
 
-  async function sendFeedback(button) {
+  function reasons() {
+    try { return JSON.parse((document.querySelector('meta[name="feedback-reasons"]') || {}).content || "{}"); }
+    catch (e) { return {}; }
+  }
+
+  function closeReason() { document.querySelectorAll(".reason-box").forEach((b) => b.remove()); }
+
+  function openReason(button) {
+    // Agree / Disagree: an optional reason (list) and free text before the verdict is saved.
+    closeReason();
+    const box = document.createElement("div");
+    box.className = "reason-box";
+    box.setAttribute("role", "group");
+    box.setAttribute("aria-label", `Reason to ${button.dataset.action}`);
+    const sel = document.createElement("select");
+    sel.id = "fb-reason";
+    sel.append(new Option("Reason (optional)", ""));
+    (reasons()[button.dataset.action] || []).forEach(([code, text]) => sel.append(new Option(text, code)));
+    const text = document.createElement("input");
+    text.id = "fb-comment"; text.maxLength = 1000; text.placeholder = "Comment (optional)";
+    const save = document.createElement("button");
+    save.type = "button"; save.id = "fb-save"; save.className = "primary";
+    save.textContent = button.dataset.action === "agree" ? "Save agree" : "Save disagree";
+    const cancel = document.createElement("button");
+    cancel.type = "button"; cancel.id = "fb-cancel"; cancel.textContent = "Cancel";
+    save.addEventListener("click", () => { sendFeedback(button, { reason: sel.value, comment: text.value }); closeReason(); });
+    cancel.addEventListener("click", closeReason);
+    box.append(sel, text, save, cancel);
+    (button.closest("td, .study-actions") || button.parentNode).append(box);
+    sel.focus();
+  }
+
+  async function sendFeedback(button, extra) {
     const studyId = button.dataset.studyId;
     const action = button.dataset.action;
     button.disabled = true;
@@ -18,7 +50,7 @@
       const resp = await fetch(`/studies/${studyId}/feedback`, {
         method: "POST", credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf(), "Accept": "application/json" },
-        body: JSON.stringify({ action: action }),
+        body: JSON.stringify(Object.assign({ action: action }, extra || {})),
       });
       const body = await resp.json().catch(() => ({}));
       if (!resp.ok) { alert(body.error || `Could not save (${resp.status})`); return; }
@@ -38,7 +70,11 @@
 
   document.addEventListener("click", (ev) => {
     const fb = ev.target.closest("button.fb");
-    if (fb) { ev.preventDefault(); sendFeedback(fb); return; }
+    if (fb) {
+      ev.preventDefault();
+      if (fb.dataset.action in reasons()) openReason(fb); else sendFeedback(fb);
+      return;
+    }
     const mode = ev.target.closest("button.mode");
     if (mode) {
       document.querySelectorAll("button.mode").forEach((b) => b.classList.toggle("chosen", b === mode));
@@ -65,6 +101,7 @@
         const html = await resp.text();
         const before = new Set([...body.querySelectorAll("tr[data-study-id]")].map((r) => r.dataset.studyId));
         if (document.activeElement && body.contains(document.activeElement)) return; // do not yank a focused button
+        if (body.querySelector(".reason-box")) return; // nor a reason being typed
         body.innerHTML = html;
         const toRead = resp.headers.get("X-To-Read");
         const count = document.getElementById("to-read-count");
