@@ -28,8 +28,8 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @pytest.fixture
-def node(sqlite_ctx: AppContext) -> Iterator[dict[str, Any]]:
-    ctx = sqlite_ctx
+def node(ctx: AppContext) -> Iterator[dict[str, Any]]:
+    """Both back-ends (SQLite and PostgreSQL)."""
     admin = add_user(ctx, "alice", "admin", token=True)
     rad = add_user(ctx, "rad", "radiologist", token=True)
     study = seed_imaged_study(ctx, n_slices=12, size=64, accession="CT-DW-1", patient_name="Doe^Jane",

@@ -82,6 +82,8 @@ def seed_study(
     with_previews: bool = True,
     deliveries: tuple[tuple[str, bool], ...] = (("PACS@127.0.0.1:4242", True),),
     input_domain: dict[str, Any] | None = None,
+    patient_sex: str = "F",
+    patient_birth_date: str = "19580314",
 ) -> Seeded:
     """One study with a series; for done studies a result, findings, previews, deliveries and audit events."""
     now = dt.datetime.now(dt.UTC)
@@ -92,6 +94,8 @@ def seed_study(
     with session_scope(ctx.sessions) as s:
         study = Study(
             study_uid=study_uid, accession=accession, patient_id=patient_id, patient_name=patient_name,
+            patient_sex=patient_sex, patient_birth_date=patient_birth_date,
+            study_date=received.strftime("%Y%m%d"), study_time=received.strftime("%H%M%S"),
             study_description="CT HEAD WO CONTRAST", status=status, status_reason=status_reason,
             flagged=flagged, priority=20 if flagged else 0, first_received_at=received, last_received_at=received,
             result_at=received + dt.timedelta(seconds=ttr_s) if status == "done" else None,

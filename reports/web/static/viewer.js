@@ -216,6 +216,7 @@
       const resp = await fetchOk(`/studies/${studyId}/viewer.json${q}`, "application/json");
       st.m = await resp.json();
       root.dataset.slices = String(st.m.slices.length);
+      root.classList.toggle("empty", !st.m.slices.length);
       if (!st.m.slices.length) { caption.textContent = "No images stored for this series."; return; }
       slider.max = String(st.m.slices.length - 1);
       st.index = st.m.keys.length ? st.m.keys[0].index : Math.floor(st.m.slices.length / 2);
