@@ -100,6 +100,16 @@ def test_dicomweb_client_searches_and_retrieves_what_the_node_stored(node: dict[
                               sop_instance_uid=sop)
     assert ds.SOPInstanceUID == sop and ds.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData
 
+    # A whole study, streamed: the stored instances and the result objects (SEG, SR, SC).
+    study_sets = dw.retrieve_study(study_instance_uid=st.study_uid)
+    with session_scope(ctx.sessions) as s:
+        n_objects = len(s.scalars(select(ResultObject).where(ResultObject.result_id == st.result_id)).all())
+    assert len(study_sets) == 12 + n_objects and n_objects >= 3
+    assert {d.SOPInstanceUID for d in study_sets} >= {sop for sop, _n, _d in st.slices} | {st.seg_uid}
+    r = httpx.get(f"{node['base']}/dicomweb/studies?StudyInstanceUID=1.2.x",
+                  headers={"Authorization": f"Bearer {node['admin']}"})
+    assert r.status_code == 400
+
     # The SEG the node made: same bytes as its file, its frames as stored (bit-packed), and a real SEG.
     with session_scope(ctx.sessions) as s:
         seg_row = s.scalars(select(ResultObject).where(ResultObject.sop_instance_uid == st.seg_uid)).one()

@@ -169,6 +169,26 @@ def test_viewer_scroll_window_overlay(site: dict[str, Any], browser: Any, tmp_pa
     assert phone.locator("button.tool.chosen").inner_text() == "Scroll"
     phone.locator("#viewer-section").scroll_into_view_if_needed()
     shot_el(phone, tmp_path, "viewer-phone")
+    # Touch: one finger up/down scrolls slices; two fingers pinch to zoom.
+    cdp = phone.context.new_cdp_session(phone)
+    box = phone.locator("#viewer-canvas").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+    def touch(kind: str, points: list[tuple[float, float]]) -> None:
+        cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [
+            {"x": x, "y": y, "id": i} for i, (x, y) in enumerate(points)]})
+
+    start = state(phone)["index"]
+    touch("touchStart", [(cx, cy - 60)])
+    for dy in range(-40, 61, 20):
+        touch("touchMove", [(cx, cy + dy)])
+    touch("touchEnd", [])
+    phone.wait_for_function(f"() => +document.getElementById('viewer').dataset.index > {start}")
+    touch("touchStart", [(cx - 30, cy), (cx + 30, cy)])
+    for d in range(40, 121, 20):
+        touch("touchMove", [(cx - d, cy), (cx + d, cy)])
+    touch("touchEnd", [])
+    phone.wait_for_function("() => document.getElementById('viewer-wl').textContent.includes('×')")
     phone.context.close()
     page.context.close()
 

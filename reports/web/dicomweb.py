@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from reports.web import queries as q
@@ -255,6 +255,19 @@ def multipart(parts: Iterable[bytes], part_type: str, transfer_syntax: str | Non
                     media_type=f'multipart/related; type="{part_type}"; boundary={boundary}')
 
 
+def multipart_stream(parts: Iterator[bytes], part_type: str) -> StreamingResponse:
+    """A multipart answer produced part by part (a whole study is not held in memory)."""
+    boundary = secrets.token_hex(16)
+    head = f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
+
+    def body() -> Iterator[bytes]:
+        for p in parts:
+            yield head + p + b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    return StreamingResponse(body(), media_type=f'multipart/related; type="{part_type}"; boundary={boundary}')
+
+
 # --------------------------------------------------------------------------- audit
 def _audit(s: Session, user: CurrentUser, path: str, studies: Sequence[Study], phi: bool) -> None:
     if not studies:
@@ -313,7 +326,9 @@ def search_studies(ctx: AppContext, params: dict[str, str], user: CurrentUser, b
     stmt: Select[Any] = select(Study).where(Study.purged_at.is_(None))
     if p.get("StudyInstanceUID"):
         uids = [u for u in p["StudyInstanceUID"].replace("\\", ",").split(",") if u]
-        stmt = stmt.where(Study.study_uid.in_([_uid(u) for u in uids]))
+        if not uids or len(uids) > 1000 or not all(_UID.match(u) for u in uids):
+            raise DicomwebError(400, "StudyInstanceUID must be UIDs (comma-separated)")
+        stmt = stmt.where(Study.study_uid.in_(uids))
     if p.get("AccessionNumber"):
         stmt = _text_match(stmt, Study.accession, p["AccessionNumber"])
     if p.get("PatientID"):
@@ -422,12 +437,12 @@ def metadata(ctx: AppContext, study_uid: str, series_uid: str | None, sop_uid: s
 
 
 def instances(ctx: AppContext, study_uid: str, series_uid: str | None, sop_uid: str | None, user: CurrentUser,
-              path: str) -> list[bytes]:
+              path: str) -> list[Item]:
+    """The instances a retrieve answers with (audited now; their bytes are streamed one by one)."""
     st, items = _select_items(ctx, study_uid, series_uid, sop_uid)
-    parts = [instance_bytes(ctx, it, user.sees_phi) for it in items]
     with session_scope(ctx.sessions) as s:
         _audit(s, user, path, [st], user.sees_phi)
-    return parts
+    return items
 
 
 def frames(ctx: AppContext, study_uid: str, series_uid: str, sop_uid: str, numbers: Sequence[int]) -> list[bytes]:
@@ -517,12 +532,13 @@ async def wado_metadata(request: Request) -> Response:
 @requires()
 async def wado_instances(request: Request) -> Response:
     pp = request.path_params
+    ctx, user = request.app.state.ctx, request.state.user
     try:
-        parts = await run_in_threadpool(instances, request.app.state.ctx, pp["study"], pp.get("series"),
-                                        pp.get("instance"), request.state.user, request.url.path)
+        items = await run_in_threadpool(instances, ctx, pp["study"], pp.get("series"), pp.get("instance"), user,
+                                        request.url.path)
     except DicomwebError as exc:
         return _error(exc)
-    return multipart(parts, "application/dicom")
+    return multipart_stream((instance_bytes(ctx, it, user.sees_phi) for it in items), "application/dicom")
 
 
 @requires()

@@ -250,21 +250,40 @@
     });
     slider.addEventListener("input", () => go(parseInt(slider.value, 10)));
     let drag = null;
+    const touches = new Map(); // pointer id -> position, for the two-finger pinch (zoom and pan)
+    let pinch = null;
+    const spread = () => { const [a, b] = [...touches.values()]; return Math.hypot(a.x - b.x, a.y - b.y); };
+    const middle = () => { const [a, b] = [...touches.values()]; return { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 }; };
     canvas.addEventListener("contextmenu", (ev) => ev.preventDefault());
     canvas.addEventListener("pointerdown", (ev) => {
       canvas.setPointerCapture(ev.pointerId);
       root.focus({ preventScroll: true });
+      touches.set(ev.pointerId, { x: ev.clientX, y: ev.clientY });
+      if (touches.size === 2) {
+        const m = middle();
+        pinch = { d: Math.max(1, spread()), zoom: st.zoom, x: m.x, y: m.y, panX: st.panX, panY: st.panY };
+        drag = null;
+        return;
+      }
       const mode = ev.button === 2 || ev.shiftKey ? "pan" : st.tool;
       drag = { x: ev.clientX, y: ev.clientY, mode, ww: st.ww, wl: st.wl, panX: st.panX, panY: st.panY, index: st.index };
     });
     canvas.addEventListener("pointermove", (ev) => {
+      if (touches.has(ev.pointerId)) touches.set(ev.pointerId, { x: ev.clientX, y: ev.clientY });
+      if (pinch && touches.size === 2) {
+        const m = middle();
+        st.zoom = Math.max(0.5, Math.min(8, pinch.zoom * spread() / pinch.d));
+        st.panX = pinch.panX + m.x - pinch.x; st.panY = pinch.panY + m.y - pinch.y;
+        draw();
+        return;
+      }
       if (!drag) return;
       const dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
       if (drag.mode === "window") setWindow(drag.ww + dx * Math.max(1, drag.ww) / 200, drag.wl + dy * Math.max(1, drag.ww) / 400);
       else if (drag.mode === "pan") { st.panX = drag.panX + dx; st.panY = drag.panY + dy; draw(); }
       else go(drag.index + Math.round(dy / 12));
     });
-    const end = () => { drag = null; };
+    const end = (ev) => { touches.delete(ev.pointerId); if (touches.size < 2) pinch = null; drag = null; };
     canvas.addEventListener("pointerup", end);
     canvas.addEventListener("pointercancel", end);
     canvas.addEventListener("dblclick", () => { st.zoom = 1; st.panX = 0; st.panY = 0; setWindow(80, 40); });
