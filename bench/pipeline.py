@@ -260,8 +260,9 @@ def thick_thin(args: argparse.Namespace) -> int:
                 raise SystemExit(f"study {i} was not flagged / finished:\n{node.tail()}")
             with pacs.lock:
                 last = max(pacs.received.get(study_uid, [flag]))
-            delivered = [r["description"] + ("+" if r["positive"] else "-") for r in state["results"]
-                         if json.loads(r["summary"]).get("delivery") != "withhold"]
+            # per result: series, +/- and how it went to the PACS (now / hold: released or withdrawn / withhold)
+            delivered = [f"{r['description']} {'+' if r['positive'] else '-'} "
+                         f"{json.loads(r['summary']).get('delivery')}" for r in state["results"]]
             row = {"study": i, "order": "-".join(order), "slices": {k: len(v) for k, v in copies.items()},
                    "send_s": acked - t0, "time_to_flag_s": max(0.0, flag - acked), "flag_before_last": flag < acked,
                    "time_to_last_object_s": last - acked, "results": [
@@ -271,7 +272,7 @@ def thick_thin(args: argparse.Namespace) -> int:
             early = " (before the last instance)" if row["flag_before_last"] else ""
             print(f"  study {i:2d} {row['order']:10s} {row['slices']}: send {row['send_s']:.1f} s, "
                   f"flag {row['time_to_flag_s']:.2f} s{early}, last object {row['time_to_last_object_s']:.2f} s, "
-                  f"delivered {delivered}", flush=True)
+                  f"results {delivered}", flush=True)
             shutil.rmtree(work / f"study{i:03d}", ignore_errors=True)
     finally:
         node.stop()
