@@ -232,6 +232,10 @@ class FileStore:
                     os.link(tmp_name, target)
                 except FileExistsError:  # another writer got there first: replace atomically instead
                     return self.write_atomic(rel, data)
+                except OSError as exc:  # a file system without hard links: the classic path
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    return self.write_atomic(rel, data)
                 finally:
                     os.unlink(tmp_name)
                 if self.fsync:

@@ -227,3 +227,17 @@ def test_write_new_on_an_existing_name_replaces_it_atomically(tmp_path: Path, mo
         store.floor_bytes = 1
         store.write_new(store.instance_rel(STUDY, SERIES, "1.2.10"), b"x")
     store.close()
+
+
+def test_write_new_without_hard_links_takes_the_atomic_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that refuses hard links (some network or FAT file systems) still stores."""
+    def no_links(src: str, dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = FileStore(tmp_path / "store", floor_bytes=0, fsync=True)
+    rel = store.instance_rel(STUDY, SERIES, SOP)
+    assert store.write_new(rel, b"content") == 7
+    assert store.read_bytes(rel) == b"content"
+    assert leftovers(store.root) == []
+    store.close()
