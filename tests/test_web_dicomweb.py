@@ -188,3 +188,36 @@ def test_roles_as_on_the_pages_radiologist_gets_masked_identifiers(node: dict[st
     # Unknown objects: 404.
     r = httpx.get(f"{node['base']}/dicomweb/studies/1.2.3/metadata", headers={"Authorization": f"Bearer {node['rad']}"})
     assert r.status_code == 404
+
+
+def test_cors_for_a_viewer_on_another_origin(sqlite_ctx: AppContext) -> None:
+    """Only /dicomweb, only the configured origins, never with cookies."""
+    from starlette.testclient import TestClient
+
+    from reports.web.app import create_app
+    from triage.config import Settings, load_settings
+
+    origins = load_settings(env={"TRIAGE_DICOMWEB_CORS_ORIGINS":
+                                 "https://ohif.example.org, https://second.example.org/"}).dicomweb_cors_origins
+    assert origins == ["https://ohif.example.org", "https://second.example.org"]
+    with pytest.raises(ValueError):
+        Settings(dicomweb_cors_origins="*")
+    ctx = AppContext(sqlite_ctx.settings.model_copy(update={"dicomweb_cors_origins": origins}), role="test")
+    token = add_user(ctx, "rad", "radiologist", token=True)
+    with TestClient(create_app(ctx)) as client:
+        pre = client.options("/dicomweb/studies", headers={
+            "Origin": "https://ohif.example.org", "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://ohif.example.org"
+        assert "access-control-allow-credentials" not in pre.headers
+        got = client.get("/dicomweb/studies", headers={"Origin": "https://ohif.example.org",
+                                                        "Authorization": f"Bearer {token}"})
+        assert got.status_code == 204 and got.headers["access-control-allow-origin"] == "https://ohif.example.org"
+        other = client.get("/dicomweb/studies", headers={"Origin": "https://evil.example.org",
+                                                          "Authorization": f"Bearer {token}"})
+        assert "access-control-allow-origin" not in other.headers
+        api = client.get("/api/v1/studies", headers={"Origin": "https://ohif.example.org",
+                                                      "Authorization": f"Bearer {token}"})
+        assert api.status_code == 200 and "access-control-allow-origin" not in api.headers
+    ctx.close()

@@ -216,10 +216,23 @@ class Settings(BaseModel):
     viewer_url_template: str = Field(
         default="", description="'Open in viewer' link on the worklist and study page, e.g. "
         "https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}; empty = no link")
+    dicomweb_cors_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed to call /dicomweb with a bearer token "
+        "(a viewer served from another origin, e.g. https://ohif.example.org); empty = same origin only")
 
     # --- logging
     log_format: str = Field(default="console", pattern="^(console|json)$")
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("dicomweb_cors_origins", mode="before")
+    @classmethod
+    def _cors_origins(cls, v: Any) -> list[str]:
+        items = [str(s).strip().rstrip("/") for s in _split_list(v)]
+        items = [s for s in items if s]
+        for origin in items:
+            if "*" in origin or not origin.lower().startswith(("https://", "http://")) or origin.count("/") != 2:
+                raise ValueError(f"{origin!r} is not an origin such as https://viewer.example.org")
+        return items
 
     @field_validator("viewer_url_template")
     @classmethod

@@ -139,6 +139,27 @@ class SecurityHeaders:
         await self.app(scope, receive, wrapped)
 
 
+class DicomwebCORS:
+    """CORS for ``/dicomweb`` only, for the origins in ``dicomweb_cors_origins`` (a viewer such as
+    OHIF served from another origin, authenticating with a bearer token). No cookies cross origins
+    (``allow_credentials`` off), so a session cannot be used from another site; other paths are
+    untouched."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        from starlette.middleware.cors import CORSMiddleware
+
+        self.app = app
+        self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET"],
+                                   allow_headers=["Authorization", "Accept"], allow_credentials=False,
+                                   max_age=600) if origins else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.cors is not None and scope["type"] == "http" and scope["path"].startswith("/dicomweb/"):
+            await self.cors(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 # --------------------------------------------------------------------------- template helpers
 def _parse_dt(value: Any) -> dt.datetime | None:
     if isinstance(value, dt.datetime):
@@ -901,6 +922,7 @@ def create_app(ctx: AppContext, components: dict[str, Any] | None = None) -> Sta
     ]
     s = ctx.settings
     middleware = [
+        Middleware(DicomwebCORS, origins=list(s.dicomweb_cors_origins)),
         Middleware(SecurityHeaders, hsts_seconds=s.hsts_seconds, https_only=s.session_https_only),
         Middleware(SessionMiddleware, secret_key=session_secret(ctx), session_cookie=SESSION_COOKIE,
                    max_age=SESSION_MAX_AGE, same_site="lax", https_only=s.session_https_only),
