@@ -223,3 +223,14 @@ def test_viewer_data_is_the_stored_hu_and_stays_in_its_study(site: dict[str, Any
     assert np.array_equal(got, hu_of(st.slices[7][2]).astype(np.int16))
     assert httpx.get(f"{base}/studies/{st.study_id + 1}/viewer/slice/{first['id']}", headers=auth).status_code == 404
     assert httpx.get(f"{base}/studies/{st.study_id}/viewer/slice/{first['id']}").status_code in (401, 303)
+    # A file gone from the store (e.g. purged) is a missing slice, not a server error.
+    from sqlalchemy import select
+
+    from storage.db import session_scope
+    from storage.models import Instance
+
+    gone = m["slices"][9]
+    with session_scope(site["ctx"].sessions) as s:
+        rel = s.scalars(select(Instance.path).where(Instance.id == gone["id"])).one()
+    site["ctx"].store.path(rel).unlink()
+    assert httpx.get(f"{base}/studies/{st.study_id}/viewer/slice/{gone['id']}", headers=auth).status_code == 404

@@ -480,7 +480,13 @@ async def viewer_slice(request: Request) -> Response:
     def _load() -> bytes | None:
         with session_scope(ctx.reads) as s:
             rel = viewer.slice_path(s, study_id, instance_id)
-        return viewer.slice_hu(ctx.store, instance_id, rel) if rel else None
+        if rel is None:
+            return None
+        try:
+            return viewer.slice_hu(ctx.store, instance_id, rel)
+        except Exception as exc:  # noqa: BLE001 - an undecodable or vanished file is a missing slice, not a 500
+            log.warning("web.viewer_slice_unreadable", instance_id=instance_id, error=type(exc).__name__)
+            return None
 
     data = await run_in_threadpool(_load)
     if data is None:
