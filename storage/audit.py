@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from storage.models import AuditEvent, Setting, utcnow
@@ -90,6 +90,11 @@ CHECKPOINT_KEY = "audit_verified_checkpoint"  # node_settings key: "<id>:<hash>"
 GENESIS = ""  # prev_hash of the first event
 
 _EVENTS, _SETTINGS = AuditEvent.__table__, Setting.__table__
+# Built once: :func:`record` runs on the receiver's hot path (one event per recorded batch), where
+# building and keying these statements per call cost more CPU than running them.
+_HEAD = select(_EVENTS.c.id, _EVENTS.c.hash).order_by(_EVENTS.c.id.desc()).limit(1)
+_INSERT_EVENT = insert(_EVENTS)
+_SET_HEAD = update(_SETTINGS).where(_SETTINGS.c.key == HEAD_KEY).values(value=bindparam("b_value"))
 HASHED_FIELDS = ("id", "ts", "event_type", "actor", "study_uid", "series_uid", "accession", "outcome", "details")
 
 
@@ -159,7 +164,8 @@ def record(
         raise ValueError(f"audit outcome must be one of {OUTCOMES}, not {outcome!r}")
     lock_chain(session)
     session.flush()  # the caller's pending ORM changes go first, in the order they were made
-    head = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
+    conn = session.connection()
+    head = conn.execute(_HEAD).first()
     prev_id, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
     fields: dict[str, Any] = {
         "id": prev_id + 1,
@@ -175,10 +181,9 @@ def record(
     ev = AuditEvent(**fields, prev_hash=prev_hash, hash=compute_hash(fields, prev_hash))
     # Core statements on the session's connection (the ORM unit of work for these two rows cost
     # more CPU than the rest of an instance's recording); the returned event is not in the session.
-    conn = session.connection()
-    conn.execute(insert(_EVENTS).values(**fields, prev_hash=ev.prev_hash, hash=ev.hash))
+    conn.execute(_INSERT_EVENT, {**fields, "prev_hash": ev.prev_hash, "hash": ev.hash})
     head_value = f"{ev.id}:{ev.hash}"
-    if conn.execute(update(_SETTINGS).where(_SETTINGS.c.key == HEAD_KEY).values(value=head_value)).rowcount == 0:
+    if conn.execute(_SET_HEAD, {"b_value": head_value}).rowcount == 0:
         conn.execute(insert(_SETTINGS).values(key=HEAD_KEY, value=head_value))
     return ev
 

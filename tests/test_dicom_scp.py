@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import func, select
@@ -330,3 +331,16 @@ def test_real_tilted_ge_head_is_received_selected_and_assembled(tmp_path: Path) 
     assert np.all(np.diff(vol.positions @ normal) > 0)
     assert [int(h.InstanceNumber) for h in headers] == list(range(1, len(files) + 1))  # this scan: z follows number
     assert vol.tilt_deg == pytest.approx(18.5, abs=0.01)
+
+
+@pytest.mark.parametrize("sop_uid", ["1.2.3.4", "1.2.826.0.1.3680043.8.498.12345678901234567890123", "1.2.33"])
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90"])
+def test_file_meta_bytes_match_pynetdicoms(sop_uid: str, syntax: str) -> None:
+    """The receiver's own File Meta encoder writes what Event.encoded_dataset(include_meta=True) did."""
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from triage.dicom.scp import file_meta_bytes
+
+    expected = b"\0" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+        sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"), sop_instance_uid=UID(sop_uid), transfer_syntax=UID(syntax)))
+    assert file_meta_bytes("1.2.840.10008.5.1.4.1.1.2", sop_uid, syntax) == expected
