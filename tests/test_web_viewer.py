@@ -234,3 +234,51 @@ def test_viewer_data_is_the_stored_hu_and_stays_in_its_study(site: dict[str, Any
         rel = s.scalars(select(Instance.path).where(Instance.id == gone["id"])).one()
     site["ctx"].store.path(rel).unlink()
     assert httpx.get(f"{base}/studies/{st.study_id}/viewer/slice/{gone['id']}", headers=auth).status_code == 404
+
+
+def test_enhanced_ct_frames_are_slices_in_position_order(site: dict[str, Any], tmp_path: Path) -> None:
+    """A multi-frame Enhanced CT instance: one viewer slice per frame, ordered by the frames' own
+    positions (stored top to bottom here), captioned with the frame, each frame's HU sent."""
+    import hashlib
+
+    from pydicom import dcmread
+
+    from storage.db import session_scope
+    from storage.models import Series
+    from tests.test_dicom_assembly import make_enhanced_ct
+    from triage.dicom.header import header_from_dataset
+    from triage.dicom.recorder import InstanceRecord, record_batch
+
+    ctx, base = site["ctx"], site["base"]
+    path = tmp_path / "enh.dcm"
+    make_enhanced_ct(path, frames=6, size=64)
+    data = path.read_bytes()
+    ds = dcmread(path, stop_before_pixels=True)
+    ds.StudyInstanceUID = site["study"].study_uid  # a second series of the viewer's study
+    rel = ctx.store.instance_rel(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    full = dcmread(path)
+    full.StudyInstanceUID = ds.StudyInstanceUID
+    import io
+
+    buf = io.BytesIO()
+    full.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    ctx.store.write_atomic(rel, data)
+    record_batch(ctx.sessions, [InstanceRecord(header_from_dataset(ds, True), rel, len(data),
+                                               hashlib.sha256(data).hexdigest(), str(ds.file_meta.TransferSyntaxUID),
+                                               "CT_SCANNER", "127.0.0.1")])
+    with session_scope(ctx.sessions) as s:
+        series_id = s.query(Series.id).filter(Series.series_uid == str(ds.SeriesInstanceUID)).scalar()
+    auth = {"Authorization": f"Bearer {site['token']}"}
+    m = httpx.get(f"{base}/studies/{site['study'].study_id}/viewer.json?series={series_id}", headers=auth).json()
+    assert [sl["frame"] for sl in m["slices"]] == [6, 5, 4, 3, 2, 1]
+    assert [sl["z"] for sl in m["slices"]] == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]
+    assert m["slices"][0]["caption"].startswith("Im ") and " fr 6 (1/6) · z 0.0 mm" in m["slices"][0]["caption"]
+    assert len(m["series"]) == 2 and not m["segments"]  # the result and its SEG belong to the other series
+    for sl in m["slices"]:
+        raw = httpx.get(f"{base}/studies/{site['study'].study_id}/viewer/slice/{sl['id']}?frame={sl['frame']}",
+                        headers=auth).content
+        hu = np.frombuffer(raw, dtype="<i2")
+        assert hu.size == 64 * 64 and int(hu[0]) == int(sl["z"])  # HU = stored - 1024 = z in this file
+    assert httpx.get(f"{base}/studies/{site['study'].study_id}/viewer/slice/{m['slices'][0]['id']}?frame=7",
+                     headers=auth).status_code == 404

@@ -477,13 +477,15 @@ async def viewer_slice(request: Request) -> Response:
     ctx = _ctx(request)
     study_id, instance_id = _path_int(request, "study_id"), _path_int(request, "instance_id")
 
+    frame = _optional_int(request.query_params.get("frame"))
+
     def _load() -> bytes | None:
         with session_scope(ctx.reads) as s:
-            rel = viewer.slice_path(s, study_id, instance_id)
-        if rel is None:
+            found = viewer.slice_path(s, study_id, instance_id)
+        if found is None:
             return None
         try:
-            return viewer.slice_hu(ctx.store, instance_id, rel)
+            return viewer.slice_hu(ctx.store, instance_id, found[0], frame, found[1])
         except Exception as exc:  # noqa: BLE001 - an undecodable or vanished file is a missing slice, not a 500
             log.warning("web.viewer_slice_unreadable", instance_id=instance_id, error=type(exc).__name__)
             return None
@@ -500,9 +502,11 @@ async def viewer_overlay(request: Request) -> Response:
     ctx = _ctx(request)
     study_id, instance_id = _path_int(request, "study_id"), _path_int(request, "instance_id")
 
+    frame = _optional_int(request.query_params.get("frame"))
+
     def _load() -> bytes | None:
         with session_scope(ctx.reads) as s:
-            return viewer.overlay_bytes(s, ctx.store, study_id, instance_id)
+            return viewer.overlay_bytes(s, ctx.store, study_id, instance_id, frame)
 
     data = await run_in_threadpool(_load)
     if data is None:

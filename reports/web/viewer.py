@@ -78,7 +78,7 @@ class ByteLRU:
 
 CACHE = ByteLRU(CACHE_BYTES)
 SEG_CACHE_SIZE = 16  # decoded SEG objects kept per web process
-_SEG_CACHE: OrderedDict[tuple[int, str], tuple[list[dict[str, Any]], dict[str, bytes]]] = OrderedDict()
+_SEG_CACHE: OrderedDict[tuple[Any, ...], tuple[list[dict[str, Any]], dict[str, bytes]]] = OrderedDict()
 _SEG_LOCK = threading.Lock()
 
 
@@ -93,19 +93,35 @@ def _z(meta: dict[str, Any]) -> float | None:
         return None
 
 
+def _key(sop: str, frame: int | None) -> str:
+    """How a slice is named in overlay maps: the SOP Instance UID, plus ``#frame`` for multi-frame."""
+    return f"{sop}#{frame}" if frame else sop
+
+
 def ordered_slices(s: Session, series_id: int) -> list[dict[str, Any]]:
-    """The series' single-frame image instances in the node's slice order (along the normal;
-    by instance number when the geometry is missing)."""
-    rows = [i for i in s.scalars(select(Instance).where(Instance.series_id == series_id))
-            if (i.sop_class_uid in CT_CLASSES or (i.meta or {}).get("rows"))
-            and int((i.meta or {}).get("frames") or 1) == 1]
-    out = [{"id": i.id, "sop": i.sop_instance_uid, "number": i.instance_number, "z": _z(i.meta or {}),
-            "rows": int((i.meta or {}).get("rows") or 0), "cols": int((i.meta or {}).get("cols") or 0),
-            "pixel_spacing": (i.meta or {}).get("pixel_spacing")} for i in rows]
+    """The series' image slices in the node's slice order (along the normal; by instance number
+    when the geometry is missing). A multi-frame (Enhanced CT) instance gives one slice per frame,
+    placed by its per-frame position."""
+    out: list[dict[str, Any]] = []
+    for i in s.scalars(select(Instance).where(Instance.series_id == series_id)):
+        meta = i.meta or {}
+        if i.sop_class_uid not in CT_CLASSES and not meta.get("rows"):
+            continue
+        frames = int(meta.get("frames") or 1)
+        base = {"id": i.id, "sop": i.sop_instance_uid, "number": i.instance_number,
+                "rows": int(meta.get("rows") or 0), "cols": int(meta.get("cols") or 0),
+                "pixel_spacing": meta.get("pixel_spacing")}
+        if frames == 1:
+            out.append({**base, "frame": None, "z": _z(meta)})
+            continue
+        ipps = meta.get("frame_ipps") or []
+        for f in range(frames):
+            ipp = ipps[f] if f < len(ipps) else None
+            out.append({**base, "frame": f + 1, "z": _z({"ipp": ipp, "iop": meta.get("iop")})})
     if out and all(sl["z"] is not None for sl in out):
-        out.sort(key=lambda sl: (sl["z"], sl["number"] or 0))
+        out.sort(key=lambda sl: (sl["z"], sl["number"] or 0, sl["frame"] or 0))
     else:
-        out.sort(key=lambda sl: (sl["number"] is None, sl["number"] or 0, sl["sop"]))
+        out.sort(key=lambda sl: (sl["number"] is None, sl["number"] or 0, sl["sop"], sl["frame"] or 0))
     return out
 
 
@@ -129,8 +145,11 @@ def _volume_depth(result: Result | None) -> int | None:
 
 
 def slice_label(sl: dict[str, Any], index: int, n: int) -> str:
-    """A caption in the source's numbering: ``Im 124 (17/40) · z 85.0 mm``."""
+    """A caption in the source's numbering: ``Im 124 (17/40) · z 85.0 mm`` (``Im 5 fr 3 ...`` for
+    frame 3 of a multi-frame instance)."""
     text = f"Im {sl['number']}" if sl.get("number") is not None else "Im ?"
+    if sl.get("frame"):
+        text += f" fr {sl['frame']}"
     text += f" ({index + 1}/{n})"
     if sl.get("z") is not None:
         text += f" · z {sl['z']:.1f} mm"
@@ -195,7 +214,8 @@ def manifest(s: Session, store: Any, study_id: int, series_id: int | None = None
         "rows": slices[0]["rows"] if slices else 0, "cols": slices[0]["cols"] if slices else 0,
         "pixel_spacing": slices[0]["pixel_spacing"] if slices else None,
         "presets": [{"name": name, "ww": ww, "wl": wl} for name, ww, wl in PRESETS],
-        "slices": [{"id": sl["id"], "number": sl["number"], "z": round(sl["z"], 2) if sl["z"] is not None else None,
+        "slices": [{"id": sl["id"], "frame": sl["frame"], "number": sl["number"],
+                    "z": round(sl["z"], 2) if sl["z"] is not None else None,
                     "caption": slice_label(sl, i, n), "overlay": False, "heat": None}
                    for i, sl in enumerate(slices)],
         "keys": [], "segments": [], "heat_available": False,
@@ -213,9 +233,12 @@ def manifest(s: Session, store: Any, study_id: int, series_id: int | None = None
         out["keys"].append({"label": label, "short": SHORT[label], "name": DISPLAY[label], "index": i,
                             "caption": out["slices"][i]["caption"]})
     seg = _seg_object(s, result, series)
-    if seg is not None:
-        segments, masks = seg_masks(store, seg)
-        by_sop = {sl["sop"]: i for i, sl in enumerate(slices)}
+    try:
+        segments, masks = seg_masks(store, seg) if seg is not None else ([], {})
+    except OSError:  # the SEG file is gone (purged): the images without the overlay
+        segments, masks = [], {}
+    if segments:
+        by_sop = {_key(sl["sop"], sl["frame"]): i for i, sl in enumerate(slices)}
         for sop in masks:
             if sop in by_sop:
                 out["slices"][by_sop[sop]]["overlay"] = True
@@ -231,31 +254,52 @@ def manifest(s: Session, store: Any, study_id: int, series_id: int | None = None
 
 
 # --------------------------------------------------------------------------- pixels
-def slice_path(s: Session, study_id: int, instance_id: int) -> str | None:
-    row = s.execute(select(Instance.path).join(Series, Series.id == Instance.series_id)
+def slice_path(s: Session, study_id: int, instance_id: int) -> tuple[str, dict[str, Any]] | None:
+    """The stored file of one of the study's instances, with its recorded header values."""
+    row = s.execute(select(Instance.path, Instance.meta).join(Series, Series.id == Instance.series_id)
                     .where(Instance.id == instance_id, Series.study_id == study_id)).first()
-    return str(row.path) if row else None
+    return (str(row.path), dict(row.meta or {})) if row else None
 
 
-def slice_hu(store: Any, instance_id: int, rel: str) -> bytes:
-    """One stored slice as little-endian int16 Hounsfield units (cached)."""
-    key = ("hu", instance_id, rel)
+def _stamp(store: Any, rel: str) -> tuple[int, int]:
+    """(mtime in ns, size) of a stored file; raises OSError when it is gone."""
+    st = store.path(rel).stat()
+    return st.st_mtime_ns, st.st_size
+
+
+def slice_hu(store: Any, instance_id: int, rel: str, frame: int | None = None,
+             meta: dict[str, Any] | None = None) -> bytes | None:
+    """One stored slice (a frame of a multi-frame instance) as little-endian int16 Hounsfield
+    units (cached). Rescale from the dataset, else from the recorded header values (Enhanced CT
+    keeps it in its functional groups). None when the frame does not exist."""
+    stamp = _stamp(store, rel)  # the file as it is now: a replaced or removed file is not served from the cache
+    key = ("hu", instance_id, rel, stamp, frame or 0)
     hit = CACHE.get(key)
     if hit is not None:
         return hit
     ds = pydicom.dcmread(str(store.path(rel)))
-    arr = ds.pixel_array.astype(np.float32)
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    hu = np.clip(np.rint(arr * slope + intercept), -32768, 32767).astype("<i2")
-    data = hu.tobytes()
-    CACHE.put(key, data)
-    return data
+    meta = meta or {}
+    slope = ds.get("RescaleSlope", meta.get("slope"))
+    intercept = ds.get("RescaleIntercept", meta.get("intercept"))
+    slope, intercept = float(slope if slope is not None else 1), float(intercept if intercept is not None else 0)
+    arr = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames") or 1)
+    stack = arr[None] if frames == 1 else arr
+    out = None
+    for f in range(stack.shape[0]):  # a multi-frame instance is decoded once: keep all its frames
+        hu = np.clip(np.rint(stack[f].astype(np.float32) * slope + intercept), -32768, 32767).astype("<i2")
+        data = hu.tobytes()
+        number = (f + 1) if frames > 1 else 0
+        CACHE.put(("hu", instance_id, rel, stamp, number), data)
+        if number == (frame or 0) or (frames == 1 and not frame):
+            out = data
+    return out
 
 
 def seg_masks(store: Any, seg: ResultObject) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """Segments (number, label, name, colour) and one bitmask per referenced source slice
     (bit ``n - 1`` set where segment ``n`` is); decoded once per SEG object (:data:`SEG_CACHE_SIZE`)."""
-    key = (seg.id, seg.path)
+    key = (seg.id, seg.path, _stamp(store, seg.path))
     with _SEG_LOCK:
         hit = _SEG_CACHE.get(key)
         if hit is not None:
@@ -272,7 +316,9 @@ def seg_masks(store: Any, seg: ResultObject) -> tuple[list[dict[str, Any]], dict
         masks: dict[str, np.ndarray] = {}
         for f, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
             number = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-            sop = str(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            src = fg.DerivationImageSequence[0].SourceImageSequence[0]
+            ref_frame = src.get("ReferencedFrameNumber")
+            sop = _key(str(src.ReferencedSOPInstanceUID), int(ref_frame) if ref_frame else None)
             frame = bits[f * px:(f + 1) * px].astype(bool)
             m = masks.setdefault(sop, np.zeros(px, dtype=np.uint8))
             m[frame] |= np.uint8(1 << ((number - 1) % 8))
@@ -283,7 +329,7 @@ def seg_masks(store: Any, seg: ResultObject) -> tuple[list[dict[str, Any]], dict
         return value
 
 
-def overlay_bytes(s: Session, store: Any, study_id: int, instance_id: int) -> bytes | None:
+def overlay_bytes(s: Session, store: Any, study_id: int, instance_id: int, frame: int | None = None) -> bytes | None:
     """The segment bitmask of one slice (rows × cols bytes), or None when it has none."""
     row = s.execute(select(Instance.sop_instance_uid, Instance.series_id).join(Series, Series.id == Instance.series_id)
                     .where(Instance.id == instance_id, Series.study_id == study_id)).first()
@@ -294,8 +340,11 @@ def overlay_bytes(s: Session, store: Any, study_id: int, instance_id: int) -> by
     seg = _seg_object(s, result, series) if series is not None else None
     if seg is None:
         return None
-    _segments, masks = seg_masks(store, seg)
-    return masks.get(row.sop_instance_uid)
+    try:
+        _segments, masks = seg_masks(store, seg)
+    except OSError:
+        return None
+    return masks.get(_key(row.sop_instance_uid, frame))
 
 
 def heat_png(s: Session, store: Any, study_id: int, index: int) -> bytes | None:
@@ -305,7 +354,10 @@ def heat_png(s: Session, store: Any, study_id: int, index: int) -> bytes | None:
     overlay_rel = q.preview_path(s, study_id, index, "overlay")
     if not plain_rel or not overlay_rel:
         return None
-    key = ("heat", study_id, index, plain_rel, overlay_rel)
+    try:
+        key = ("heat", study_id, index, plain_rel, overlay_rel, _stamp(store, plain_rel), _stamp(store, overlay_rel))
+    except OSError:
+        return None
     hit = CACHE.get(key)
     if hit is not None:
         return hit

@@ -50,11 +50,12 @@
       if (st.pending.has(i)) return st.pending.get(i);
       const gen = st.generation;
       const sl = st.m.slices[i];
+      const fr = sl.frame ? `?frame=${sl.frame}` : "";
       const p = (async () => {
-        const buf = await (await fetchOk(url(`/slice/${sl.id}`), "application/octet-stream")).arrayBuffer();
+        const buf = await (await fetchOk(url(`/slice/${sl.id}${fr}`), "application/octet-stream")).arrayBuffer();
         let mask = null;
         if (sl.overlay) {
-          const r = await fetchOk(url(`/overlay/${sl.id}`), "application/octet-stream");
+          const r = await fetchOk(url(`/overlay/${sl.id}${fr}`), "application/octet-stream");
           if (r.status === 200) mask = new Uint8Array(await r.arrayBuffer());
         }
         if (gen !== st.generation) return;
