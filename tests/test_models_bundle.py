@@ -120,6 +120,9 @@ def test_real_ct_deterministic(shipped) -> None:
 
 @needs_real_ct
 def test_cli_infer_prints_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from triage.logging import configure_logging
+
+    configure_logging(make_settings(tmp_path))  # as `triage` does: log lines to stderr, JSON alone on stdout
     rc = cli_infer(argparse.Namespace(path=str(REAL_CT), bundle=""), make_settings(tmp_path))
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
