@@ -268,10 +268,17 @@ class InferenceStart:
     accession: str
 
 
+def _locked_series(s: Session, series_id: int) -> Series | None:
+    """The series row, read afresh and locked (PostgreSQL ``FOR UPDATE``; SQLite writers hold the
+    database lock already): a concurrent reopen by the receiver either happened before (its new
+    generation is seen) or waits for this transaction; it can never be overwritten."""
+    return s.get(Series, series_id, with_for_update=True, populate_existing=True)
+
+
 def start_inference(s: Session, series_id: int, generation: int, *, actor: str, job_id: int) -> InferenceStart:
     """The series goes ``processing`` (audit ``processing``). Raises :class:`StaleJob` when the
     series is gone or at another generation."""
-    series = s.get(Series, series_id)
+    series = _locked_series(s, series_id)
     if series is None:
         raise StaleJob(f"series {series_id} no longer exists")
     if series.generation != generation:
@@ -287,7 +294,7 @@ def start_inference(s: Session, series_id: int, generation: int, *, actor: str, 
 
 def current_series(s: Session, series_id: int, generation: int) -> Series:
     """The series row when it is still at ``generation`` (else :class:`StaleJob`)."""
-    series = s.get(Series, series_id)
+    series = _locked_series(s, series_id)
     if series is None or series.generation != generation:
         raise StaleJob(f"series {series_id} changed while inferring")
     return series
@@ -310,7 +317,7 @@ def fail_inference(s: Session, series_id: int, *, job_id: int, error: str, actor
                    generation: int | None = None) -> bool:
     """The series' infer job died: series ``failed``, audit ``inference_failed``, study status
     recomputed. False (nothing changed) when the series is gone or has moved to another generation."""
-    series = s.get(Series, series_id)
+    series = _locked_series(s, series_id)
     if series is None or (generation is not None and series.generation != generation):
         return False
     study = series.study

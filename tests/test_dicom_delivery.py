@@ -180,3 +180,29 @@ def test_deliver_records_a_peer_failure_status_and_a_missing_file(tmp_path: Path
 def _sop(ctx, obj_id: int) -> str:  # noqa: ANN001
     with ctx.sessions() as s:
         return s.get(ResultObject, obj_id).sop_instance_uid
+
+
+def test_a_negative_result_is_withheld_at_send_time_once_its_study_is_positive(tmp_path: Path) -> None:
+    """A held negative whose job escaped the withdrawal (lane down, backlog, a retry after the hold)
+    must still never reach the PACS once another series flagged the study: checked when it sends."""
+    from storage.models import Result, Study
+
+    ctx = node_context(tmp_path / "node")
+    obj_id = make_result_object(ctx, tmp_path)  # a negative result (Result.positive defaults to False)
+    with ctx.sessions.begin() as s:
+        result = s.get(ResultObject, obj_id).result
+        assert result.positive is False
+        s.get(Study, result.study_id).flagged = True  # another series of the study was positive
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        ctx.queue.enqueue("deliver", {"result_object_id": obj_id, "destination": f"PACS@127.0.0.1:{pacs.port}"})
+        job = ctx.queue.claim("w", kinds=["deliver"])
+        assert job is not None
+        handle_deliver(ctx, job)  # returns: nothing to send, nothing to retry
+        assert pacs.files() == []
+    with ctx.sessions() as s:
+        assert s.scalars(select(Delivery)).all() == []
+        withheld = [e for e in s.scalars(select(AuditEvent).where(AuditEvent.event_type == audit.QUEUED))
+                    if e.details.get("withheld")]
+        positive = s.get(Result, result.id)
+    assert len(withheld) == 1 and withheld[0].details["result_object_id"] == obj_id
+    assert positive is not None and positive.positive is False

@@ -180,6 +180,8 @@ def test_roles_as_on_the_pages_radiologist_gets_masked_identifiers(node: dict[st
     ds = dw.retrieve_instance(study_instance_uid=st.study_uid, series_instance_uid=st.series_uid,
                               sop_instance_uid=sop)
     assert str(ds.PatientName) == "J.D." and ds.PatientID == "...42"
+    assert not ds.get("PatientBirthDate")  # the pages show this role an age, never the date
+    assert _value(found[0], "00100030") is None
     assert ds.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData
     assert b"PID0042" not in b"".join(dw.retrieve_bulkdata(
         f"{node['base']}/dicomweb/studies/{st.study_uid}/series/{st.series_uid}/instances/{sop}"))

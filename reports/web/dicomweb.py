@@ -52,6 +52,7 @@ PREFIX = "/dicomweb"
 DICOM_JSON = "application/dicom+json"
 MAX_LIMIT = 1000
 KIND_MODALITY = {"seg": "SEG", "sr": "SR", "sc": "OT"}
+MAX_FRAMES_PER_REQUEST = 1000
 #: Patient attributes other than name and ID removed for roles that do not see PHI.
 PHI_EXTRA = ("OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientAddress",
              "PatientTelephoneNumbers", "PatientMotherBirthName")
@@ -133,6 +134,8 @@ def mask_dataset(ds: Dataset) -> None:
         ds.PatientName = name
     if "PatientID" in ds:
         ds.PatientID = pid
+    if "PatientBirthDate" in ds:  # the pages show these roles an age, never the date
+        ds.PatientBirthDate = ""
     for kw in PHI_EXTRA:
         if kw in ds:
             delattr(ds, kw)
@@ -483,8 +486,9 @@ def _frame_numbers(raw: str) -> list[int]:
         numbers = [int(x) for x in raw.split(",") if x.strip()]
     except ValueError as exc:
         raise DicomwebError(400, "frames are a comma-separated list of numbers") from exc
-    if not numbers or len(numbers) > 10_000:
-        raise DicomwebError(400, "frames are a comma-separated list of numbers")
+    numbers = list(dict.fromkeys(numbers))  # each frame once: a repeated number must not multiply the answer
+    if not numbers or len(numbers) > MAX_FRAMES_PER_REQUEST:
+        raise DicomwebError(400, f"frames are a comma-separated list of at most {MAX_FRAMES_PER_REQUEST} numbers")
     return numbers
 
 

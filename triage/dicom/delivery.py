@@ -57,6 +57,18 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
         study_uid = study.study_uid if study else ""
         accession = study.accession if study else ""
         series_uid = series.series_uid if series else ""
+        # One answer per study (triage/pipeline/answer.py), checked again at send time: a negative
+        # result's object never goes out once the study is positive, even if its held job escaped
+        # the withdrawal (lane down, backlog, a retry after the hold ran out).
+        withhold = bool(study is not None and study.flagged and not obj.result.positive)
+    if withhold:
+        with ctx.sessions.begin() as session:
+            audit.record(session, audit.QUEUED, study_uid=study_uid, series_uid=series_uid, accession=accession,
+                         details={"withheld": True, "reason": "negative result of a study now positive",
+                                  "destination": str(destination), "result_object_id": object_id, "kind": kind,
+                                  "sop_instance_uid": sop_uid, "job_id": job.id})
+        log.info("negative result withheld: the study is positive", result_object_id=object_id, kind=kind)
+        return
     started = utcnow()
     status_str, error, ok, down = "", "", False, False
     try:

@@ -400,12 +400,14 @@ class DicomNode:
         pending = self.recorder.submit(record) if overlap else None
         try:
             self.ctx.store.write_new(rel, data)  # content and name durable when it returns
-        except OSError as exc:
+        except BaseException as exc:  # any failure must resolve the record, or the recorder waits for it
             assert record.written is not None
             record.written.set_exception(exc)
             if pending is not None:
                 with contextlib.suppress(Exception):
                     pending.result(timeout=WRITE_TIMEOUT)
+            if not isinstance(exc, OSError):
+                raise
             if isinstance(exc, DiskFullError):
                 return self._refuse_full(exc, header, calling_aet, peer)
             self._audit_reject(calling_aet, peer, header.sop_instance_uid, header.study_uid, header.series_uid,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from storage import audit, lifecycle
+from storage import lifecycle
 from storage.lifecycle import JobKind, JobState, StaleJob
 from storage.queue import LaneDown
 from triage.context import AppContext
@@ -147,8 +147,7 @@ class Worker:
             q.fail(job.id, self.name, error, retry=True, lane_down=isinstance(exc, LaneDown))
             row = q.get(job.id)
             if row is not None and row.state == JobState.DEAD and job.kind == JobKind.INFER:
-                with self.ctx.sessions.begin() as s:
-                    audit.lock_chain(s)
+                with self.ctx.sessions.begin() as s:  # series row, then the audit chain: the receiver's order
                     failed = lifecycle.fail_inference(s, int(job.payload.get("series_id", 0)), job_id=job.id,
                                                       error=error, actor=self.name,
                                                       generation=job.payload.get("generation"))
