@@ -33,7 +33,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -365,39 +365,52 @@ def _load(s: Session, **where: Any) -> User | None:
 
 
 def resolve_user(ctx: AppContext, request: Request) -> CurrentUser | None:
-    """The user behind a request (bearer token, trusted proxy header, or session), or None."""
+    """The user behind a request (bearer token, trusted proxy header, or session), or None.
+
+    Read in a read session (on SQLite it never queues behind the receiver's commits: every viewer
+    slice and DICOMweb frame passes here); a write transaction only when there is something to
+    write (a proxy login, or a session's last-seen time older than ``SESSION_TOUCH_SECONDS``)."""
     authz = request.headers.get("authorization", "")
     proxy_header = ctx.settings.trusted_proxy_header
-    with session_scope(ctx.sessions) as s:
+    if proxy_header and not authz and request.headers.get(proxy_header, "").strip():
+        return _resolve_proxy(ctx, request, proxy_header)
+    now = utcnow()
+    with session_scope(ctx.reads) as s:
         if authz:
             scheme, _, token = authz.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 return None
             user = _load(s, api_token_hash=token_hash(token.strip()))
             return CurrentUser(user.id, user.username, user.role, "token") if user else None
-        if proxy_header:
-            name = request.headers.get(proxy_header, "").strip()
-            if name:
-                user = _load(s, username=name)
-                if user is None:
-                    return None
-                current = CurrentUser(user.id, user.username, user.role, "proxy")
-                row = _session_row(s, request)
-                if row is None or row.user_id != user.id:
-                    establish_session(request, current, start_session(s, user.id, client_ip(request), "proxy"))
-                    audit_record(s, EV_LOGIN, actor=user.username,
-                                 details={"ip": client_ip(request), "method": f"proxy header {proxy_header}"})
-                return current
         row = _session_row(s, request)
         if row is None:
             return None
         user = _load(s, id=row.user_id)
         if user is None:
             return None
-        now = utcnow()
-        if (now - row.last_seen_at).total_seconds() > SESSION_TOUCH_SECONDS:
-            row.last_seen_at = now
-        return CurrentUser(user.id, user.username, user.role, "session")
+        current = CurrentUser(user.id, user.username, user.role, "session")
+        stale, row_id = (now - row.last_seen_at).total_seconds() > SESSION_TOUCH_SECONDS, row.id_hash
+    if stale:
+        with session_scope(ctx.sessions) as s:
+            s.execute(update(WebSession).where(WebSession.id_hash == row_id).values(last_seen_at=now))
+    return current
+
+
+def _resolve_proxy(ctx: AppContext, request: Request, proxy_header: str) -> CurrentUser | None:
+    """A user named by the trusted proxy header; starts (and audits) a session for it when the
+    request has none for that user."""
+    name = request.headers.get(proxy_header, "").strip()
+    with session_scope(ctx.sessions) as s:
+        user = _load(s, username=name)
+        if user is None:
+            return None
+        current = CurrentUser(user.id, user.username, user.role, "proxy")
+        row = _session_row(s, request)
+        if row is None or row.user_id != user.id:
+            establish_session(request, current, start_session(s, user.id, client_ip(request), "proxy"))
+            audit_record(s, EV_LOGIN, actor=user.username,
+                         details={"ip": client_ip(request), "method": f"proxy header {proxy_header}"})
+        return current
 
 
 def _session_row(s: Session, request: Request) -> WebSession | None:
