@@ -15,15 +15,13 @@ import re
 from typing import Any
 
 from sqlalchemy import Select, exists, func, select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from reports.web import queries as q
-from reports.web.auth import CurrentUser, audit_record, requires
-from storage import audit
+from reports.web.auth import CurrentUser, audit_reads, requires
 from storage.db import session_scope
 from storage.models import Finding, Result, Study
 from triage import __version__
@@ -101,27 +99,6 @@ def _accession(value: str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------- audit of reads
-AUDIT_ID_LIST_MAX = 500  # study ids listed in one read's audit event (a page holds at most MAX_LIMIT)
-
-
-def _audit_read(s: Session, user: CurrentUser, path: str, studies: list[Study], phi: bool) -> None:
-    """Record that ``user`` read identifiers of ``studies`` through the API (nothing when none).
-
-    One study: the event names its UID and accession, as the study page's does. Several: one
-    event listing their ids (a page of a list)."""
-    if not studies:
-        return
-    details: dict[str, Any] = {"api": path, "phi": phi, "via": user.via}
-    if len(studies) == 1:
-        st = studies[0]
-        audit_record(s, audit.VIEWED, actor=user.username, study_uid=st.study_uid, accession=st.accession,
-                     details={**details, "study_id": st.id})
-        return
-    ids = sorted({st.id for st in studies})
-    audit_record(s, audit.VIEWED, actor=user.username,
-                 details={**details, "studies": len(ids), "study_ids": ids[:AUDIT_ID_LIST_MAX]})
-
-
 # --------------------------------------------------------------------------- queries
 def _label_present(label: str) -> Any:
     return exists().where(
@@ -159,7 +136,7 @@ def list_studies(ctx: AppContext, params: dict[str, str], user: CurrentUser) -> 
         for st in studies:
             r = results.get(st.id)
             items.append(q.study_row(st, r, fnd.get(r.id, {}) if r else {}, user.sees_phi))
-        _audit_read(s, user, "/api/v1/studies", list(studies), user.sees_phi)
+        audit_reads(s, user, "/api/v1/studies", list(studies), user.sees_phi)
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
@@ -214,7 +191,7 @@ def list_results(ctx: AppContext, params: dict[str, str], user: CurrentUser) -> 
         rows = s.execute(stmt.order_by(Result.created_at.desc(), Result.id.desc()).limit(limit).offset(offset)).all()
         fnd = q.findings_of(s, [r.id for r, _ in rows])
         items = [result_dict(r, st, fnd.get(r.id, {})) for r, st in rows]
-        _audit_read(s, user, "/api/v1/results", list({st.id: st for _, st in rows}.values()), False)
+        audit_reads(s, user, "/api/v1/results", list({st.id: st for _, st in rows}.values()), False)
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
@@ -236,7 +213,7 @@ def list_findings(ctx: AppContext, params: dict[str, str], user: CurrentUser) ->
              "accession": st.accession, "created_at": q.iso(r.created_at)}
             for f, r, st in rows
         ]
-        _audit_read(s, user, "/api/v1/findings", list({st.id: st for _, _, st in rows}.values()), False)
+        audit_reads(s, user, "/api/v1/findings", list({st.id: st for _, _, st in rows}.values()), False)
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
@@ -245,7 +222,7 @@ def get_study(ctx: AppContext, study_id: int, user: CurrentUser) -> dict[str, An
         d = q.study_detail(s, study_id, user.sees_phi)
         study = s.get(Study, study_id) if d is not None else None
         if study is not None:
-            _audit_read(s, user, "/api/v1/studies/{id}", [study], user.sees_phi)
+            audit_reads(s, user, "/api/v1/studies/{id}", [study], user.sees_phi)
     if d is None:
         return None
     keep = set(STUDY_SCHEMA["properties"])
@@ -260,7 +237,7 @@ def get_result(ctx: AppContext, result_id: int, user: CurrentUser) -> dict[str, 
         st = s.get(Study, r.study_id)
         assert st is not None
         out = result_dict(r, st, q.findings_of(s, [r.id]).get(r.id, {}))
-        _audit_read(s, user, "/api/v1/results/{id}", [st], False)
+        audit_reads(s, user, "/api/v1/results/{id}", [st], False)
         return out
 
 

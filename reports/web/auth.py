@@ -27,7 +27,7 @@ import functools
 import hashlib
 import hmac
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,27 @@ def check_password_policy(password: str) -> None:
 def audit_record(session: Session, event_type: str, **kwargs: Any) -> None:
     """Write an audit event in the caller's transaction (storage.audit contract)."""
     audit.record(session, event_type, **kwargs)
+
+
+AUDIT_ID_LIST_MAX = 1000  # study ids listed in one read's audit event (a list page holds at most 1,000)
+
+
+def audit_reads(s: Session, user: CurrentUser, path: str, studies: Sequence[Any], phi: bool, *,
+                channel: str = "api") -> None:
+    """Record that ``user`` read identifiers of ``studies`` through ``channel`` (``api``: the REST
+    API, ``dicomweb``) at ``path``; nothing when none. One study: the event names its UID and accession, as
+    the study page's does. Several: one event listing their ids (a page of a list)."""
+    if not studies:
+        return
+    details: dict[str, Any] = {channel: path, "phi": phi, "via": user.via}
+    if len(studies) == 1:
+        st = studies[0]
+        audit_record(s, audit.VIEWED, actor=user.username, study_uid=st.study_uid, accession=st.accession,
+                     details={**details, "study_id": st.id})
+        return
+    ids = sorted({st.id for st in studies})
+    audit_record(s, audit.VIEWED, actor=user.username,
+                 details={**details, "studies": len(ids), "study_ids": ids[:AUDIT_ID_LIST_MAX]})
 
 
 def session_secret(ctx: AppContext) -> str:

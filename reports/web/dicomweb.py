@@ -42,8 +42,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from reports.web import queries as q
-from reports.web.auth import CurrentUser, audit_record, requires
-from storage import audit
+from reports.web.auth import CurrentUser, audit_reads, requires
 from storage.db import session_scope
 from storage.models import Instance, Result, ResultObject, Series, Study
 from triage.context import AppContext
@@ -272,20 +271,6 @@ def multipart_stream(parts: Iterator[bytes], part_type: str) -> StreamingRespons
 
 
 # --------------------------------------------------------------------------- audit
-def _audit(s: Session, user: CurrentUser, path: str, studies: Sequence[Study], phi: bool) -> None:
-    if not studies:
-        return
-    details: dict[str, Any] = {"dicomweb": path, "phi": phi, "via": user.via}
-    if len(studies) == 1:
-        st = studies[0]
-        audit_record(s, audit.VIEWED, actor=user.username, study_uid=st.study_uid, accession=st.accession,
-                     details={**details, "study_id": st.id})
-        return
-    ids = sorted({st.id for st in studies})
-    audit_record(s, audit.VIEWED, actor=user.username, details={**details, "studies": len(ids),
-                                                                "study_ids": ids[:500]})
-
-
 # --------------------------------------------------------------------------- QIDO-RS
 _QIDO_KEYS = {"00100020": "PatientID", "00100010": "PatientName", "00080050": "AccessionNumber",
               "0020000D": "StudyInstanceUID", "00080020": "StudyDate"}
@@ -361,7 +346,7 @@ def search_studies(ctx: AppContext, params: dict[str, str], user: CurrentUser, b
                            if se.modality} | {KIND_MODALITY.get(i.kind, "OT") for i in items if i.kind != "image"})
             out.append(study_json(st, mods, len(series_uids), len(items), user.sees_phi, base))
     with session_scope(ctx.sessions) as s:
-        _audit(s, user, f"{PREFIX}/studies", studies, user.sees_phi)
+        audit_reads(s, user, f"{PREFIX}/studies", studies, user.sees_phi, channel="dicomweb")
     return out
 
 
@@ -384,7 +369,7 @@ def search_series(ctx: AppContext, study_uid: str, user: CurrentUser, base: str)
                                    int(hdr.SeriesNumber) if hdr.get("SeriesNumber") is not None else None,
                                    str(hdr.get("SeriesDescription", "")), counts[series_uid], base))
     with session_scope(ctx.sessions) as s:
-        _audit(s, user, f"{PREFIX}/studies/{study_uid}/series", [st], user.sees_phi)
+        audit_reads(s, user, f"{PREFIX}/studies/{study_uid}/series", [st], user.sees_phi, channel="dicomweb")
     return out
 
 
@@ -404,7 +389,7 @@ def search_instances(ctx: AppContext, study_uid: str, series_uid: str | None, us
     if series_uid and not items:
         raise DicomwebError(404, "no such series")
     with session_scope(ctx.sessions) as s:
-        _audit(s, user, f"{PREFIX}/studies/{study_uid}/instances", [st], user.sees_phi)
+        audit_reads(s, user, f"{PREFIX}/studies/{study_uid}/instances", [st], user.sees_phi, channel="dicomweb")
     return out
 
 
@@ -435,7 +420,7 @@ def metadata(ctx: AppContext, study_uid: str, series_uid: str | None, sop_uid: s
                                              f"{it.sop_uid}/bulkdata/7fe00010"}
         out.append(js)
     with session_scope(ctx.sessions) as s:
-        _audit(s, user, path, [st], user.sees_phi)
+        audit_reads(s, user, path, [st], user.sees_phi, channel="dicomweb")
     return out
 
 
@@ -444,7 +429,7 @@ def instances(ctx: AppContext, study_uid: str, series_uid: str | None, sop_uid: 
     """The instances a retrieve answers with (audited now; their bytes are streamed one by one)."""
     st, items = _select_items(ctx, study_uid, series_uid, sop_uid)
     with session_scope(ctx.sessions) as s:
-        _audit(s, user, path, [st], user.sees_phi)
+        audit_reads(s, user, path, [st], user.sees_phi, channel="dicomweb")
     return items
 
 
