@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from triage.cli import main as triage_main
 from triage.datasets import detect_format, open_dataset
@@ -18,7 +19,14 @@ from triage.datasets.base import DatasetError
 from triage.datasets.slices import SliceSet, split_studies
 from triage.labels import LABELS
 from triage.models.bundle import read_manifest
-from triage.models.mixed import MixedSampler, grid_exam_from_slices, grid_exam_from_study, mixed_loss, robust_augment
+from triage.models.mixed import (
+    MixedSampler,
+    erase_blood,
+    grid_exam_from_slices,
+    grid_exam_from_study,
+    mixed_loss,
+    robust_augment,
+)
 from triage.models.network import ICHNet
 from triage.models.preprocess import BRAIN_WINDOW, PreprocessConfig, prepare
 from triage.phantom.generator import PhantomOptions, SyntheticStudy, generate_study
@@ -154,6 +162,30 @@ def test_a_tiny_mixed_run_lowers_the_loss(sets: dict[str, Path], studies: list[S
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_erased_bleeds_become_negatives_of_the_same_slice(sets: dict[str, Path]) -> None:
+    """Counterfactual negatives: a drawn bleed is replaced by the tissue around it, the rest of the
+    slice is untouched, and the sampler labels the result blood-free with a known-empty mask."""
+    g = grid_exam_from_slices(SliceSet(sets["masks"]).load("s02"), CFG)  # subdural, drawn masks
+    z = next(i for i, s in enumerate(g.slices) if s.target is not None and s.target.max() > 128)
+    blood = g.slices[z].target.max(axis=0) > 25
+    out = erase_blood(g.windows, z, blood, np.random.default_rng(0))
+    assert out is not None and out.shape == g.windows[z].shape
+    before, after = g.windows[z, 0].astype(float), out[0].astype(float)
+    ring = ndimage.binary_dilation(blood, iterations=8) & ~ndimage.binary_dilation(blood, iterations=4)
+    tissue = ring & (before > 30) & (before < 200)
+    assert after[blood].mean() < before[blood].mean() - 20, "the bleed is gone"
+    assert abs(after[blood].mean() - np.median(before[tissue])) < 15, "filled at the surrounding tissue's level"
+    far = ~ndimage.binary_dilation(blood, iterations=6)
+    assert np.array_equal(after[far], before[far]), "nothing else changes"
+
+    sampler = MixedSampler([g], [], np.random.default_rng(1), shares={"erase": 1.0}, grid_px_mm=3.5)
+    assert sampler.counts()["real_masked"] > 0
+    b = sampler.batch(6)
+    assert sampler.erased == 6
+    assert (b["labels"] == 0).all() and (b["label_known"] == 1).all() and (b["seg_known"] == 1).all()
+    assert b["target"].sum() == 0, "an erased slice is known empty"
 
 
 def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Path,

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="brain_window: share of each batch drawn from real slices with drawn blood masks")
     tr.add_argument("--phantom-share", type=float, default=0.3,
                     help="brain_window: share of each batch drawn from phantom studies (half with blood)")
+    tr.add_argument("--erase-share", type=float, default=0.0,
+                    help="brain_window: share of each batch of real masked slices with their blood erased "
+                         "(counterfactual negatives)")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")

@@ -219,6 +219,31 @@ def paste_shape(windows: np.ndarray, z: int, shape: np.ndarray, subtype: str, gr
     return np.round(img.clip(0, 255)).astype(np.uint8)[None], mask
 
 
+def erase_blood(windows: np.ndarray, z: int, blood: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """A counterfactual negative: slice ``z`` (uint8 (Z, C, S, S) with neighbours) with its drawn
+    blood (bool (S, S) on the grid) replaced by the tissue around it.
+
+    The blood, dilated by two pixels (edge partial volume), is filled with the median of a ring of
+    brain-density pixels around it (not bone, not air) plus that ring's own fine-grained noise,
+    blended over a soft edge. The same anatomy, scanner and window without the bleed, so that the
+    look of a source whose published slices all bleed (masked sets publish positives only) does not
+    become a cue for blood. Returns the new channels (C, S, S) or None when no ring tissue is found."""
+    img = windows[z].astype(np.float32)
+    core = ndimage.binary_dilation(blood, iterations=2)
+    ring = ndimage.binary_dilation(core, iterations=6) & ~core
+    ref = img[0]
+    tissue = ring & (ref > 30) & (ref < 200)  # brain and CSF levels of a brain window, not bone or air
+    if tissue.sum() < 20:
+        return None
+    level = float(np.median(ref[tissue]))
+    noise_sd = float(np.std(ref[tissue] - ndimage.uniform_filter(ref, 3)[tissue]))
+    fill = level + rng.normal(0, max(noise_sd, 1.0), ref.shape)
+    soft = ndimage.gaussian_filter(core.astype(np.float32), 1.0).clip(0, 1)
+    soft = np.maximum(soft, core)
+    out = img * (1 - soft) + fill[None] * soft
+    return np.round(out.clip(0, 255)).astype(np.uint8)
+
+
 # --- robustness augmentation ---------------------------------------------------------------------
 
 
@@ -319,6 +344,7 @@ class MixedSampler:
                         idx["clean"].append((i, z))
         self.index = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in idx.items()}
         self.pasted = 0  # bleeds pasted so far
+        self.erased = 0  # drawn bleeds erased so far (counterfactual negatives)
         self.shares = shares or {"real_pos": 0.25, "real_neg": 0.3, "paste": 0.15, "phantom": 0.3}
 
     def counts(self) -> dict[str, int]:
@@ -337,13 +363,14 @@ class MixedSampler:
         xs, tg, unk, anyb, boxm, lab, lknown, sknown, has_box = [], [], [], [], [], [], [], [], []
         size = self.exams[0].windows.shape[-1]
         for kind in kinds:
-            if kind == "real_masked" and not len(self.index["real_masked"]):
-                kind = "real_pos"
+            if kind in ("real_masked", "erase") and not len(self.index["real_masked"]):
+                kind = "real_pos" if kind == "real_masked" else "real_neg"
             if kind == "phantom":
                 kind = "phantom_pos" if self.rng.random() < 0.5 else "phantom_neg"
             if kind == "paste" and (not self.shapes or not len(self.index["clean"])):
                 kind = "real_neg"
-            if kind not in ("paste", "real_masked") and not len(self.index[kind]):  # missing: same class elsewhere
+            # missing: same class elsewhere
+            if kind not in ("paste", "real_masked", "erase") and not len(self.index[kind]):
                 same = ("real_pos", "phantom_pos") if kind.endswith("pos") else ("real_neg", "phantom_neg")
                 kind = next(k for k in (*same, "real_pos", "real_neg", "phantom_pos", "phantom_neg")
                              if len(self.index[k]))
@@ -358,10 +385,33 @@ class MixedSampler:
                         break
                 if pasted is None:
                     i, z = self._pick("clean")
-            else:
+            erased = None
+            if kind == "erase":
+                for _ in range(6):
+                    i, z = self._pick("real_masked")
+                    s = self.exams[i].slices[z]
+                    blood = np.zeros(self.exams[i].windows.shape[-2:], bool)
+                    if s.target is not None:
+                        blood |= s.target.max(axis=0) > 25
+                    if s.any_blood is not None:
+                        blood |= s.any_blood
+                    erased = erase_blood(self.exams[i].windows, z, blood, self.rng) if blood.any() else None
+                    if erased is not None:
+                        self.erased += 1
+                        break
+                if erased is None:
+                    i, z = self._pick("real_neg")
+            elif kind != "paste":
                 i, z = self._pick(kind)
             ex, s = self.exams[i], self.exams[i].slices[z]
-            x = key_slice_input(ex.windows, 1, [z])[0]
+            if erased is not None:
+                wins = ex.windows.copy()
+                wins[z] = erased
+                x = key_slice_input(wins, 1, [z])[0]
+                x[1:] = x[:1]  # neighbours may show the same bleed: the erased slice stands for them
+                s = GridSlice(np.zeros(len(LABELS), np.float32), np.ones(len(LABELS), bool), seg_known=True)
+            else:
+                x = key_slice_input(ex.windows, 1, [z])[0]
             t = np.zeros((len(SUBTYPES), size, size), np.float32) if s.target is None else s.target / 255.0
             labels, known = s.labels.copy(), s.label_known.copy()
             if pasted is not None:

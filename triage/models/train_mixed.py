@@ -258,15 +258,17 @@ def trained_on(exams: list[GridExam]) -> str:
 # --- training -----------------------------------------------------------------------------------
 
 
-def batch_shares(masked: float = 0.0, phantom: float = 0.3, paste: float = 0.15) -> dict[str, float]:
+def batch_shares(masked: float = 0.0, phantom: float = 0.3, paste: float = 0.15,
+                 erase: float = 0.0) -> dict[str, float]:
     """Share of each batch per sample kind: real slices with and without blood (5:6), real slices with
-    drawn masks (``masked``, pixel truth on real anatomy), pasted real bleed shapes and phantom slices."""
-    real = 1.0 - masked - phantom - paste
-    if real < 0.1 or min(masked, phantom) < 0:
-        raise SystemExit(f"batch shares leave {real:.2f} for real slices (masked {masked}, phantom {phantom}, "
-                         f"paste {paste}): keep at least 0.1")
-    return {"real_pos": real * 5 / 11, "real_neg": real * 6 / 11, "real_masked": masked, "paste": paste,
-            "phantom": phantom}
+    drawn masks (``masked``, pixel truth on real anatomy), the same with their blood erased
+    (``erase``: counterfactual negatives), pasted real bleed shapes and phantom slices."""
+    real = 1.0 - masked - phantom - paste - erase
+    if real < 0.1 or min(masked, phantom, erase) < 0:
+        raise SystemExit(f"batch shares leave {real:.2f} for real slices (masked {masked}, erase {erase}, "
+                         f"phantom {phantom}, paste {paste}): keep at least 0.1")
+    return {"real_pos": real * 5 / 11, "real_neg": real * 6 / 11, "real_masked": masked, "erase": erase,
+            "paste": paste, "phantom": phantom}
 
 
 def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: int, out: Path, lr: float,
@@ -366,7 +368,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         net.train()
     masked = float(getattr(args, "masked_share", 0.0) or 0.0)
     phantom = float(getattr(args, "phantom_share", 0.3))
-    shares = batch_shares(masked, phantom)
+    erase = float(getattr(args, "erase_share", 0.0) or 0.0)
+    shares = batch_shares(masked, phantom, erase=erase)
     # head-crop grid: a ~21 cm head box over ``size`` pixels
     sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size)
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
@@ -406,6 +409,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --shapes {shapes_dir}" if shapes_dir else "")
                        + (f" --masked-share {masked:g}" if masked > 0 else "")
                        + (f" --phantom-share {phantom:g}" if phantom != 0.3 else "")
+                       + (f" --erase-share {erase:g}" if erase > 0 else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
             "recipe": "mixed (triage/models/train_mixed.py)",
