@@ -223,3 +223,32 @@ def test_cors_for_a_viewer_on_another_origin(sqlite_ctx: AppContext) -> None:
                                                       "Authorization": f"Bearer {token}"})
         assert api.status_code == 200 and "access-control-allow-origin" not in api.headers
     ctx.close()
+
+
+def test_masking_reaches_sequences_and_private_elements() -> None:
+    """For roles without PHI: identifiers nested in sequences are masked or dropped too, and
+    private elements (which may hold anything) are removed."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from reports.web.dicomweb import mask_dataset
+
+    ds = Dataset()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "MRN0042", "19700101"
+    ref = Dataset()
+    ref.PatientName, ref.PatientID = "ROE^RICHARD", "MRN7777"
+    ds.ReferencedPatientSequence = Sequence([ref])
+    original = Dataset()
+    original.AttributeModificationDateTime = "20260101"
+    ds.OriginalAttributesSequence = Sequence([original])
+    ds.OtherPatientIDsSequence = Sequence([Dataset()])
+    ds.add_new(0x00091010, "LO", "MRN0042 DOE^JANE")  # a vendor's private copy
+    mask_dataset(ds)
+    text = str(ds)
+    assert str(ds.PatientName) == "J.D." and ds.PatientID == "...42" and ds.PatientBirthDate == ""
+    nested = ds.ReferencedPatientSequence[0]
+    assert str(nested.PatientName) == "R.R." and nested.PatientID == "...77"
+    assert "OriginalAttributesSequence" not in ds and "OtherPatientIDsSequence" not in ds
+    assert 0x00091010 not in ds
+    for secret in ("DOE", "JANE", "ROE", "MRN0042", "MRN7777", "19700101"):
+        assert secret not in text, secret

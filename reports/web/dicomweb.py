@@ -54,7 +54,8 @@ KIND_MODALITY = {"seg": "SEG", "sr": "SR", "sc": "OT"}
 MAX_FRAMES_PER_REQUEST = 1000
 #: Patient attributes other than name and ID removed for roles that do not see PHI.
 PHI_EXTRA = ("OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientAddress",
-             "PatientTelephoneNumbers", "PatientMotherBirthName")
+             "PatientTelephoneNumbers", "PatientMotherBirthName", "PatientBirthName", "MilitaryRank",
+             "MedicalRecordLocator", "OriginalAttributesSequence")
 _UID = re.compile(r"^[0-9.]{1,64}$")
 _DATE = re.compile(r"^(\d{8})?(-)?(\d{8})?$")
 
@@ -127,17 +128,28 @@ def mask_for_dicom(name: str, patient_id: str) -> tuple[str, str]:
 
 
 def mask_dataset(ds: Dataset) -> None:
-    """Replace patient name and ID with their masks and drop other patient identifiers (in place)."""
+    """Replace patient name and ID with their masks and drop other patient identifiers (in place),
+    at every level: items of sequences too (a referenced patient, original attributes), and every
+    private element (a vendor may put anything there)."""
     name, pid = mask_for_dicom(str(ds.get("PatientName", "") or ""), str(ds.get("PatientID", "") or ""))
-    if "PatientName" in ds:
-        ds.PatientName = name
-    if "PatientID" in ds:
-        ds.PatientID = pid
-    if "PatientBirthDate" in ds:  # the pages show these roles an age, never the date
-        ds.PatientBirthDate = ""
-    for kw in PHI_EXTRA:
-        if kw in ds:
-            delattr(ds, kw)
+
+    def visit(item: Dataset) -> None:
+        item.remove_private_tags()
+        if "PatientName" in item:
+            item.PatientName = name if item is ds else mask_for_dicom(str(item.PatientName or ""), "")[0]
+        if "PatientID" in item:
+            item.PatientID = pid if item is ds else mask_for_dicom("", str(item.PatientID or ""))[1]
+        if "PatientBirthDate" in item:  # the pages show these roles an age, never the date
+            item.PatientBirthDate = ""
+        for kw in PHI_EXTRA:
+            if kw in item:
+                delattr(item, kw)
+        for elem in list(item):
+            if elem.VR == "SQ":
+                for child in elem.value:
+                    visit(child)
+
+    visit(ds)
 
 
 # --------------------------------------------------------------------------- JSON models
