@@ -165,6 +165,30 @@ def run_node(paths: list[Path], associations: int, work: Path, database_url: str
     return seconds, cpu
 
 
+def run_bare_scp(paths: list[Path], associations: int, work: Path) -> tuple[float, float]:
+    """The library's ceiling: the node's own pynetdicom AE (same presentation contexts, access
+    hooks, TCP_NODELAY, log settings) whose C-STORE handler only takes the dataset's bytes and
+    answers 0x0000: no parsing, no file, no fsync, no database. (wall seconds, CPU seconds)."""
+    from triage.dicom.scp import DicomNode
+
+    d = work / f"bare-{associations}"
+    ctx = node_context(d, log_level="WARNING")
+    try:
+        node = DicomNode(ctx, host="127.0.0.1", port=0)
+        node._on_store = lambda event: (event.encoded_dataset(include_meta=False), 0x0000)[1]  # type: ignore[method-assign]
+        node.start()
+        try:
+            cpu0 = time.process_time()
+            seconds = send(node.port, "ICHTRIAGE", paths, associations)
+            cpu = time.process_time() - cpu0
+        finally:
+            node.stop()
+    finally:
+        ctx.close()
+        shutil.rmtree(d, ignore_errors=True)
+    return seconds, cpu
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
@@ -174,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="default: a temporary directory")
     ap.add_argument("--compare-fsync", action="store_true",
                     help="also run the node with fsync off (separates disk latency from software cost)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also run the node's pynetdicom AE with a C-STORE handler that stores nothing: the "
+                         "fastest any receiver built on pynetdicom can be here (ratios in its row are its own)")
     args = ap.parse_args(argv)
 
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
@@ -195,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             orth: list[tuple[float, float]] = []
             node: list[tuple[float, float]] = []
             nosync: list[tuple[float, float]] = []
+            bare: list[tuple[float, float]] = []
             for run in range(args.repeat):  # interleaved, so all see the same machine load
                 ref.append(run_storescp(paths, associations, work))
                 durable.append(run_storescp(paths, associations, work, durable=True))
@@ -202,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 node.append(run_node(paths, associations, work, args.database_url, run))
                 if args.compare_fsync:
                     nosync.append(run_node(paths, associations, work, args.database_url, run, fsync=False))
+                if args.ceiling:
+                    bare.append(run_bare_scp(paths, associations, work))
             refs = (med(ref)[0], med(orth)[0], med(durable)[0])
             rows.append((associations, "DCMTK storescp (no fsync)", *med(ref), None))
             rows.append((associations, "DCMTK storescp (durable: sync per file)", *med(durable), None))
@@ -209,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((associations, "node (fsync on)", *med(node), refs))
             if nosync:
                 rows.append((associations, "node (fsync off)", *med(nosync), refs))
+            if bare:
+                rows.append((associations, "pynetdicom SCP storing nothing (the library's ceiling)", *med(bare), refs))
         db = "PostgreSQL" if args.database_url and "postgres" in args.database_url else "SQLite"
         load = os.getloadavg()[0]
         print(f"\n{args.slices} slices {args.size}x{args.size} ({mb:.0f} MB), median of {args.repeat}, "

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -202,8 +202,11 @@ class FileStore:
                 self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-dirsync")
             return self._pool
 
-    def write_new(self, rel: str, data: bytes) -> int:
+    def write_new(self, rel: str, data: bytes | Sequence[bytes]) -> int:
         """Write a file that should not exist yet (a received instance); return the bytes written.
+
+        ``data`` may be given in parts (e.g. the file meta and the received dataset), written one
+        after the other without joining them in memory first.
 
         When this returns, the content *and* the name are durable, like :meth:`write_atomic`, but
         the two flushes overlap: the data is written under a temporary name, hard-linked to ``rel``
@@ -217,25 +220,28 @@ class FileStore:
         existing and takes :meth:`write_atomic`'s path, which replaces it atomically. When ``rel``
         already exists that path is taken from the start: a recorded file is never exposed.
         """
-        self.ensure_space(len(data))
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        size = sum(len(p) for p in parts)
+        self.ensure_space(size)
         target = self.path(rel)
         self._makedirs(target.parent)
         if target.exists():
-            return self.write_atomic(rel, data)
+            return self.write_atomic(rel, b"".join(parts))
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=".part")
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view):]
                 try:
                     os.link(tmp_name, target)
                 except FileExistsError:  # another writer got there first: replace atomically instead
-                    return self.write_atomic(rel, data)
+                    return self.write_atomic(rel, b"".join(parts))
                 except OSError as exc:  # a file system without hard links: the classic path
                     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise
-                    return self.write_atomic(rel, data)
+                    return self.write_atomic(rel, b"".join(parts))
                 finally:
                     os.unlink(tmp_name)
                 if self.fsync:
@@ -252,7 +258,7 @@ class FileStore:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, DiskFullError):
                 raise DiskFullError(f"disk full writing {rel}: {exc.strerror}") from exc
             raise
-        return len(data)
+        return size
 
     def close(self) -> None:
         """Stop the directory-sync threads (if :meth:`write_new` started them)."""

@@ -17,7 +17,7 @@ from storage import audit
 from storage.models import AuditEvent, Instance, Job, Series, Study, utcnow
 from tests.peers import SeriesSpec, make_ct_series, node_context, running_node, storescu, wait_for
 from triage.dicom.completion import SeriesMonitor
-from triage.dicom.scp import DicomNode
+from triage.dicom.scp import DicomNode, file_meta_bytes
 
 
 def feed(node: DicomNode, path: Path) -> int:
@@ -26,7 +26,9 @@ def feed(node: DicomNode, path: Path) -> int:
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_dataset(buf, ds)
-    out = node.store(buf.getvalue(), str(ds.file_meta.TransferSyntaxUID), file_meta_bytes=path.read_bytes,
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    out = node.store(buf.getvalue(), syntax,
+                     file_meta=lambda: file_meta_bytes(str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax),
                      calling_aet="MODALITY", peer="127.0.0.1")
     return out.status
 

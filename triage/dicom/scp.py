@@ -35,6 +35,7 @@ import ssl
 import struct
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -334,9 +335,9 @@ class DicomNode:
             outcome = self.store(
                 dataset,
                 syntax,
-                # the same bytes as event.encoded_dataset(include_meta=True), built cheaply
-                file_meta_bytes=lambda: file_meta_bytes(str(request.AffectedSOPClassUID or ""),
-                                                        str(request.AffectedSOPInstanceUID or ""), syntax) + dataset,
+                # with the dataset, the same bytes as event.encoded_dataset(include_meta=True), built cheaply
+                file_meta=lambda: file_meta_bytes(str(request.AffectedSOPClassUID or ""),
+                                                  str(request.AffectedSOPInstanceUID or ""), syntax),
                 calling_aet=calling,
                 peer=address,
                 request_sop_uid=str(event.request.AffectedSOPInstanceUID or ""),
@@ -355,13 +356,15 @@ class DicomNode:
         dataset_bytes: bytes,
         transfer_syntax: str,
         *,
-        file_meta_bytes: Any,
+        file_meta: Callable[[], bytes],
         calling_aet: str,
         peer: str | None,
         request_sop_uid: str = "",
         request_sop_class: str = "",
     ) -> StoreOutcome:
-        """Validate, write and record one instance; return the status to send back."""
+        """Validate, write and record one instance; return the status to send back.
+
+        ``file_meta()`` gives the preamble and File Meta Information to write before the dataset."""
         try:
             header = parse_encoded(dataset_bytes, transfer_syntax)
         except HeaderError as exc:
@@ -389,17 +392,21 @@ class DicomNode:
         # writes the file (content and name fsynced); it records the group once every file of it
         # is durable, and the ack waits for that commit. A duplicate this process has not seen lately is rewritten
         # with the same bytes under the same name and then recognised by the database.
-        data: bytes = file_meta_bytes()
-        record = InstanceRecord(header, rel, len(data), hashlib.sha256(data).hexdigest(), transfer_syntax,
-                                calling_aet, peer, written=Future())
+        # meta and dataset are hashed and written one after the other: joining 0.5 MB copies it
+        parts = (file_meta(), dataset_bytes)
+        digest = hashlib.sha256(parts[0])
+        digest.update(parts[1])
+        size = len(parts[0]) + len(parts[1])
+        record = InstanceRecord(header, rel, size, digest.hexdigest(), transfer_syntax, calling_aet, peer,
+                                written=Future())
         try:
-            self.ctx.store.ensure_space(len(data))
+            self.ctx.store.ensure_space(size)
         except DiskFullError as exc:
             return self._refuse_full(exc, header, calling_aet, peer)
         overlap = self.recorder.running  # without the writer thread: write first, then record inline
         pending = self.recorder.submit(record) if overlap else None
         try:
-            self.ctx.store.write_new(rel, data)  # content and name durable when it returns
+            self.ctx.store.write_new(rel, parts)  # content and name durable when it returns
         except BaseException as exc:  # any failure must resolve the record, or the recorder waits for it
             assert record.written is not None
             record.written.set_exception(exc)
