@@ -160,6 +160,29 @@ def test_a_flood_from_one_address_does_not_keep_the_right_password_out(tmp_path:
         ctx.close()
 
 
+def test_logging_in_to_ones_own_account_does_not_clear_an_addresss_failures(lite_ctx: AppContext) -> None:
+    """Spraying guesses at other names, with a login to one's own account in between, still
+    makes the address wait: a success forgets only that account's own failures."""
+    limit = lite_ctx.settings.lockout_address_attempts
+    with client_at(lite_ctx, "203.0.113.77") as sprayer:
+        for i in range(limit - 1):
+            log_in(sprayer, f"user{i}", "guess")  # one guess per name stays under the account limit
+            if i % 4 == 3:
+                assert log_in(sprayer, "rad")[0] == 303  # the sprayer's own account
+                sprayer.cookies.clear()
+        log_in(sprayer, "user-last", "guess")
+        status, body = log_in(sprayer, "rad")
+        assert status == 401 and "locked" in body
+    # A user's own typos are forgiven by their login: theirs only.
+    with client_at(lite_ctx, "203.0.113.78") as typist:
+        for i in range(limit - 1):
+            log_in(typist, "rad", "typo")
+            if i % 3 == 2:
+                assert log_in(typist, "rad")[0] == 303
+                typist.cookies.clear()
+        assert log_in(typist, "rad")[0] == 303
+
+
 def test_an_account_tried_from_several_addresses_waits_everywhere(lite_ctx: AppContext) -> None:
     n = lite_ctx.settings.lockout_account_addresses
     for i in range(n):

@@ -334,9 +334,12 @@ def login(ctx: AppContext, username: str, password: str, ip: str) -> LoginOutcom
             return LoginOutcome(None, GENERIC_LOGIN_ERROR)
         if _hasher.check_needs_rehash(user.password_hash):
             user.password_hash = hash_password(password)
-        s.delete(by_pair)
-        by_address.failures = 0
+        # The address forgets only this account's own failures (a user's typos): a success on an
+        # account the caller owns must not wipe out failures on other names (password spraying
+        # between logins to one's own account).
+        by_address.failures = max(0, by_address.failures - by_pair.failures)
         by_address.updated_at = now
+        s.delete(by_pair)
         user.last_login_at = now
         session_id = start_session(s, user.id, ip)
         audit_record(s, EV_LOGIN, actor=username, details={"ip": ip, "method": "password"})
