@@ -287,9 +287,10 @@ def login(ctx: AppContext, username: str, password: str, ip: str) -> LoginOutcom
     """Check a password under the login throttle, start a session, and audit the attempt.
 
     Two throttles, both with doubling waits (``lockout_base_seconds``, capped at
-    ``lockout_minutes``): one address that fails ``lockout_address_attempts`` times in a row (any
-    user names) waits, and one account that fails ``lockout_attempts`` times in a row from one
-    address waits *at that address*; other addresses can still log in to it. Only when
+    ``lockout_minutes``): one address that fails ``lockout_address_attempts`` times (any user
+    names; a successful login forgives only its own account's failures there) waits, and one
+    account that fails ``lockout_attempts`` times in a row from one address waits *at that
+    address*; other addresses can still log in to it. Only when
     ``lockout_account_addresses`` addresses are waiting on the same account at once does the
     account wait everywhere. A waiting address gets no password check at all.
 
