@@ -252,3 +252,22 @@ def test_masking_reaches_sequences_and_private_elements() -> None:
     assert 0x00091010 not in ds
     for secret in ("DOE", "JANE", "ROE", "MRN0042", "MRN7777", "19700101"):
         assert secret not in text, secret
+
+
+def test_bulk_pixel_data_of_a_compressed_instance_is_uncompressed(sqlite_ctx: AppContext) -> None:
+    """application/octet-stream bulk data is the uncompressed pixels, also for an instance stored
+    compressed (RLE here), never its encapsulated fragments."""
+    from pydicom.uid import RLELossless
+
+    from reports.web.dicomweb import bulk_pixel_data
+
+    st = seed_imaged_study(sqlite_ctx, seed="rle", n_slices=3, size=64, positive=False)
+    sop, _n, data = st.slices[1]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    native = ds.pixel_array.copy()
+    ds.compress(RLELossless)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    sqlite_ctx.store.write_atomic(sqlite_ctx.store.instance_rel(st.study_uid, st.series_uid, sop), buf.getvalue())
+    out = bulk_pixel_data(sqlite_ctx, st.study_uid, st.series_uid, sop)
+    assert out == native.astype(native.dtype.newbyteorder("<")).tobytes()

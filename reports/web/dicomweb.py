@@ -455,6 +455,8 @@ def bulk_pixel_data(ctx: AppContext, study_uid: str, series_uid: str, sop_uid: s
     ds = read_full(ctx, items[0])
     if "PixelData" not in ds:
         raise DicomwebError(404, "the instance has no pixel data")
+    if ds.file_meta.TransferSyntaxUID.is_compressed:  # application/octet-stream is uncompressed
+        return b"".join(frames_of(ds, range(1, int(ds.get("NumberOfFrames") or 1) + 1)))
     return bytes(ds.PixelData)
 
 
