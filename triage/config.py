@@ -116,6 +116,9 @@ class Settings(BaseModel):
     allowed_aets: list[AllowedPeer] = Field(default_factory=list)
     check_called_aet: bool = True
     max_associations: int = Field(default=16, ge=1, le=1000)
+    dicom_reuse_port: bool = Field(
+        default=False, description="Let several receiver processes listen on dicom_port at once (SO_REUSEPORT, "
+        "Linux): the kernel spreads associations over them, so more cores take more images per second")
     max_pdu: int = Field(default=0, ge=0, description="Maximum PDU size we receive; 0 = unlimited")
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)

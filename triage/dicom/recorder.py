@@ -62,6 +62,9 @@ class InstanceRecord:
     peer: str | None
     #: Set (result ``None`` or an exception) by the thread writing the file.
     written: Future[None] | None = None
+    #: The receiving process (its worker id), named in the audit event: with several receiver
+    #: processes on one port (``dicom_reuse_port``) it says which one took the instance.
+    receiver: str = ""
 
 
 WRITE_TIMEOUT = 300.0
@@ -137,7 +140,8 @@ def _record_series(s: Session, series_uid: str, group: list[InstanceRecord], now
                  "sop_classes": sorted({r.header.sop_class_uid for r in group}),
                  "transfer_syntaxes": sorted({r.transfer_syntax for r in group}),
                  "bytes": sum(r.size for r in group), "peers": sorted({str(r.peer) for r in group}),
-                 "calling_aets": sorted({r.calling_aet for r in group}), "generation": generation},
+                 "calling_aets": sorted({r.calling_aet for r in group}), "generation": generation,
+                 "receivers": sorted({r.receiver for r in group if r.receiver})},
     )
 
 

@@ -49,6 +49,7 @@ from pydicom.uid import (
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from storage import audit
 from storage.filestore import DiskFullError, StorePathError
@@ -141,6 +142,19 @@ def make_server_ssl_context(settings: Any) -> ssl.SSLContext | None:
     return context
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """The association server with ``SO_REUSEPORT`` set before it binds: several receiver
+    processes (``dicom_reuse_port``) listen on one port and the kernel hands each new association
+    to one of them. Each process records through its own recorder; races between them on new
+    study, series and instance rows are settled by the unique keys (:func:`record_with_retries`)."""
+
+    def server_bind(self) -> None:
+        if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover - Linux and the BSDs have it
+            raise OSError("dicom_reuse_port: this platform has no SO_REUSEPORT")
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 @dataclass
 class StoreOutcome:
     status: int
@@ -163,6 +177,7 @@ class DicomNode:
         # FileStore.write_new makes each file's name durable itself (its directory fsync overlaps
         # the file's), so the recorder has no directories left to sync.
         self.recorder = Recorder(ctx.sessions, sync_dirs=None)
+        self.receiver_id = ctx.worker_id
         self.ae = self._make_ae()
 
     # ------------------------------------------------------------------ set-up
@@ -219,9 +234,13 @@ class DicomNode:
             # (CPU per instance) that would only be dropped by the log level anyway.
             _config.LOG_HANDLER_LEVEL = "none"
         self.recorder.start()
-        self._server = self.ae.start_server(
-            (self._host, self._port), block=False, evt_handlers=handlers, ssl_context=make_server_ssl_context(s)
-        )
+        server_class = ReusePortServer if s.dicom_reuse_port else ThreadedAssociationServer
+        self._server = self.ae.make_server((self._host, self._port), evt_handlers=handlers,
+                                           ssl_context=make_server_ssl_context(s), server_class=server_class)
+        # what AE.start_server(block=False) does, with our server class: the AE keeps its servers
+        # (AE.shutdown and the server's own shutdown expect to find it there)
+        self.ae._servers.append(self._server)
+        threading.Thread(target=self._server.serve_forever, name="dicom-acceptor", daemon=True).start()
         set_nodelay(self._server.socket)
         log.info("dicom node listening", ae_title=s.ae_title, host=self._host, port=self.port,
                  tls=bool(s.tls_cert), syntaxes=len(self.transfer_syntaxes))
@@ -398,7 +417,7 @@ class DicomNode:
         digest.update(parts[1])
         size = len(parts[0]) + len(parts[1])
         record = InstanceRecord(header, rel, size, digest.hexdigest(), transfer_syntax, calling_aet, peer,
-                                written=Future())
+                                written=Future(), receiver=self.receiver_id)
         try:
             self.ctx.store.ensure_space(size)
         except DiskFullError as exc:
