@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -165,6 +166,58 @@ def run_node(paths: list[Path], associations: int, work: Path, database_url: str
     return seconds, cpu
 
 
+def run_receivers(paths: list[Path], associations: int, work: Path, database_url: str | None,
+                  processes: int) -> tuple[float, float]:
+    """``processes`` real ``triage receiver`` processes on one port (``dicom_reuse_port``), one
+    file store and database: (wall seconds, CPU seconds of all of them during the send)."""
+    from sqlalchemy import create_engine, text
+
+    from storage.db import normalise_url
+    from tests.node_process import NodeProcess
+    from tests.peers import free_port
+
+    d = work / f"receivers-{processes}-{associations}"
+    shutil.rmtree(d, ignore_errors=True)
+    port = free_port()
+    env = {"TRIAGE_DICOM_REUSE_PORT": "true", "TRIAGE_DICOM_PORT": str(port), "TRIAGE_DATA_DIR": str(d / "data"),
+           "TRIAGE_STABLE_SECONDS": "600"}
+    if database_url:
+        env["TRIAGE_DATABASE_URL"] = database_url
+    rxs = [NodeProcess(d / f"rx{i}", "receiver", env=env, name=f"rx{i}") for i in range(processes)]
+    try:
+        for rx in rxs:
+            rx.dicom_port = port
+            rx.start()
+            # the port answers as soon as the first listens: wait for this one's own listener
+            wait_for(lambda rx=rx: _listening(rx), timeout=60, message=f"{rx.name} listening")
+        pids = [rx.proc.pid for rx in rxs if rx.proc is not None]
+        cpu0 = sum(proc_cpu_seconds(p) for p in pids)
+        seconds = send(port, "ICHTRIAGE", paths, associations)
+        cpu = sum(proc_cpu_seconds(p) for p in pids) - cpu0
+        eng = create_engine(normalise_url(database_url or f"sqlite:///{d / 'data' / 'triage.sqlite3'}"))
+        try:
+            with eng.connect() as c:
+                n = c.execute(text("select count(*) from instances")).scalar()
+                if database_url:  # a shared server: leave it as found
+                    c.execute(text("delete from instances"))
+                    c.commit()
+        finally:
+            eng.dispose()
+        if n != len(paths):
+            raise RuntimeError(f"the receivers recorded {n} of {len(paths)} instances")
+    finally:
+        for rx in rxs:
+            rx.stop()
+        shutil.rmtree(d, ignore_errors=True)
+    return seconds, cpu
+
+
+def _listening(rx: Any) -> bool:
+    """True once this receiver process bound its socket (its own log says so; the port alone
+    may be another receiver's)."""
+    return "dicom node listening" in rx.log_path.read_text(errors="replace") if rx.log_path.exists() else False
+
+
 def run_bare_scp(paths: list[Path], associations: int, work: Path) -> tuple[float, float]:
     """The library's ceiling: the node's own pynetdicom AE (same presentation contexts, access
     hooks, TCP_NODELAY, log settings) whose C-STORE handler only takes the dataset's bytes and
@@ -198,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="default: a temporary directory")
     ap.add_argument("--compare-fsync", action="store_true",
                     help="also run the node with fsync off (separates disk latency from software cost)")
+    ap.add_argument("--receivers", type=int, default=1,
+                    help="also run N 'triage receiver' processes sharing the port (dicom_reuse_port)")
     ap.add_argument("--ceiling", action="store_true",
                     help="also run the node's pynetdicom AE with a C-STORE handler that stores nothing: the "
                          "fastest any receiver built on pynetdicom can be here (ratios in its row are its own)")
@@ -223,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             node: list[tuple[float, float]] = []
             nosync: list[tuple[float, float]] = []
             bare: list[tuple[float, float]] = []
+            multi: list[tuple[float, float]] = []
             for run in range(args.repeat):  # interleaved, so all see the same machine load
                 ref.append(run_storescp(paths, associations, work))
                 durable.append(run_storescp(paths, associations, work, durable=True))
@@ -232,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     nosync.append(run_node(paths, associations, work, args.database_url, run, fsync=False))
                 if args.ceiling:
                     bare.append(run_bare_scp(paths, associations, work))
+                if args.receivers > 1:
+                    multi.append(run_receivers(paths, associations, work, args.database_url, args.receivers))
             refs = (med(ref)[0], med(orth)[0], med(durable)[0])
             rows.append((associations, "DCMTK storescp (no fsync)", *med(ref), None))
             rows.append((associations, "DCMTK storescp (durable: sync per file)", *med(durable), None))
@@ -239,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((associations, "node (fsync on)", *med(node), refs))
             if nosync:
                 rows.append((associations, "node (fsync off)", *med(nosync), refs))
+            if multi:
+                rows.append((associations, f"node, {args.receivers} receiver processes on one port", *med(multi), refs))
             if bare:
                 rows.append((associations, "pynetdicom SCP storing nothing (the library's ceiling)", *med(bare), refs))
         db = "PostgreSQL" if args.database_url and "postgres" in args.database_url else "SQLite"
