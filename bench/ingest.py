@@ -21,7 +21,13 @@ receiving process during the send: storescp's and Orthanc's from /proc, the node
 process, which runs only the node meanwhile. Prints a Markdown table with the node's ratios to
 Orthanc and to the durable storescp (images/s).
 
+Optional rows: ``--receivers N`` runs N real ``triage receiver`` processes sharing the port
+(``dicom_reuse_port``; their CPU summed); ``--ceiling`` runs the node's own pynetdicom AE with a
+C-STORE handler that stores nothing (no parsing, file, fsync or database): the fastest any receiver
+built on pynetdicom can be on this machine; ``--compare-fsync`` the node with fsync off.
+
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeat 3] [--database-url URL]
+        [--receivers 2] [--ceiling] [--compare-fsync]
 """
 
 from __future__ import annotations
