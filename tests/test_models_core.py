@@ -22,7 +22,7 @@ from triage.models import metrics
 from triage.models.bundle import BundleError, read_manifest, save_bundle
 from triage.models.data import Source, Study, cached_studies
 from triage.models.gradcam import gradcam_maps
-from triage.models.inference import abc2_ml, decide, exam_scores, load_bundle, run_networks
+from triage.models.inference import abc2_ml, decide, exam_scores, load_bundle, run_networks, slice_scores
 from triage.models.network import ICHNet, SequenceHead
 from triage.models.preprocess import (
     PreprocessConfig,
@@ -279,6 +279,10 @@ def test_exam_score_rules() -> None:
     per = exam_scores(sp, sm, {"any": "mean", "intraparenchymal": "max"})
     assert per.tolist() == pytest.approx([0.8, 0.2, 0.9, 0, 0, 0])
     assert exam_scores(sp, sm, {"intraparenchymal": "sequence_max"})[2] == pytest.approx(0.6)
+    # per-slice scores under each rule: their maximum is the exam score (one threshold for both)
+    for rule in ("sequence_max", "segmentation_max", "max", {"any": "segmentation_max"}):
+        assert slice_scores(sp, sm, rule).max(axis=0).tolist() == pytest.approx(exam_scores(sp, sm, rule).tolist())
+    assert slice_scores(sp, sm, "segmentation_max")[:, 0].tolist() == pytest.approx([0.9, 0.2])
     with pytest.raises(ValueError):
         exam_scores(sp, sm, "median")
     with pytest.raises(ValueError, match="unknown labels"):

@@ -161,6 +161,22 @@ def exam_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: ExamRule) ->
     return np.array([by_rule[rules[lab]][i] for i, lab in enumerate(LABELS)], dtype=np.float32)
 
 
+def slice_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: ExamRule) -> np.ndarray:
+    """(Z, 6) per-slice scores under the exam rule(s): the slice probabilities for
+    ``sequence_max``, the segmentation's per-slice maximum ("any" = its largest subtype) for
+    ``segmentation_max``, the larger of the two for ``max`` and their average for ``mean``. For every
+    rule but ``mean`` the exam score (:func:`exam_scores`) is their maximum over slices, so a slice
+    and its exam are judged by one threshold (key slices, slice-level evaluation)."""
+    rules = exam_rules(rule)
+    seg6 = (np.concatenate([seg_max.max(axis=1, keepdims=True), seg_max], axis=1) if seg_max.size
+            else np.zeros_like(slice_probs))
+    by_rule = {"sequence_max": slice_probs, "segmentation_max": seg6, "mean": (slice_probs + seg6) / 2.0,
+               "max": np.maximum(slice_probs, seg6)}
+    if not len(slice_probs):
+        return np.zeros((0, len(LABELS)), np.float32)
+    return np.stack([by_rule[rules[lab]][:, i] for i, lab in enumerate(LABELS)], axis=1).astype(np.float32)
+
+
 def decide(exam: dict[str, float], thresholds: dict[str, float]) -> dict[str, bool]:
     """Present flags. Subtypes are reported only on an "any"-positive exam; a positive exam whose
     subtypes all fall under their thresholds reports its most probable subtype, so every positive
@@ -360,8 +376,9 @@ class Bundle:
                 out["seg_max"][unread] = 0.0
             if keep is not None:
                 keep["unread_slices"] = unread
-        slice_probs = out["slice_probs"]
-        probs = exam_scores(slice_probs, out["seg_max"], self.exam_rule)
+        # per slice, the score the exam rule takes its maximum of (not always the slice network's)
+        slice_probs = slice_scores(out["slice_probs"], out["seg_max"], self.exam_rule)
+        probs = exam_scores(out["slice_probs"], out["seg_max"], self.exam_rule)
         exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
         present = decide(exam, self.thresholds)
         domain = self.domain.assess(prep.windows, prep.brain_small) if self.domain is not None else None

@@ -35,7 +35,7 @@ import torch
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
 from triage.models.bundle import save_bundle
-from triage.models.inference import resolve_device, run_networks
+from triage.models.inference import resolve_device, run_networks, slice_scores
 from triage.models.metrics import roc_auc
 from triage.models.mixed import (
     GridExam,
@@ -129,18 +129,11 @@ SLICE_RULES = ("sequence_max", "segmentation_max", "max")
 
 
 def rule_slice_scores(out: dict[str, np.ndarray], rule: str) -> np.ndarray:
-    """(Z, 6) slice scores under ``rule``: the slice network's probabilities, the segmentation's
-    per-slice maximum (its "any" = the largest subtype), or the larger of the two."""
-    seq = out["slice_probs"]
-    seg = out["seg_max"]
-    seg6 = np.concatenate([seg.max(axis=1, keepdims=True), seg], axis=1) if len(seg) else np.zeros_like(seq)
-    if rule == "sequence_max":
-        return seq
-    if rule == "segmentation_max":
-        return seg6
-    if rule == "max":
-        return np.maximum(seq, seg6)
-    raise ValueError(f"rule {rule!r} is not one of {SLICE_RULES}")
+    """(Z, 6) slice scores under ``rule``, as the node computes them
+    (:func:`~triage.models.inference.slice_scores`)."""
+    if rule not in SLICE_RULES:
+        raise ValueError(f"rule {rule!r} is not one of {SLICE_RULES}")
+    return slice_scores(out["slice_probs"], out["seg_max"], rule)
 
 
 def slice_table(exams: list[GridExam], outs: list[dict[str, np.ndarray]], rule: str = "sequence_max"

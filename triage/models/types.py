@@ -23,7 +23,8 @@ class Prediction:
     """Outputs for one series, in the geometry of the input :class:`~triage.imaging.volume.Volume`.
 
     ``exam_probs`` / ``thresholds`` / ``present``: per label (see :mod:`triage.labels`).
-    ``slice_probs``: (Z, 6) float32, label order of ``LABELS``.
+    ``slice_probs``: (Z, 6) float32, label order of ``LABELS``: each slice's score under the bundle's
+    exam rule (its maximum over slices is the exam score; :func:`triage.models.inference.slice_scores`).
     ``masks``: subtype -> bool (Z, Y, X), same shape as the volume (empty subtypes may be absent).
     ``volumes_ml``: per subtype and "any" (total, union of subtypes).
     ``abc2_ml``: ABC/2 estimate per subtype and "any".
