@@ -165,23 +165,33 @@ def threshold_for(scores: np.ndarray, truth: np.ndarray, sensitivity: float) -> 
     return math.floor(pick_threshold(scores, truth, sensitivity) * 1e4) / 1e4
 
 
-def choose_rule(exams: list[GridExam], outs: list[dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:
-    """The slice rule with the best "any" AUC on real validation slices (then on validation exams);
-    ties go to the slice network's own probabilities."""
+def choose_rule(exams: list[GridExam], outs: list[dict[str, np.ndarray]], sensitivity: float = 0.95
+                ) -> tuple[str, dict[str, Any]]:
+    """The slice rule whose deployed operating point is best on real validation slices: the
+    specificity at the "any" threshold that keeps ``sensitivity`` (as :func:`threshold_for` sets
+    it, capped at 0.99: a score that saturates above the cap cannot use its ranking), then the
+    "any" AUC on real slices, then on validation exams; ties go to the slice network's own
+    probabilities."""
     table: dict[str, Any] = {}
     for rule in SLICE_RULES:
         probs, labels, known = slice_table(exams, outs, rule)
         real = auc_where_known(probs, labels, known, 0) if len(probs) else float("nan")
+        spec = float("nan")
+        m0 = known[:, 0] if len(probs) else np.zeros(0, bool)
+        if m0.any() and (labels[m0, 0] > 0).any() and (labels[m0, 0] == 0).any():
+            t = threshold_for(probs[m0, 0], labels[m0, 0], sensitivity)
+            spec = float(np.mean(probs[m0, 0][labels[m0, 0] == 0] < t))
         ex_scores = np.stack([rule_slice_scores(o, rule).max(axis=0) for o in outs])
         ex_truth = np.stack([e.exam_labels for e in exams])
         m = ~np.isnan(ex_truth[:, 0])
         exam = roc_auc(ex_truth[m, 0], ex_scores[m, 0]) if m.any() else float("nan")
         table[rule] = {"real_slice_auc_any": None if math.isnan(real) else round(real, 4),
+                       "real_slice_specificity_any": None if math.isnan(spec) else round(spec, 4),
                        "exam_auc_any": None if math.isnan(exam) else round(exam, 4)}
 
-    def key(r: str) -> tuple[float, float, bool]:
-        a, b = table[r]["real_slice_auc_any"], table[r]["exam_auc_any"]
-        return (-1.0 if a is None else a, -1.0 if b is None else b, r == "sequence_max")
+    def key(r: str) -> tuple[float, float, float, bool]:
+        sp, a, b = (table[r][k] for k in ("real_slice_specificity_any", "real_slice_auc_any", "exam_auc_any"))
+        return (-1.0 if sp is None else sp, -1.0 if a is None else a, -1.0 if b is None else b, r == "sequence_max")
 
     return max(SLICE_RULES, key=key), table
 
@@ -377,7 +387,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     summary: dict[str, Any] = {}
     if val:
         outs = exam_outputs(net, seq, val, cfg)
-        rule, rules = choose_rule(val, outs)
+        rule, rules = choose_rule(val, outs, sensitivity)
         selection = choose_thresholds(val, outs, sensitivity, rule)
         selection["rules"] = rules
         summary = validation_summary(val, outs)
@@ -477,7 +487,7 @@ def tune(args: argparse.Namespace, settings: Any) -> int:
     if manifest.get("hu_confirmation"):
         write_manifest(path, manifest)  # the bundle the node will run: with this augmentation
         outs = with_hu_confirmation(path, args.val, val, outs)
-    rule, rules = choose_rule(val, outs)
+    rule, rules = choose_rule(val, outs, float(args.sensitivity))
     selection = choose_thresholds(val, outs, float(args.sensitivity), rule)
     manifest["exam_score"] = rule
     manifest["thresholds"] = selection["thresholds"]
