@@ -91,6 +91,12 @@ def test_order_follows_position_not_instance_number_or_name(tmp_path: Path) -> N
     z = vol.positions @ np.array([0, 0, 1.0])
     assert np.all(np.diff(z) > 0)
     assert [int(h.InstanceNumber) for h in headers] == [99, 98, 97, 96, 95, 94]
+    assert vol.meta["instance_numbers"] == ["99", "98", "97", "96", "95", "94"], "the source's numbering, kept"
+    # the key images' legend names a slice as the viewer does: instance number, position, z
+    from reports.dicom.keyimages import slice_caption
+
+    z1 = float(vol.positions[1] @ np.asarray(vol.meta["normal"]))
+    assert slice_caption(vol, 1) == f"Im 98 (2/6), z {z1:.1f} mm"
 
 
 def test_missing_slice_and_uneven_spacing_are_recorded(tmp_path: Path) -> None:
@@ -193,6 +199,13 @@ def test_enhanced_ct_frames_become_sorted_slices(tmp_path: Path) -> None:
     assert vol.shape == (6, 64, 64)
     assert [float(v) for v in vol.hu[:, 0, 0]] == [5.0 * i for i in range(6)]  # HU = stored - 1024 = z
     assert len(headers) == 6 and vol.slice_thickness == 5.0
+    assert vol.meta["instance_numbers"] == [None] * 6, "no InstanceNumber in the source: none invented"
+    ds = dcmread(path)
+    ds.InstanceNumber = 7
+    ds.save_as(path)
+    vol, _ = load_volume([path])
+    # frames stored top to bottom: in spatial order the frame numbers run backwards
+    assert vol.meta["instance_numbers"] == [f"7 fr {i}" for i in range(6, 0, -1)]
     meta = header_from_dataset(dcmread(path, stop_before_pixels=True), True).meta
     assert meta["frames"] == 6 and len(meta["frame_ipps"]) == 6
     r = select_series(make_settings(tmp_path, selection_min_slices=4), [meta], [ENHANCED_CT_IMAGE_STORAGE])

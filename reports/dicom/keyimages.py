@@ -83,11 +83,24 @@ def _select(prediction: Prediction, n_slices: int) -> list[tuple[str, int]]:
     return picks[:MAX_IMAGES]
 
 
-def _legend_lines(prediction: Prediction, label: str, k: int, n: int) -> list[tuple[str, tuple[int, int, int]]]:
+def slice_caption(volume: Volume, k: int) -> str:
+    """Where slice ``k`` is, in the source's numbering as the viewer shows it:
+    ``Im 124 (17/40), z 85.0 mm`` (``slice 17/40`` when the source gave no InstanceNumber)."""
+    n = volume.shape[0]
+    numbers = volume.meta.get("instance_numbers") or []
+    number = numbers[k] if k < len(numbers) else None
+    text = f"Im {number} ({k + 1}/{n})" if number is not None else f"slice {k + 1}/{n}"
+    normal = volume.meta.get("normal")
+    if normal is not None and k < len(volume.positions):
+        text += f", z {float(np.dot(np.asarray(normal, float), volume.positions[k])):.1f} mm"
+    return text
+
+
+def _legend_lines(prediction: Prediction, label: str, where: str) -> list[tuple[str, tuple[int, int, int]]]:
     white = (255, 255, 255)
     lines: list[tuple[str, tuple[int, int, int]]] = []
     if prediction.positive:
-        lines.append((f"ICH AI: POSITIVE - key image for {SHORT[label]} - slice {k + 1}/{n}", (255, 90, 90)))
+        lines.append((f"ICH AI: POSITIVE - key image for {SHORT[label]} - {where}", (255, 90, 90)))
         for s in SUBTYPES:
             if prediction.present.get(s, False):
                 p = prediction.exam_probs.get(s, 0.0)
@@ -98,7 +111,7 @@ def _legend_lines(prediction: Prediction, label: str, k: int, n: int) -> list[tu
     else:
         p = prediction.exam_probs.get("any", 0.0)
         lines.append(("ICH AI: NEGATIVE - no hemorrhage above threshold", (120, 220, 120)))
-        lines.append((f"Most suspicious slice {k + 1}/{n}  (ICH p={p:.2f})", white))
+        lines.append((f"Most suspicious slice: {where}  (ICH p={p:.2f})", white))
     if prediction.out_of_domain:
         lines.append(("OUT OF DOMAIN: unlike the training studies - do not rely on it", (255, 160, 0)))
     lines.append((NOT_FOR_DIAGNOSIS + " - triage aid only", (255, 220, 0)))
@@ -106,7 +119,6 @@ def _legend_lines(prediction: Prediction, label: str, k: int, n: int) -> list[tu
 
 
 def _render(volume: Volume, prediction: Prediction, label: str, k: int) -> KeyImage:
-    n = volume.shape[0]
     gray = window(volume.hu[k])
     f = _scale(gray.shape)
     plain = np.repeat(_up(gray, f, Image.Resampling.BILINEAR)[..., None], 3, axis=2)
@@ -127,7 +139,7 @@ def _render(volume: Volume, prediction: Prediction, label: str, k: int) -> KeyIm
         edge = mk & ~ndimage.binary_erosion(mk, iterations=max(2, f // 2))
         over[edge] = COLORS[s]
     over8 = np.clip(over + 0.5, 0, 255).astype(np.uint8)
-    lines = _legend_lines(prediction, label, k, n)
+    lines = _legend_lines(prediction, label, slice_caption(volume, k))
     font = _font(max(FONT_PX, plain.shape[1] // 32))
     line_h = int(font.size * 1.35) if hasattr(font, "size") else 22
     panel = Image.new("RGB", (plain.shape[1], line_h * len(lines) + 12), (0, 0, 0))

@@ -79,6 +79,19 @@ def _slices_of(ds: Dataset, path: str) -> list[dict[str, Any]]:
     return out
 
 
+def _instance_number(sl: dict[str, Any]) -> str | None:
+    """``InstanceNumber`` of a slice's source instance (``5 fr 3`` for frame 3 of a multi-frame
+    one), None when it has none."""
+    value = sl["header"].get("InstanceNumber")
+    if value in (None, ""):
+        return None
+    try:
+        text = str(int(value))
+    except (TypeError, ValueError):
+        return None
+    return f"{text} fr {sl['frame'] + 1}" if sl.get("frames", 1) > 1 else text
+
+
 def _read_header(p: str | os.PathLike[str]) -> Dataset:
     """The dataset with its pixel data left on disk (read on demand by ``pixel_array``)."""
     name = os.path.basename(str(p))
@@ -204,6 +217,8 @@ def load_volume(paths: Sequence[str | os.PathLike[str]],
         "missing_slices": stats["missing"],
         "slices": len(kept),
         "normal": [round(float(v), 6) for v in normal],
+        # the source's numbering of each kept slice, for captions a reader can find in the PACS
+        "instance_numbers": [_instance_number(s) for s in kept],
     }
     if slab > 1:
         meta["slab"] = {"slices_per_slab": slab, "source_slices": n_source, "max_slices": max_slices}
