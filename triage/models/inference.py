@@ -155,10 +155,16 @@ def exam_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: ExamRule) ->
     rules = exam_rules(rule)
     seq = slice_probs.max(axis=0) if len(slice_probs) else np.zeros(6, np.float32)
     segm = seg_max.max(axis=0) if len(seg_max) else np.zeros(5, np.float32)
-    seg6 = np.concatenate([[segm.max() if segm.size else 0.0], segm]).astype(np.float32)
-    by_rule = {"sequence_max": seq, "segmentation_max": seg6, "mean": (seq + seg6) / 2.0,
-               "max": np.maximum(seq, seg6)}
+    by_rule = _by_rule(seq, segm)
     return np.array([by_rule[rules[lab]][i] for i, lab in enumerate(LABELS)], dtype=np.float32)
+
+
+def _by_rule(seq: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores (..., 6) of each rule from slice probabilities (..., 6) and segmentation maxima
+    (..., 5), whose "any" is their largest subtype: for one exam (maxima over slices) or per slice."""
+    seg6 = np.concatenate([seg.max(axis=-1, keepdims=True), seg], axis=-1).astype(np.float32)
+    return {"sequence_max": seq, "segmentation_max": seg6, "mean": (seq + seg6) / 2.0,
+            "max": np.maximum(seq, seg6)}
 
 
 def slice_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: ExamRule) -> np.ndarray:
@@ -168,12 +174,10 @@ def slice_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: ExamRule) -
     rule but ``mean`` the exam score (:func:`exam_scores`) is their maximum over slices, so a slice
     and its exam are judged by one threshold (key slices, slice-level evaluation)."""
     rules = exam_rules(rule)
-    seg6 = (np.concatenate([seg_max.max(axis=1, keepdims=True), seg_max], axis=1) if seg_max.size
-            else np.zeros_like(slice_probs))
-    by_rule = {"sequence_max": slice_probs, "segmentation_max": seg6, "mean": (slice_probs + seg6) / 2.0,
-               "max": np.maximum(slice_probs, seg6)}
     if not len(slice_probs):
         return np.zeros((0, len(LABELS)), np.float32)
+    seg = seg_max if seg_max.size else np.zeros((len(slice_probs), 5), np.float32)
+    by_rule = _by_rule(slice_probs, seg)
     return np.stack([by_rule[rules[lab]][:, i] for i, lab in enumerate(LABELS)], axis=1).astype(np.float32)
 
 

@@ -405,10 +405,8 @@ class MixedSampler:
                 i, z = self._pick(kind)
             ex, s = self.exams[i], self.exams[i].slices[z]
             if erased is not None:
-                wins = ex.windows.copy()
-                wins[z] = erased
-                x = key_slice_input(wins, 1, [z])[0]
-                x[1:] = x[:1]  # neighbours may show the same bleed: the erased slice stands for them
+                # alone, the erased slice is its own neighbour (the real ones may show the same bleed)
+                x = key_slice_input(erased[None], 1, [0])[0]
                 s = GridSlice(np.zeros(len(LABELS), np.float32), np.ones(len(LABELS), bool), seg_known=True)
             else:
                 x = key_slice_input(ex.windows, 1, [z])[0]
