@@ -127,6 +127,55 @@ def test_intracranial_mask_seals_a_skull_base_ring_with_wide_gaps() -> None:
     assert not m[:, 0, :].any() and not (m & (vol > 250)).any()
 
 
+def _craniectomy_head(n: int = 256, ps: float = 0.8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One slice: scalp (40 HU), skull (1000 HU), brain (32 HU) with a 70 HU bleed under a missing
+    110-degree bone flap (the brain bulges into the defect under the scalp). Returns (hu, brain, bleed)."""
+    yy, xx = (np.mgrid[0:n, 0:n] - n / 2) * ps
+    r, ang = np.hypot(yy, xx), np.degrees(np.arctan2(yy, xx))
+    flap = np.abs(ang) < 55  # the missing flap, on the +x side
+    hu = np.full((n, n), -1000.0, np.float32)
+    hu[r < 86] = 40.0  # scalp
+    hu[(r >= 72) & (r < 80) & ~flap] = 1000.0
+    brain = (r < 72) | (flap & (r < 79))
+    hu[brain] = 32.0
+    bleed = (np.hypot(yy, xx - 60) < 12) & brain
+    hu[bleed] = 70.0
+    return hu, brain, bleed
+
+
+def test_intracranial_mask_takes_the_skull_hull_where_a_flap_is_missing() -> None:
+    """A craniectomy opens the bone ring over more than any closing seals: the slice's cavity came
+    out empty (13 of 72 real masked post-operative slices), the slice counted as a cap and its bleed
+    was never read. The open-skull fallback keeps the brain and the bleed under the defect."""
+    hu, brain, bleed = _craniectomy_head()
+    vol = np.stack([hu] * 3)
+    m = intracranial_mask(vol, (0.8, 0.8))
+    assert m[1][bleed].mean() > 0.95, "the bleed under the missing flap is inside"
+    assert m[1][brain].mean() > 0.85
+    assert not (m & (vol > 250)).any() and not m[:, 0, :].any()
+    ring = np.hypot(*(np.mgrid[0:256, 0:256] - 128) * 0.8)
+    assert not m[1][ring >= 84].any(), "the scalp's outer layer stays out"
+
+
+def test_open_skull_fallback_refuses_a_skull_base_slice() -> None:
+    """A slice whose skull hull is mostly air, bone and soft tissue of the face (a skull base) is not
+    opened: its intracranial space stays what the seals find."""
+    from triage.models.preprocess import open_skull_cavity
+
+    n, ps = 256, 0.8
+    yy, xx = (np.mgrid[0:n, 0:n] - n / 2) * ps
+    r = np.hypot(yy, xx)
+    hu = np.full((n, n), -1000.0, np.float32)
+    hu[r < 80] = 40.0
+    rng = np.random.default_rng(0)
+    hu[(r < 76) & (rng.random((n, n)) < 0.35)] = 1000.0  # petrous bone and sinus walls everywhere
+    hu[(r < 76) & (rng.random((n, n)) < 0.35)] = -800.0  # air cells
+    hu[(r >= 72) & (r < 78) & (np.degrees(np.arctan2(yy, xx)) > 0)] = 1000.0
+    assert open_skull_cavity(hu, ps) is None
+    craniectomy, _, _ = _craniectomy_head()
+    assert open_skull_cavity(craniectomy, ps) is not None
+
+
 def test_prepare_shapes_and_channels() -> None:
     s = toy_study(3)
     p = prepare(s.hu, s.pixel_spacing, SMALL)
@@ -218,7 +267,7 @@ def test_predict_fills_every_field_in_volume_geometry(tiny_bundle: Path) -> None
     assert pred.slice_probs.shape == (Z, 6) and pred.slice_probs.dtype == np.float32
     assert pred.positive
     for sub, m in pred.masks.items():
-        assert sub in SUBTYPES and m.shape == study.hu.shape and m.dtype == bool
+        assert sub in SUBTYPES and m.shape == study.hu.shape and m.dtype == bool  # every subtype called: no "any" rest
         assert not (m & ~pred.brain_mask).any()
     assert set(pred.volumes_ml) == set(SUBTYPES) | {"any"} and set(pred.abc2_ml) == set(SUBTYPES) | {"any"}
     vox = toy_volume(study).voxel_volume_ml
@@ -230,6 +279,30 @@ def test_predict_fills_every_field_in_volume_geometry(tiny_bundle: Path) -> None
     assert pred.bundle == b.identity
     for lab, zs in pred.key_slices.items():
         assert pred.present[lab] and zs and all(0 <= z < Z for z in zs)
+
+
+def test_blood_under_an_uncalled_subtype_is_kept_as_any(tiny_bundle: Path) -> None:
+    """A positive exam's blood that the network segments under a subtype that is not called is
+    ``masks["any"]`` (the total counts it, the SEG gets an "Intracranial hemorrhage" segment); it
+    was dropped before, so a called haematoma could report a fraction of the blood seen."""
+    b = load_bundle(tiny_bundle, device="cpu")
+    study = toy_study(7)
+    keep: dict = {}
+    b.predict(toy_volume(study), gradcam=False, keep=keep)
+    prep, logits = keep["prep"], np.full_like(keep["outputs"]["seg_logits"], -10.0)
+    z, h = Z // 2, logits.shape[-1]
+    iph, ivh = SUBTYPES.index("intraparenchymal"), SUBTYPES.index("intraventricular")
+    logits[z, iph, h // 2 - 4 : h // 2, h // 2 - 4 : h // 2 + 4] = 10.0
+    logits[z, ivh, h // 2 : h // 2 + 4, h // 2 - 4 : h // 2 + 4] = 10.0
+    called = dict.fromkeys(LABELS, False) | {"any": True, "intraparenchymal": True}
+    masks = b.build_masks(study.hu, prep, logits, called, refine_hu=False)
+    assert set(masks) == {"intraparenchymal", "any"}
+    assert masks["intraparenchymal"][z].any() and masks["any"][z].any()
+    assert not (masks["any"] & masks["intraparenchymal"]).any()
+    assert not masks["any"][np.arange(Z) != z].any()
+    every = dict.fromkeys(LABELS, True)
+    assert "any" not in b.build_masks(study.hu, prep, logits, every, refine_hu=False)
+    assert b.build_masks(study.hu, prep, logits, dict.fromkeys(LABELS, False), refine_hu=False) == {}
 
 
 def test_thresholds_applied_and_overridden(tiny_bundle: Path) -> None:

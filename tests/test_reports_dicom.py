@@ -124,6 +124,31 @@ def test_seg_segments_coded_and_identified(case: dict) -> None:
         assert any(IDENTITY.sha256 in str(v) for v in algo.get("AlgorithmParameters", "").split(","))
 
 
+def test_blood_of_no_called_subtype_gets_its_own_segment(tmp_path: Path) -> None:
+    """A ``masks["any"]`` (blood under no called subtype) is the "Intracranial hemorrhage" segment,
+    first in label order, and the SR's "any" group references it; the object stays valid."""
+    sources, volume = make_series(n_slices=8, size=96, with_pixels=False, seed="rest")
+    pred = make_prediction(volume, subtypes=("intraparenchymal",))
+    rest = np.zeros(volume.shape, bool)
+    rest[3, 10:20, 10:20] = True
+    rest &= ~pred.masks["intraparenchymal"]
+    pred.masks["any"] = rest
+    assert present_segments(pred) == ["any", "intraparenchymal"]
+    seg = build_seg(sources, pred, IDENTITY)
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == [DISPLAY["any"], DISPLAY["intraparenchymal"]]
+    seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    assert_valid(tmp_path / "seg.dcm")
+    sr = build_sr(sources, pred, IDENTITY, seg)
+    report = hd.sr.MeasurementReport.from_sequence([sr])
+    refs = [g.finding_type for g in report.get_volumetric_roi_measurement_groups()]
+    assert refs == [rc.FINDING["any"], rc.FINDING["intraparenchymal"]]
+    back = hd.seg.segread(tmp_path / "seg.dcm")
+    arr = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(s.SOPInstanceUID) for s in sources], segment_numbers=[1],
+        ignore_spatial_locations=True)
+    np.testing.assert_array_equal(arr[..., 0].astype(bool), rest)
+
+
 def test_seg_frames_carry_source_plane_positions(case: dict) -> None:
     """Per-frame positions come from the (possibly tilted) source slices, frame by frame."""
     seg = case["seg"]

@@ -131,7 +131,7 @@ def _render(volume: Volume, prediction: Prediction, label: str, k: int) -> KeyIm
         rgb = colormaps["inferno"](h)[..., :3] * 255.0
         a = np.where(h >= HEAT_MIN, HEAT_ALPHA * h, 0.0)[..., None]
         over = over * (1 - a) + rgb * a
-    for s in SUBTYPES:
+    for s in (*SUBTYPES, "any"):
         m = prediction.masks.get(s)
         if m is None or m.shape != volume.shape or not m[k].any():
             continue

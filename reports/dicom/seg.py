@@ -27,18 +27,19 @@ from reports.dicom.common import (
     with_type2,
 )
 from reports.dicom.uids import object_uid, source_key
-from triage.labels import DISPLAY, SHORT, SUBTYPES
+from triage.labels import DISPLAY, LABELS, SHORT
 from triage.models.types import BundleIdentity, Prediction
 
 
 def present_segments(prediction: Prediction) -> list[str]:
-    """Subtypes that get a segment (mask given and non-empty), in label order.
+    """Labels that get a segment (mask given and non-empty), in label order: "any" (blood segmented on
+    a positive exam under no subtype that was called; see ``Bundle.build_masks``), then the subtypes.
 
     Segment number ``i + 1`` belongs to ``present_segments(prediction)[i]``; the SR uses the same
     rule to reference segments.
     """
     out = []
-    for label in SUBTYPES:
+    for label in LABELS:
         mask = prediction.masks.get(label)
         if mask is not None and bool(np.any(mask)):
             out.append(label)
@@ -101,7 +102,7 @@ def _segment_array(masks: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def build_seg(sources: Sequence[Dataset], prediction: Prediction, identity: BundleIdentity) -> Dataset | None:
-    """A BINARY SEG of the subtypes present, or ``None`` when no mask has a voxel.
+    """A BINARY SEG of the subtypes present (and of blood of no called subtype), or ``None`` when no mask has a voxel.
 
     ``sources``: the series' headers in Volume slice order (pixels not needed).
     """

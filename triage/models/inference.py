@@ -324,33 +324,46 @@ class Bundle:
                     refine_hu: bool) -> dict[str, np.ndarray]:
         """Full-resolution masks of the present subtypes: up-sampled probability >= 0.5 inside the
         intracranial mask and, with ``refine_hu``, within the acute-blood HU range (specks < 3 voxels
-        that the HU gate leaves behind are dropped)."""
-        # Only slices with a U-Net-grid logit >= 0 (probability 0.5) can hold a voxel (bilinear
-        # up-sampling never exceeds its inputs; the margin covers rounding), and components are
-        # labelled in the bounding box of the mask: the same masks as working on the whole volume,
-        # at a fraction of it.
+        that the HU gate leaves behind are dropped).
+
+        On an exam called positive, blood the network segments under a subtype that is not called
+        (the same rule on the largest of those channels) and no called subtype's mask holds is
+        ``masks["any"]``: the reported total is all the blood it sees, not only the called subtypes'
+        (a haematoma called intraparenchymal whose ventricular extension did not reach its own
+        threshold keeps that part)."""
         masks: dict[str, np.ndarray] = {}
-        lo, hi = self.cfg.blood_hu
-        z, c = seg_logits.shape[:2]
-        peaks = seg_logits.reshape(z, c, -1).max(axis=2) if z else None
         for k, sub in enumerate(SUBTYPES):
-            if not present.get(sub):
-                continue
-            m = np.zeros(prep.shape, bool)
-            zs = np.flatnonzero(peaks[:, k] >= -1e-3) if peaks is not None else np.zeros(0, int)
-            if zs.size:
-                fine = seg_probs_on_input_grid(seg_logits[zs, k], prep.brain_small[zs])
-                up = from_network_grid(fine, prep.box, (len(zs),) + tuple(prep.shape[1:]))
-                m[zs] = (up >= 0.5) & prep.brain_mask[zs]
-            if refine_hu and m.any():
-                box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(m))
-                sub_m = m[box] & (hu[box] >= lo) & (hu[box] <= hi)
-                lab, n = ndimage.label(sub_m)
-                if n:
-                    sub_m &= (np.bincount(lab.ravel()) >= 3)[lab]
-                m[box] = sub_m
-            masks[sub] = m
+            if present.get(sub):
+                masks[sub] = self._mask(hu, prep, seg_logits[:, k], refine_hu)
+        others = [k for k, sub in enumerate(SUBTYPES) if not present.get(sub)]
+        if present.get("any") and others and len(seg_logits):
+            rest = self._mask(hu, prep, seg_logits[:, others].max(axis=1), refine_hu)
+            for m in masks.values():
+                rest &= ~m
+            if rest.any():
+                masks["any"] = rest
         return masks
+
+    def _mask(self, hu: np.ndarray, prep: Prepared, logits: np.ndarray, refine_hu: bool) -> np.ndarray:
+        """One channel's (Z, h, w) U-Net-grid logits -> its full-resolution mask (see build_masks)."""
+        # Only slices with a logit >= 0 (probability 0.5) can hold a voxel (bilinear up-sampling never
+        # exceeds its inputs; the margin covers rounding), and components are labelled in the bounding
+        # box of the mask: the same mask as working on the whole volume, at a fraction of it.
+        lo, hi = self.cfg.blood_hu
+        m = np.zeros(prep.shape, bool)
+        zs = np.flatnonzero(logits.reshape(len(logits), -1).max(axis=1) >= -1e-3)
+        if zs.size:
+            fine = seg_probs_on_input_grid(logits[zs], prep.brain_small[zs])
+            up = from_network_grid(fine, prep.box, (len(zs),) + tuple(prep.shape[1:]))
+            m[zs] = (up >= 0.5) & prep.brain_mask[zs]
+        if refine_hu and m.any():
+            box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(m))
+            sub_m = m[box] & (hu[box] >= lo) & (hu[box] <= hi)
+            lab, n = ndimage.label(sub_m)
+            if n:
+                sub_m &= (np.bincount(lab.ravel()) >= 3)[lab]
+            m[box] = sub_m
+        return m
 
     def predict(self, volume: Volume, gradcam: bool = True, keep: dict[str, Any] | None = None,
                 hu_known: bool = True) -> Prediction:

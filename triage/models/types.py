@@ -25,8 +25,9 @@ class Prediction:
     ``exam_probs`` / ``thresholds`` / ``present``: per label (see :mod:`triage.labels`).
     ``slice_probs``: (Z, 6) float32, label order of ``LABELS``: each slice's score under the bundle's
     exam rule (its maximum over slices is the exam score; :func:`triage.models.inference.slice_scores`).
-    ``masks``: subtype -> bool (Z, Y, X), same shape as the volume (empty subtypes may be absent).
-    ``volumes_ml``: per subtype and "any" (total, union of subtypes).
+    ``masks``: subtype -> bool (Z, Y, X), same shape as the volume (empty subtypes may be absent);
+    "any": blood of a positive exam under no called subtype (absent when there is none).
+    ``volumes_ml``: per subtype and "any" (total: the union of every mask).
     ``abc2_ml``: ABC/2 estimate per subtype and "any".
     ``heatmaps``: label -> float32 (Z, Y, X) in [0, 1], zero outside the intracranial space;
     only for positive labels (may be empty for negative exams).
