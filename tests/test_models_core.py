@@ -305,6 +305,29 @@ def test_blood_under_an_uncalled_subtype_is_kept_as_any(tiny_bundle: Path) -> No
     assert b.build_masks(study.hu, prep, logits, dict.fromkeys(LABELS, False), refine_hu=False) == {}
 
 
+def test_grow_into_blood_fills_the_bleed_and_stops_at_its_reach() -> None:
+    """A seed inside a 70 HU bleed grows to the whole bleed (not into 32 HU brain); dense tissue
+    beyond the reach (a dural sinus 20 mm away) and outside the brain stays out."""
+    from triage.models.inference import grow_into_blood
+
+    n, px = 128, 0.5
+    yy, xx = np.mgrid[0:n, 0:n]
+    hu = np.full((1, n, n), 32.0, np.float32)
+    bleed = np.hypot(yy - 64, xx - 50) < 10
+    sinus = np.hypot(yy - 64, xx - 100) < 6  # 40 px = 20 mm from the bleed's edge... and dense
+    hu[0][bleed | sinus] = 70.0
+    brain = np.ones((1, n, n), bool)
+    seed = np.zeros((1, n, n), bool)
+    seed[0, 62:67, 48:53] = True
+    out = grow_into_blood(hu, brain, seed, px, 8.0, (44.0, 100.0))
+    assert out[0][bleed].mean() > 0.95 and not out[0][~bleed].any()
+    outside = brain.copy()
+    outside[0, :, :50] = False  # half the bleed lies outside the intracranial space
+    part = grow_into_blood(hu, outside, seed, px, 8.0, (44.0, 100.0))
+    assert not part[0][:, :48].any() and part[0][bleed & outside[0]].mean() > 0.9
+    assert (grow_into_blood(hu, brain, seed, px, 1.0, (44.0, 100.0)).sum() < out.sum()), "the reach limits"
+
+
 def test_thresholds_applied_and_overridden(tiny_bundle: Path) -> None:
     vol = toy_volume(toy_study(9))
     hi = load_bundle(tiny_bundle, device="cpu", thresholds_override=dict.fromkeys(LABELS, 1.0)).predict(vol)

@@ -221,6 +221,32 @@ def abc2_ml(mask: np.ndarray, pixel_spacing: tuple[float, float], slice_spacing:
     return a * b * c / 2.0 / 1000.0
 
 
+def grow_into_blood(hu: np.ndarray, brain: np.ndarray, mask: np.ndarray, px_mm: float, reach_mm: float,
+                    hu_range: tuple[float, float]) -> np.ndarray:
+    """``mask`` (Z, Y, X) plus, slice by slice, the blood-dense tissue (``hu_range``, inside ``brain``,
+    opened by a 3x3 cross so single noisy pixels do not bridge) connected to it within ``reach_mm``.
+
+    The network's masks of real bleeds are too small (on real masked slices: precision 0.8-0.95,
+    recall 0.40-0.46); the HU of the bleed tell where it ends. The reach keeps a wrong seed from
+    spreading along the cortex or a dural sinus."""
+    out = mask.copy()
+    lo, hi = hu_range
+    r = max(1, int(round(reach_mm / px_mm)))
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        ys, xs = np.nonzero(mask[z])
+        y0, y1 = max(0, ys.min() - r), min(mask.shape[1], ys.max() + r + 1)
+        x0, x1 = max(0, xs.min() - r), min(mask.shape[2], xs.max() + r + 1)
+        seed = mask[z, y0:y1, x0:x1]
+        h = hu[z, y0:y1, x0:x1]
+        band = ndimage.binary_opening((h >= lo) & (h <= hi) & brain[z, y0:y1, x0:x1])
+        band &= ndimage.binary_dilation(seed, iterations=r)
+        lab, n = ndimage.label(band)
+        if n:
+            hit = np.unique(lab[seed & (lab > 0)])
+            out[z, y0:y1, x0:x1] |= np.isin(lab, hit[hit > 0])
+    return out
+
+
 def key_slices(slice_probs: np.ndarray, label_index: int, threshold: float) -> list[int]:
     order = np.argsort(-slice_probs[:, label_index], kind="stable")
     keys = [int(z) for z in order[:MAX_KEY_SLICES] if slice_probs[z, label_index] >= threshold]
@@ -321,10 +347,12 @@ class Bundle:
         return unread
 
     def build_masks(self, hu: np.ndarray, prep: Prepared, seg_logits: np.ndarray, present: dict[str, bool],
-                    refine_hu: bool) -> dict[str, np.ndarray]:
+                    refine_hu: bool, grow: bool = False) -> dict[str, np.ndarray]:
         """Full-resolution masks of the present subtypes: up-sampled probability >= 0.5 inside the
         intracranial mask and, with ``refine_hu``, within the acute-blood HU range (specks < 3 voxels
-        that the HU gate leaves behind are dropped).
+        that the HU gate leaves behind are dropped). With ``grow`` (values are HU) and a bundle whose
+        manifest asks for it (``mask_refinement.grow``), each mask takes in the blood-dense tissue
+        connected to it nearby (:func:`grow_into_blood`).
 
         On an exam called positive, blood the network segments under a subtype that is not called
         (the same rule on the largest of those channels) and no called subtype's mask holds is
@@ -334,17 +362,18 @@ class Bundle:
         masks: dict[str, np.ndarray] = {}
         for k, sub in enumerate(SUBTYPES):
             if present.get(sub):
-                masks[sub] = self._mask(hu, prep, seg_logits[:, k], refine_hu)
+                masks[sub] = self._mask(hu, prep, seg_logits[:, k], refine_hu, grow)
         others = [k for k, sub in enumerate(SUBTYPES) if not present.get(sub)]
         if present.get("any") and others and len(seg_logits):
-            rest = self._mask(hu, prep, seg_logits[:, others].max(axis=1), refine_hu)
+            rest = self._mask(hu, prep, seg_logits[:, others].max(axis=1), refine_hu, grow)
             for m in masks.values():
                 rest &= ~m
             if rest.any():
                 masks["any"] = rest
         return masks
 
-    def _mask(self, hu: np.ndarray, prep: Prepared, logits: np.ndarray, refine_hu: bool) -> np.ndarray:
+    def _mask(self, hu: np.ndarray, prep: Prepared, logits: np.ndarray, refine_hu: bool,
+              grow: bool = False) -> np.ndarray:
         """One channel's (Z, h, w) U-Net-grid logits -> its full-resolution mask (see build_masks)."""
         # Only slices with a logit >= 0 (probability 0.5) can hold a voxel (bilinear up-sampling never
         # exceeds its inputs; the margin covers rounding), and components are labelled in the bounding
@@ -363,6 +392,11 @@ class Bundle:
             if n:
                 sub_m &= (np.bincount(lab.ravel()) >= 3)[lab]
             m[box] = sub_m
+        how = self.manifest.get("mask_refinement", {}).get("grow")
+        spacing = prep.extra.get("pixel_spacing")
+        if grow and refine_hu and how and spacing is not None and m.any():
+            m = grow_into_blood(hu, prep.brain_mask, m, float(np.mean(spacing)), float(how["mm"]),
+                                (float(how["hu"][0]), float(how["hu"][1])))
         return m
 
     def predict(self, volume: Volume, gradcam: bool = True, keep: dict[str, Any] | None = None,
@@ -404,7 +438,7 @@ class Bundle:
             keep["outputs"] = out
 
         t0 = time.perf_counter()
-        masks = self.build_masks(hu, prep, out["seg_logits"], present, self.refine_hu)
+        masks = self.build_masks(hu, prep, out["seg_logits"], present, self.refine_hu, grow=hu_known)
         union = np.zeros(hu.shape, bool)
         for m in masks.values():
             union |= m

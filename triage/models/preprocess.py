@@ -344,7 +344,8 @@ def prepare_brain_window(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg
             area = brain_mask.sum(axis=(1, 2)) * float(pixel_spacing[0]) * float(pixel_spacing[1]) / 100.0
         else:
             brain_mask = head
-    return Prepared(win_u8, small_mask, brain_mask, box, tuple(hu.shape), {"intracranial_cm2": area})
+    return Prepared(win_u8, small_mask, brain_mask, box, tuple(hu.shape),
+                    {"intracranial_cm2": area, "pixel_spacing": tuple(float(v) for v in pixel_spacing)})
 
 
 def prepare(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessConfig,
