@@ -21,6 +21,8 @@ from triage.labels import LABELS
 from triage.models.bundle import read_manifest
 from triage.models.mixed import (
     MixedSampler,
+    add_box_pseudo_masks,
+    box_pseudo_mask,
     erase_blood,
     grid_exam_from_slices,
     grid_exam_from_study,
@@ -186,6 +188,36 @@ def test_erased_bleeds_become_negatives_of_the_same_slice(sets: dict[str, Path])
     assert sampler.erased == 6
     assert (b["labels"] == 0).all() and (b["label_known"] == 1).all() and (b["seg_known"] == 1).all()
     assert b["target"].sum() == 0, "an erased slice is known empty"
+
+
+def test_box_pseudo_masks_find_the_blood_inside_the_boxes(sets: dict[str, Path]) -> None:
+    """A slice labelled by a loose box gets the bright blood inside it as its pixel target (measured
+    against the phantom's own mask), the rest of the box far from it known blood-free; a box over
+    plain brain gives none."""
+    from triage.models import metrics
+
+    boxed = grid_exam_from_slices(SliceSet(sets["boxes"]).load("s00"), CFG)  # intraparenchymal
+    drawn = grid_exam_from_slices(SliceSet(sets["masks"]).load("s00"), CFG)
+    assert add_box_pseudo_masks([boxed]) > 0
+    scores = []
+    for s, t in zip(boxed.slices, drawn.slices, strict=True):
+        if s.any_blood is None:
+            continue
+        truth = t.target.max(axis=0) > 127
+        scores.append(metrics.dice(s.any_blood, truth))
+        inside = np.zeros_like(s.any_blood)
+        for y0, y1, x0, x1 in s.boxes:
+            inside[y0:y1, x0:x1] = True
+        assert not (s.any_blood & ~inside).any()
+        far = inside & ~ndimage.binary_dilation(s.any_blood, iterations=3)
+        assert s.unknown[s.any_blood].all() and not s.unknown[far].any()
+    assert scores and np.mean(scores) > 0.8, scores
+    z = next(i for i, s in enumerate(boxed.slices) if s.any_blood is not None)
+    head = boxed.head[z]
+    ys, xs = np.nonzero(head)
+    cy, cx = int(ys.mean()), int(xs.mean())
+    plain = np.where(head, 100, 0).astype(np.uint8)  # brain only: nothing brighter inside the box
+    assert box_pseudo_mask(plain, head, (cy - 6, cy + 6, cx - 6, cx + 6)) is None
 
 
 def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Path,

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--erase-share", type=float, default=0.0,
                     help="brain_window: share of each batch of real masked slices with their blood erased "
                          "(counterfactual negatives)")
+    tr.add_argument("--box-pseudo", action="store_true",
+                    help="brain_window: real slices labelled by boxes get a pseudo-mask of the bright blood "
+                         "inside each box as pixel targets (the box loss alone only marks one pixel)")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")

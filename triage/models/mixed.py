@@ -314,6 +314,82 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
     return x.clamp_(0, 1), maps
 
 
+# --- pseudo-masks inside boxes ------------------------------------------------------------------
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8-range values (64 bins)."""
+    hist, edges = np.histogram(values, bins=64, range=(0, 256))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)[:-1].astype(np.float64)
+    w1 = float(hist.sum()) - w0
+    m0 = np.cumsum(hist * centres)[:-1]
+    total = float((hist * centres).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total * w0 / hist.sum() - m0) ** 2 / (w0 * w1)
+    return float(centres[int(np.nanargmax(np.nan_to_num(between, nan=-1.0)))])
+
+
+PSEUDO_GAP = 25  # levels of the 40/80 window (~8 HU) a pseudo-mask pixel must lie above the brain around the box
+
+
+def box_pseudo_mask(win: np.ndarray, head: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray | None:
+    """Bool (S, S): the blood inside a loose box around a haematoma on a brain-window slice, or None.
+
+    Blood is the bright tissue of the box: at or above Otsu's threshold of the box's tissue and at
+    least :data:`PSEUDO_GAP` levels above the median brain of an 8-pixel ring around the box;
+    saturated pixels (bone, calcification) and 2 pixels around them, air and CSF stay out; opened,
+    pieces under a tenth of the largest dropped, holes filled. None where the box holds no such
+    tissue or is mostly bright (no contrast to find). Measured against drawn masks (boxes made from
+    them with phe-sich-like margins): Dice 0.63 on bhsd-mini, 0.60 on mbhseg25-mini."""
+    y0, y1, x0, x1 = box
+    region = win[y0:y1, x0:x1].astype(np.float32)
+    sat = ndimage.binary_dilation(win >= 250, iterations=2)[y0:y1, x0:x1]
+    valid = ~sat & head[y0:y1, x0:x1] & (region > 20)
+    if valid.sum() < 10:
+        return None
+    ring = np.zeros(win.shape, bool)
+    ring[max(0, y0 - 8) : y1 + 8, max(0, x0 - 8) : x1 + 8] = True
+    ring[y0:y1, x0:x1] = False
+    around = win[ring & head & (win > 20) & (win < 250)]
+    brain = float(np.median(around)) if around.size else float(np.median(region[valid]))
+    m = (region >= max(_otsu(region[valid]), brain + PSEUDO_GAP)) & valid
+    m = ndimage.binary_opening(m)
+    lab, n = ndimage.label(m)
+    if n == 0:
+        return None
+    sizes = ndimage.sum_labels(m, lab, index=np.arange(1, n + 1))
+    m = ndimage.binary_fill_holes(np.isin(lab, 1 + np.flatnonzero(sizes >= max(4.0, 0.1 * sizes.max()))))
+    if m.mean() > 0.8:
+        return None
+    out = np.zeros(win.shape, bool)
+    out[y0:y1, x0:x1] = m
+    return out
+
+
+def add_box_pseudo_masks(exams: list[GridExam]) -> int:
+    """Real slices labelled by boxes only get pixel targets: the pseudo-mask of each box is blood of
+    unknown subtype (``any_blood``); the box beyond 3 pixels of it is known blood-free; the 3-pixel
+    ring stays unscored. Returns the number of slices given one."""
+    given = 0
+    for ex in exams:
+        if ex.source != "real":
+            continue
+        for z, s in enumerate(ex.slices):
+            if not s.boxes or s.target is not None or s.any_blood is not None:
+                continue
+            blood = np.zeros(ex.windows.shape[-2:], bool)
+            for b in s.boxes:
+                pm = box_pseudo_mask(ex.windows[z, 0], ex.head[z], b)
+                if pm is not None:
+                    blood |= pm
+            if blood.any():
+                s.any_blood = blood
+                s.unknown = ndimage.binary_dilation(blood, iterations=3)
+                given += 1
+    return given
+
+
 # --- batches ----------------------------------------------------------------------------------
 
 

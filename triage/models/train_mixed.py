@@ -40,6 +40,7 @@ from triage.models.metrics import roc_auc
 from triage.models.mixed import (
     GridExam,
     MixedSampler,
+    add_box_pseudo_masks,
     grid_exam_from_slices,
     grid_exam_from_study,
     load_shapes,
@@ -357,6 +358,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                          "split slice sets by study (split=train / split=val with one fraction and seed)")
     shapes_dir = str(getattr(args, "shapes", "") or "")
     shapes = load_shapes(shapes_dir) if shapes_dir else []
+    box_pseudo = bool(getattr(args, "box_pseudo", False))
+    if box_pseudo:
+        log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     t_data = time.time() - t_start
     net = ICHNet(cfg.channels, WIDTHS, stem=stem)
     seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
@@ -413,6 +417,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --masked-share {masked:g}" if masked > 0 else "")
                        + (f" --phantom-share {phantom:g}" if phantom != 0.3 else "")
                        + (f" --erase-share {erase:g}" if erase > 0 else "")
+                       + (" --box-pseudo" if box_pseudo else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
             "recipe": "mixed (triage/models/train_mixed.py)",
