@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,52 +128,61 @@ def test_intracranial_mask_seals_a_skull_base_ring_with_wide_gaps() -> None:
     assert not m[:, 0, :].any() and not (m & (vol > 250)).any()
 
 
-def _craniectomy_head(n: int = 256, ps: float = 0.8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _craniectomy_head(n: int = 256, ps: float = 0.8) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One slice: scalp (40 HU), skull (1000 HU), brain (32 HU) with a 70 HU bleed under a missing
-    110-degree bone flap (the brain bulges into the defect under the scalp). Returns (hu, brain, bleed)."""
+    110-degree bone flap (the brain bulges into the defect under the scalp), and a 12 mm temporalis
+    (50 HU) outside the intact skull on the far side. Returns (hu, brain, bleed, muscle)."""
     yy, xx = (np.mgrid[0:n, 0:n] - n / 2) * ps
     r, ang = np.hypot(yy, xx), np.degrees(np.arctan2(yy, xx))
     flap = np.abs(ang) < 55  # the missing flap, on the +x side
     hu = np.full((n, n), -1000.0, np.float32)
     hu[r < 86] = 40.0  # scalp
+    muscle = (r >= 80) & (r < 92) & (np.abs(ang) > 120)
+    hu[muscle | ((r >= 86) & (r < 95) & (np.abs(ang) > 115))] = 40.0  # the scalp over it
+    hu[muscle] = 50.0
     hu[(r >= 72) & (r < 80) & ~flap] = 1000.0
     brain = (r < 72) | (flap & (r < 79))
     hu[brain] = 32.0
     bleed = (np.hypot(yy, xx - 60) < 12) & brain
     hu[bleed] = 70.0
-    return hu, brain, bleed
+    return hu, brain, bleed, muscle
 
 
 def test_intracranial_mask_takes_the_skull_hull_where_a_flap_is_missing() -> None:
     """A craniectomy opens the bone ring over more than any closing seals: the slice's cavity came
     out empty (13 of 72 real masked post-operative slices), the slice counted as a cap and its bleed
-    was never read. The open-skull fallback keeps the brain and the bleed under the defect."""
-    hu, brain, bleed = _craniectomy_head()
+    was never read. The open-skull fallback keeps the brain and the bleed under the defect, and
+    nothing outside the intact skull (a thick temporalis)."""
+    hu, brain, bleed, muscle = _craniectomy_head()
     vol = np.stack([hu] * 3)
     m = intracranial_mask(vol, (0.8, 0.8))
     assert m[1][bleed].mean() > 0.95, "the bleed under the missing flap is inside"
     assert m[1][brain].mean() > 0.85
     assert not (m & (vol > 250)).any() and not m[:, 0, :].any()
-    ring = np.hypot(*(np.mgrid[0:256, 0:256] - 128) * 0.8)
-    assert not m[1][ring >= 84].any(), "the scalp's outer layer stays out"
+    assert not m[1][muscle].any(), "the temporalis outside the intact skull stays out"
 
 
-def test_open_skull_fallback_refuses_a_skull_base_slice() -> None:
-    """A slice whose skull hull is mostly air, bone and soft tissue of the face (a skull base) is not
-    opened: its intracranial space stays what the seals find."""
+def test_open_skull_fallback_refuses_skull_base_and_neck_slices() -> None:
+    """A slice whose skull hull is mostly air, bone and soft tissue of the face (a skull base), or
+    muscle around a mandible and a vertebra (a neck), is not opened."""
     from triage.models.preprocess import open_skull_cavity
 
     n, ps = 256, 0.8
     yy, xx = (np.mgrid[0:n, 0:n] - n / 2) * ps
-    r = np.hypot(yy, xx)
+    r, ang = np.hypot(yy, xx), np.degrees(np.arctan2(yy, xx))
     hu = np.full((n, n), -1000.0, np.float32)
     hu[r < 80] = 40.0
     rng = np.random.default_rng(0)
     hu[(r < 76) & (rng.random((n, n)) < 0.35)] = 1000.0  # petrous bone and sinus walls everywhere
     hu[(r < 76) & (rng.random((n, n)) < 0.35)] = -800.0  # air cells
-    hu[(r >= 72) & (r < 78) & (np.degrees(np.arctan2(yy, xx)) > 0)] = 1000.0
+    hu[(r >= 72) & (r < 78) & (ang > 0)] = 1000.0
     assert open_skull_cavity(hu, ps) is None
-    craniectomy, _, _ = _craniectomy_head()
+    neck = np.full((n, n), -1000.0, np.float32)
+    neck[r < 90] = (52.0 + rng.normal(0, 6, (n, n)))[r < 90]  # muscle
+    neck[(r >= 75) & (r < 82) & (ang < -30) & (ang > -150)] = 1000.0  # the mandible's arc
+    neck[np.hypot(yy - 60, xx) < 12] = 1000.0  # a vertebra
+    assert open_skull_cavity(neck, ps) is None  # (its hull is large and bone-poor: its density refuses it)
+    craniectomy = _craniectomy_head()[0]
     assert open_skull_cavity(craniectomy, ps) is not None
 
 
@@ -326,6 +336,45 @@ def test_grow_into_blood_fills_the_bleed_and_stops_at_its_reach() -> None:
     part = grow_into_blood(hu, outside, seed, px, 8.0, (44.0, 100.0))
     assert not part[0][:, :48].any() and part[0][bleed & outside[0]].mean() > 0.9
     assert (grow_into_blood(hu, brain, seed, px, 1.0, (44.0, 100.0)).sum() < out.sum()), "the reach limits"
+
+
+def test_a_bundle_that_asks_for_growth_grows_its_masks_apart_and_only_on_hu(tiny_bundle: Path,
+                                                                           tmp_path: Path) -> None:
+    """``mask_refinement.grow`` in the manifest: a mask seeded on part of a 70 HU bleed takes in the
+    rest of it; two subtypes seeded side by side in one bleed stay disjoint; nothing grows where the
+    values are not HU (``grow=False``) or for a bundle that does not ask."""
+    grown_bundle = tmp_path / "grow"
+    shutil.copytree(tiny_bundle, grown_bundle)
+    manifest = json.loads((grown_bundle / "manifest.json").read_text())
+    manifest["mask_refinement"] = {**manifest.get("mask_refinement", {}), "hu_range": True,
+                                   "grow": {"mm": 8.0, "hu": [44.0, 100.0]}}
+    (grown_bundle / "manifest.json").write_text(json.dumps(manifest))
+    plain, grows = load_bundle(tiny_bundle, device="cpu"), load_bundle(grown_bundle, device="cpu")
+    study = toy_study(7)
+    bleed = study.masks["intraparenchymal"]
+    z = int(np.argmax(bleed.sum(axis=(1, 2))))
+    keep: dict = {}
+    plain.predict(toy_volume(study), gradcam=False, keep=keep)
+    prep = keep["prep"]
+    logits = np.full_like(keep["outputs"]["seg_logits"], -10.0)
+    ys, xs = np.nonzero(bleed[z])
+    cy, cx = int(ys.mean()), int(xs.mean())
+    iph, ivh = SUBTYPES.index("intraparenchymal"), SUBTYPES.index("intraventricular")
+    gy, gx = int((cy - prep.box[0]) * logits.shape[-1] / (prep.box[1] - prep.box[0])), \
+        int((cx - prep.box[2]) * logits.shape[-1] / (prep.box[3] - prep.box[2]))
+    logits[z, iph, gy - 1 : gy + 1, gx - 1 : gx] = 10.0
+    logits[z, ivh, gy - 1 : gy + 1, gx : gx + 1] = 10.0
+    called = dict.fromkeys(LABELS, False) | {"any": True, "intraparenchymal": True, "intraventricular": True}
+    before = plain.build_masks(study.hu, prep, logits, called, refine_hu=True, grow=True)
+    after = grows.build_masks(study.hu, prep, logits, called, refine_hu=True, grow=True)
+    not_hu = grows.build_masks(study.hu, prep, logits, called, refine_hu=True, grow=False)
+    seeded = before["intraparenchymal"][z] | before["intraventricular"][z]
+    assert seeded.any() and seeded.sum() < 0.6 * bleed[z].sum()
+    union = after["intraparenchymal"][z] | after["intraventricular"][z]
+    assert union[bleed[z]].mean() > 0.85 and not union[~bleed[z]].any()
+    assert not (after["intraparenchymal"] & after["intraventricular"]).any(), "grown masks stay disjoint"
+    for label in before:
+        assert np.array_equal(before[label], not_hu[label])
 
 
 def test_thresholds_applied_and_overridden(tiny_bundle: Path) -> None:

@@ -20,13 +20,14 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from reports.dicom.seg import segment_label
 from storage.models import Finding, Instance, Result, Series, Study
 from tests.node_process import NodeProcess
 from tests.peers import Orthanc, serving, wait_for
 from tests.test_notify_hl7 import MLLPServer
 from tests.test_notify_webhook import SECRET, Receiver
 from triage import notify
-from triage.labels import DISPLAY, LABELS, SUBTYPES
+from triage.labels import LABELS, SUBTYPES
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -198,14 +199,14 @@ def test_positive_study_results_and_alarms(stack: dict[str, Any]) -> None:
     seg_labels = {}
     for number in seg.segment_numbers:
         desc = seg.get_segment_description(number)
-        seg_labels[number] = next(t for t in SUBTYPES if desc.segment_label == DISPLAY[t])
+        seg_labels[number] = next(t for t in LABELS if desc.segment_label == segment_label(t))
     for number, label in seg_labels.items():
         arr = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=volume.sop_instance_uids, segment_numbers=[number],
             assert_missing_frames_are_empty=True, ignore_spatial_locations=True,
         )[..., 0].astype(bool)
         np.testing.assert_array_equal(arr, prediction.masks[label], err_msg=label)
-    present_masks = {t for t in SUBTYPES if prediction.masks.get(t) is not None and prediction.masks[t].any()}
+    present_masks = {t for t in LABELS if prediction.masks.get(t) is not None and prediction.masks[t].any()}
     assert set(seg_labels.values()) == present_masks
     # The shipped bundle's input-domain check: a synthetic study is like its training studies.
     assert input_domain == prediction.input_domain and input_domain["in_domain"] is True

@@ -21,7 +21,7 @@ from pydicom.uid import UID
 from reports.dicom import build_sc, build_seg, build_sr, render_key_images
 from reports.dicom import codes as rc
 from reports.dicom.common import PATIENT_STUDY_KEYWORDS
-from reports.dicom.seg import present_segments
+from reports.dicom.seg import REST_LABEL, present_segments
 from reports.dicom.synthetic import IDENTITY, make_prediction, make_series
 from reports.dicom.uids import object_uid
 from triage.labels import DISPLAY, LABELS, SUBTYPES
@@ -125,8 +125,8 @@ def test_seg_segments_coded_and_identified(case: dict) -> None:
 
 
 def test_blood_of_no_called_subtype_gets_its_own_segment(tmp_path: Path) -> None:
-    """A ``masks["any"]`` (blood under no called subtype) is the "Intracranial hemorrhage" segment,
-    first in label order, and the SR's "any" group references it; the object stays valid."""
+    """A ``masks["any"]`` (blood under no called subtype) is its own segment, first in label order;
+    the SR's "any" group (the total volume) does not reference it, the subtype's group does."""
     sources, volume = make_series(n_slices=8, size=96, with_pixels=False, seed="rest")
     pred = make_prediction(volume, subtypes=("intraparenchymal",))
     rest = np.zeros(volume.shape, bool)
@@ -135,13 +135,13 @@ def test_blood_of_no_called_subtype_gets_its_own_segment(tmp_path: Path) -> None
     pred.masks["any"] = rest
     assert present_segments(pred) == ["any", "intraparenchymal"]
     seg = build_seg(sources, pred, IDENTITY)
-    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == [DISPLAY["any"], DISPLAY["intraparenchymal"]]
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == [REST_LABEL, DISPLAY["intraparenchymal"]]
     seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
     assert_valid(tmp_path / "seg.dcm")
     sr = build_sr(sources, pred, IDENTITY, seg)
     report = hd.sr.MeasurementReport.from_sequence([sr])
     refs = [g.finding_type for g in report.get_volumetric_roi_measurement_groups()]
-    assert refs == [rc.FINDING["any"], rc.FINDING["intraparenchymal"]]
+    assert refs == [rc.FINDING["intraparenchymal"]]
     back = hd.seg.segread(tmp_path / "seg.dcm")
     arr = back.get_pixels_by_source_instance(
         source_sop_instance_uids=[str(s.SOPInstanceUID) for s in sources], segment_numbers=[1],

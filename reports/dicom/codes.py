@@ -93,7 +93,7 @@ UNIT_ML = CodedConcept("ml", "UCUM", "milliliter")
 
 # Outline / display colours per subtype (also the SEG RecommendedDisplayCIELabValue).
 COLORS: dict[str, tuple[int, int, int]] = {
-    "any": (255, 64, 64),
+    "any": (230, 0, 230),  # magenta: not to be mistaken for intraparenchymal red
     "epidural": (255, 140, 0),
     "intraparenchymal": (255, 32, 32),
     "intraventricular": (0, 200, 255),

@@ -30,6 +30,15 @@ from reports.dicom.uids import object_uid, source_key
 from triage.labels import DISPLAY, LABELS, SHORT
 from triage.models.types import BundleIdentity, Prediction
 
+#: The "any" segment holds only blood under no called subtype (the SR's total volume is the union of all
+#: segments, so the SR does not reference this segment as its "any" finding).
+REST_LABEL = "Intracranial hemorrhage, subtype not called"
+
+
+def segment_label(label: str) -> str:
+    """The SEG's SegmentLabel of a label's segment."""
+    return (REST_LABEL if label == "any" else DISPLAY[label])[:64]
+
 
 def present_segments(prediction: Prediction) -> list[str]:
     """Labels that get a segment (mask given and non-empty), in label order: "any" (blood segmented on
@@ -70,7 +79,7 @@ def segment_descriptions(
         out.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
-                segment_label=DISPLAY[label][:64],
+                segment_label=segment_label(label),
                 segmented_property_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
                 segmented_property_type=codes.HEMORRHAGE,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,

@@ -89,8 +89,10 @@ def measurement_groups(
     if seg is not None:
         # Segment numbers by label as written in the SEG (robust to any numbering).
         by_display = {str(s.SegmentLabel): int(s.SegmentNumber) for s in seg.SegmentSequence}
+        # not "any": its segment is the blood under no called subtype, its group's volume the total
         segment_of = {
-            lab: by_display[DISPLAY[lab]] for lab in present_segments(prediction) if DISPLAY[lab] in by_display
+            lab: by_display[DISPLAY[lab]]
+            for lab in present_segments(prediction) if lab != "any" and DISPLAY[lab] in by_display
         }
     groups: list = []
     for label in LABELS:

@@ -310,7 +310,7 @@ def seg_masks(store: Any, seg: ResultObject) -> tuple[list[dict[str, Any]], dict
         segments = []
         for item in ds.SegmentSequence:
             label = _LABEL_BY_NAME.get(str(item.SegmentLabel), "any")
-            segments.append({"number": int(item.SegmentNumber), "label": label, "name": DISPLAY.get(label, label),
+            segments.append({"number": int(item.SegmentNumber), "label": label, "name": str(item.SegmentLabel),
                              "short": SHORT.get(label, label), "color": "#{:02x}{:02x}{:02x}".format(*COLORS[label])})
         bits = np.unpackbits(np.frombuffer(ds.PixelData, dtype=np.uint8), bitorder="little")
         masks: dict[str, np.ndarray] = {}

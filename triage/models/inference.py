@@ -231,7 +231,8 @@ def grow_into_blood(hu: np.ndarray, brain: np.ndarray, mask: np.ndarray, px_mm: 
     spreading along the cortex or a dural sinus."""
     out = mask.copy()
     lo, hi = hu_range
-    r = max(1, int(round(reach_mm / px_mm)))
+    reach = reach_mm / px_mm
+    r = int(np.ceil(reach))
     for z in np.flatnonzero(mask.any(axis=(1, 2))):
         ys, xs = np.nonzero(mask[z])
         y0, y1 = max(0, ys.min() - r), min(mask.shape[1], ys.max() + r + 1)
@@ -239,7 +240,7 @@ def grow_into_blood(hu: np.ndarray, brain: np.ndarray, mask: np.ndarray, px_mm: 
         seed = mask[z, y0:y1, x0:x1]
         h = hu[z, y0:y1, x0:x1]
         band = ndimage.binary_opening((h >= lo) & (h <= hi) & brain[z, y0:y1, x0:x1])
-        band &= ndimage.binary_dilation(seed, iterations=r)
+        band &= ndimage.distance_transform_edt(~seed) <= reach
         lab, n = ndimage.label(band)
         if n:
             hit = np.unique(lab[seed & (lab > 0)])
@@ -362,18 +363,30 @@ class Bundle:
         masks: dict[str, np.ndarray] = {}
         for k, sub in enumerate(SUBTYPES):
             if present.get(sub):
-                masks[sub] = self._mask(hu, prep, seg_logits[:, k], refine_hu, grow)
+                masks[sub] = self._mask(hu, prep, seg_logits[:, k], refine_hu)
         others = [k for k, sub in enumerate(SUBTYPES) if not present.get(sub)]
         if present.get("any") and others and len(seg_logits):
-            rest = self._mask(hu, prep, seg_logits[:, others].max(axis=1), refine_hu, grow)
+            rest = self._mask(hu, prep, seg_logits[:, others].max(axis=1), refine_hu)
             for m in masks.values():
                 rest &= ~m
             if rest.any():
                 masks["any"] = rest
+        how = self.manifest.get("mask_refinement", {}).get("grow")
+        spacing = prep.extra.get("pixel_spacing")
+        if grow and refine_hu and how and spacing is not None and masks:
+            # each mask grows only where no other mask is, nor what an earlier one grew into: the
+            # masks stay disjoint where the network's were, and the subtype volumes add up
+            claimed = np.zeros(prep.shape, bool)
+            for m in masks.values():
+                claimed |= m
+            for label, m in masks.items():
+                grown = grow_into_blood(hu, prep.brain_mask & ~(claimed & ~m), m, float(np.mean(spacing)),
+                                        float(how["mm"]), (float(how["hu"][0]), float(how["hu"][1])))
+                claimed |= grown
+                masks[label] = grown
         return masks
 
-    def _mask(self, hu: np.ndarray, prep: Prepared, logits: np.ndarray, refine_hu: bool,
-              grow: bool = False) -> np.ndarray:
+    def _mask(self, hu: np.ndarray, prep: Prepared, logits: np.ndarray, refine_hu: bool) -> np.ndarray:
         """One channel's (Z, h, w) U-Net-grid logits -> its full-resolution mask (see build_masks)."""
         # Only slices with a logit >= 0 (probability 0.5) can hold a voxel (bilinear up-sampling never
         # exceeds its inputs; the margin covers rounding), and components are labelled in the bounding
@@ -392,11 +405,6 @@ class Bundle:
             if n:
                 sub_m &= (np.bincount(lab.ravel()) >= 3)[lab]
             m[box] = sub_m
-        how = self.manifest.get("mask_refinement", {}).get("grow")
-        spacing = prep.extra.get("pixel_spacing")
-        if grow and refine_hu and how and spacing is not None and m.any():
-            m = grow_into_blood(hu, prep.brain_mask, m, float(np.mean(spacing)), float(how["mm"]),
-                                (float(how["hu"][0]), float(how["hu"][1])))
         return m
 
     def predict(self, volume: Volume, gradcam: bool = True, keep: dict[str, Any] | None = None,

@@ -370,7 +370,8 @@ def box_pseudo_mask(win: np.ndarray, head: np.ndarray, box: tuple[int, int, int,
 def add_box_pseudo_masks(exams: list[GridExam]) -> int:
     """Real slices labelled by boxes only get pixel targets: the pseudo-mask of each box is blood of
     unknown subtype (``any_blood``); the box beyond 3 pixels of it is known blood-free; the 3-pixel
-    ring stays unscored. Returns the number of slices given one."""
+    ring, and a box whose pseudo-mask was refused, stay unscored. Returns the number of slices given
+    one."""
     given = 0
     for ex in exams:
         if ex.source != "real":
@@ -379,13 +380,17 @@ def add_box_pseudo_masks(exams: list[GridExam]) -> int:
             if not s.boxes or s.target is not None or s.any_blood is not None:
                 continue
             blood = np.zeros(ex.windows.shape[-2:], bool)
+            refused = np.zeros_like(blood)
             for b in s.boxes:
                 pm = box_pseudo_mask(ex.windows[z, 0], ex.head[z], b)
                 if pm is not None:
                     blood |= pm
+                else:
+                    y0, y1, x0, x1 = b
+                    refused[y0:y1, x0:x1] = True
             if blood.any():
                 s.any_blood = blood
-                s.unknown = ndimage.binary_dilation(blood, iterations=3)
+                s.unknown = ndimage.binary_dilation(blood, iterations=3) | refused
                 given += 1
     return given
 

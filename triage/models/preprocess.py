@@ -105,7 +105,9 @@ SEAL_MM = (3.0, 6.0, 12.0)  # closing radii (mm) that seal the bone ring, narrow
 # measured on real post-operative slices (bhsd-mini, mbhseg25-mini: the sealed cavity was empty on 13 of
 # 72) against the skull base of the real normal CT (whose hull holds air, bone and face: brain-dense
 # tissue 0.20-0.48 of it, never taken).
-OPEN_SKULL = {"max_cavity_cm2": 50.0, "min_hull_cm2": 80.0, "min_brain_share": 0.55, "max_bone_share": 0.25}
+OPEN_SKULL = {"max_cavity_cm2": 50.0, "min_hull_cm2": 80.0, "min_brain_share": 0.55, "max_bone_share": 0.25,
+              "median_hu": (10.0, 45.0)}
+_SECTORS = 72  # 5-degree sectors around the hull's centre: where the skull is, and where it is missing
 
 
 def fill_convex_hull(mask: np.ndarray) -> np.ndarray:
@@ -132,11 +134,12 @@ def open_skull_cavity(h: np.ndarray, px: float) -> np.ndarray | None:
     The head is the largest piece of tissue denser than 5 HU, holes filled, opened by a 2 mm disk
     (head-holder arcs and bands go). The skull's pieces inside it (bone opened by a 1 mm disk; pieces
     of at least a fifth of the largest) span a convex hull, which (3 mm in from its edge) must be
-    large and mostly brain-dense tissue (5-80 HU) with little bone: a skull-base slice's hull takes
-    in sinuses, mastoid air, petrous bone and the face and is refused. The cavity is then the head
-    less 4 mm of scalp and less the bone: where the flap is missing, the brain and any collection
-    under the scalp stay in (a hull's chord would cut them off); the scalp left outside the intact
-    skull is a thin band that the caller's opening removes."""
+    large, mostly brain-dense tissue (5-80 HU) with little bone, and of brain's median density
+    (10-45 HU; muscle reads 40-60): a skull-base slice's hull takes in sinuses, mastoid air, petrous
+    bone and the face, a neck slice's muscle, and both are refused. The cavity is the hull less the
+    bone and, in the sectors (seen from the hull's centre) where no skull is, the head less 4 mm of
+    scalp: where the flap is missing, the brain and any collection under the scalp stay in (the
+    hull's chord would cut them off), and where the skull is, nothing outside it comes in."""
     plane = ndimage.binary_fill_holes(h > 5.0)
     plane = ndimage.binary_opening(plane, structure=disk(max(1, int(round(2.0 / px)))))
     lab, n = ndimage.label(plane)
@@ -149,16 +152,26 @@ def open_skull_cavity(h: np.ndarray, px: float) -> np.ndarray | None:
     if n == 0:
         return None
     sizes = ndimage.sum_labels(pieces, lab, index=np.arange(1, n + 1))
-    hull = fill_convex_hull(np.isin(lab, 1 + np.flatnonzero(sizes >= 0.2 * sizes.max())))
+    skull = np.isin(lab, 1 + np.flatnonzero(sizes >= 0.2 * sizes.max()))
+    hull = fill_convex_hull(skull)
     if hull.sum() * px * px / 100.0 < OPEN_SKULL["min_hull_cm2"]:
         return None
     inner = ndimage.binary_erosion(hull, iterations=max(1, int(round(3.0 / px))))
     n_inner = max(1, int(inner.sum()))
     brain = float(((h > 5.0) & (h < 80.0) & inner).sum()) / n_inner
     dense = float((bone & inner).sum()) / n_inner
-    if brain < OPEN_SKULL["min_brain_share"] or dense > OPEN_SKULL["max_bone_share"]:
+    tissue = h[inner & (h > -50.0) & (h < 100.0)]
+    lo, hi = OPEN_SKULL["median_hu"]
+    if (brain < OPEN_SKULL["min_brain_share"] or dense > OPEN_SKULL["max_bone_share"] or not tissue.size
+            or not lo <= float(np.median(tissue)) <= hi):
         return None
-    return ndimage.binary_erosion(head, iterations=max(1, int(round(4.0 / px)))) & ~ndimage.binary_dilation(bone)
+    ys, xs = np.nonzero(hull)
+    yy, xx = np.indices(h.shape)
+    sector = ((np.arctan2(yy - ys.mean(), xx - xs.mean()) + np.pi) / (2 * np.pi) * _SECTORS).astype(int) % _SECTORS
+    covered = np.zeros(_SECTORS, bool)
+    covered[np.unique(sector[skull])] = True
+    under_scalp = ndimage.binary_erosion(head, iterations=max(1, int(round(4.0 / px))))
+    return (hull | (under_scalp & ~covered[sector])) & ~ndimage.binary_dilation(bone)
 
 
 def intracranial_mask(hu: np.ndarray, pixel_spacing: tuple[float, float] = (0.5, 0.5),
@@ -379,7 +392,8 @@ def prepare(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessC
     win = torch.where(frac[:, None] > 0.25, win, torch.zeros_like(win))
     win_u8 = (win * 255.0).round().to(torch.uint8).numpy()
     win_u8, small_mask, _ = downsize(win_u8, brain_small.numpy(), None, cfg.size)
-    return Prepared(win_u8, small_mask, brain_mask, (y0, y1, x0, x1), tuple(hu.shape))
+    return Prepared(win_u8, small_mask, brain_mask, (y0, y1, x0, x1), tuple(hu.shape),
+                    {"pixel_spacing": tuple(float(v) for v in pixel_spacing)})
 
 
 def downsize(windows_u8: np.ndarray, brain_small: np.ndarray, target_u8: np.ndarray | None,

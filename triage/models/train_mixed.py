@@ -365,6 +365,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     net = ICHNet(cfg.channels, WIDTHS, stem=stem)
     seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
     init = str(getattr(args, "init", "") or "")
+    theirs: dict[str, Any] = {}
     if init:  # fine-tune a brain_window bundle (same preprocessing) on more data
         from triage.models.bundle import load_weights, read_manifest
 
@@ -395,6 +396,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         selection = choose_thresholds(val, outs, sensitivity, rule)
         selection["rules"] = rules
         summary = validation_summary(val, outs)
+    refinement: dict[str, Any] = {"probability": 0.5, "hu_range": True, "intracranial": True}
+    if "grow" in theirs.get("mask_refinement", {}):  # the node-side growth stays with its weights
+        refinement["grow"] = theirs["mask_refinement"]["grow"]
     manifest = {
         "name": out.name,
         "version": time.strftime("%Y.%m.%d"),
@@ -408,7 +412,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "exam_score": selection["rule"],
         "test_time_augmentation": "none",
         "thresholds": selection["thresholds"],
-        "mask_refinement": {"probability": 0.5, "hu_range": True, "intracranial": True},
+        "mask_refinement": refinement,
         "training": {
             "command": f"triage train '{args.dataset}' --val '{args.val}' --input brain_window --out <bundle> "
                        f"--epochs {args.epochs} --steps-per-epoch {spe} --batch {batch} --seed {seed} --size {size} "
