@@ -267,6 +267,29 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     rows = [json.loads(x) for x in (out2 / "rows.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["dice_any"] <= 1.0 for r in rows if "dice_any" in r)
 
+    # fine-tune the segmentation from it: pseudo-masks in the boxes, the encoder frozen, the slice
+    # logits distilled from the bundle it starts from
+    from triage.models.bundle import load_weights
+
+    tuned_bundle = tmp_path / "kd"
+    boxes = f"slices:{sets['boxes']}"
+    args = ["train", f"{boxes}:split=train,fraction=0.5,seed=3", "--input", "brain_window", "--out",
+            str(tuned_bundle), "--epochs", "1", "--steps-per-epoch", "2", "--batch", "4", "--size", "64",
+            "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder"]
+    with pytest.raises(SystemExit, match="--init"):
+        triage_main([*args, "--distill", "1"])
+    assert triage_main([*args, "--distill", "1", "--init", str(bundle)]) == 0
+    before = load_weights(bundle, read_manifest(bundle))[0]
+    after = load_weights(tuned_bundle, read_manifest(tuned_bundle))[0]
+    for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items(), strict=True):
+        if name.startswith("enc."):
+            assert torch.equal(a, b), f"{name} is frozen"
+    assert any(not torch.equal(a, b) for (name, a), (_, b) in zip(before.state_dict().items(),
+                                                                  after.state_dict().items(), strict=True)
+               if name.startswith(("dec.", "seg.")))
+    command = read_manifest(tuned_bundle)["training"]["command"]
+    assert "--box-pseudo" in command and "--distill 1" in command and "--freeze-encoder" in command
+
 
 def _toy_head(z: int = 3, n: int = 160, px: float = 1.0) -> np.ndarray:
     """(Z, n, n) HU: a skull ring (800 HU) around brain (35 HU, noise 3 HU), air outside."""

@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--box-pseudo", action="store_true",
                     help="brain_window: real slices labelled by boxes get a pseudo-mask of the bright blood "
                          "inside each box as pixel targets (the box loss alone only marks one pixel)")
+    tr.add_argument("--distill", type=float, default=0.0,
+                    help="brain_window with --init: weight of a loss pulling the slice logits to the --init "
+                         "bundle's (the segmentation learns, the detector stays)")
+    tr.add_argument("--freeze-encoder", action="store_true",
+                    help="brain_window: train the decoder and heads only")
     tu = add("tune", "triage.models.train:tune",
              "Choose a bundle's exam rule and thresholds again on a validation set (no retraining)")
     tu.add_argument("bundle", help="Bundle directory; its manifest is rewritten")

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
-from triage.models.bundle import save_bundle
+from triage.models.bundle import load_weights, save_bundle
 from triage.models.inference import resolve_device, run_networks, slice_scores
 from triage.models.metrics import roc_auc
 from triage.models.mixed import (
@@ -277,8 +278,13 @@ def batch_shares(masked: float = 0.0, phantom: float = 0.3, paste: float = 0.15,
 
 def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: int, out: Path, lr: float,
                batch: int, rng: np.random.Generator, resume: bool, val: list[GridExam], cfg: PreprocessConfig,
-               seq: SequenceHead, device: torch.device) -> list[dict[str, Any]]:
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+               seq: SequenceHead, device: torch.device, teacher: ICHNet | None = None,
+               distill: float = 0.0, frozen_encoder: bool = False) -> list[dict[str, Any]]:
+    """The training loop (checkpoint each epoch, resumable). With a ``teacher`` and ``distill`` > 0,
+    the slice logits are also pulled (MSE, weight ``distill``) to the teacher's on the same batch:
+    the segmentation can learn without moving the detector it feeds. ``frozen_encoder``: the encoder's
+    batch-norm statistics stay as trained too (its weights are frozen by the caller)."""
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     ckpt = out / "checkpoints" / "mixed.pt"
     start, history = 0, []
@@ -296,9 +302,15 @@ def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: 
     t0, tot = time.time(), {"loss": 0.0, "cls": 0.0, "seg": 0.0, "box": 0.0}
     while step < steps:
         net.train()
+        if frozen_encoder:
+            net.enc.eval()
         b = sampler.batch(batch)
         out_ = net(b["x"].to(device))
         losses = mixed_loss({k: v.cpu() for k, v in out_.items()}, b)
+        if teacher is not None and distill > 0:
+            with torch.no_grad():
+                target = teacher(b["x"].to(device))["slice"]
+            losses["loss"] = losses["loss"] + distill * F.mse_loss(out_["slice"], target)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -367,7 +379,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     init = str(getattr(args, "init", "") or "")
     theirs: dict[str, Any] = {}
     if init:  # fine-tune a brain_window bundle (same preprocessing) on more data
-        from triage.models.bundle import load_weights, read_manifest
+        from triage.models.bundle import read_manifest
 
         theirs = read_manifest(init)
         if PreprocessConfig.from_dict(theirs["preprocessing"]) != cfg:
@@ -383,7 +395,18 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
              **sampler.counts())
     t0 = time.time()
-    history = train_loop(net, sampler, steps, spe, out, lr, batch, rng, bool(args.resume), val, cfg, seq, device)
+    distill = float(getattr(args, "distill", 0.0) or 0.0)
+    teacher = None
+    if distill > 0:
+        if not init:
+            raise SystemExit("--distill needs --init: the teacher is the bundle fine-tuned from")
+        teacher = load_weights(init, theirs)[0].to(device).eval()
+    frozen = bool(getattr(args, "freeze_encoder", False))
+    if frozen:  # the encoder stays as trained: only the decoder, the segmentation and slice heads learn
+        for p in net.enc.parameters():
+            p.requires_grad_(False)
+    history = train_loop(net, sampler, steps, spe, out, lr, batch, rng, bool(args.resume), val, cfg, seq, device,
+                         teacher, distill, frozen)
     t_train = time.time() - t0
     net = net.cpu().eval()
     seq = seq.eval()
@@ -422,6 +445,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --phantom-share {phantom:g}" if phantom != 0.3 else "")
                        + (f" --erase-share {erase:g}" if erase > 0 else "")
                        + (" --box-pseudo" if box_pseudo else "")
+                       + (f" --distill {distill:g}" if distill > 0 else "")
+                       + (" --freeze-encoder" if frozen else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
             "recipe": "mixed (triage/models/train_mixed.py)",
