@@ -127,7 +127,7 @@ def fill_convex_hull(mask: np.ndarray) -> np.ndarray:
     return np.array(out, bool)
 
 
-def open_skull_cavity(h: np.ndarray, px: float) -> np.ndarray | None:
+def open_skull_cavity(h: np.ndarray, px: float, filled: np.ndarray | None = None) -> np.ndarray | None:
     """The cranial cavity of one slice (HU, ``px`` mm pixels) whose bone ring is open over a wide arc,
     or None where the slice does not look like one.
 
@@ -142,7 +142,7 @@ def open_skull_cavity(h: np.ndarray, px: float) -> np.ndarray | None:
     bone and, in the sectors (seen from the hull's centre) where no skull is, the head less 4 mm of
     scalp: where the flap is missing, the brain and any collection under the scalp stay in (the
     hull's chord would cut them off), and where the skull is, nothing outside it comes in."""
-    plane = ndimage.binary_fill_holes(h > 5.0)
+    plane = ndimage.binary_fill_holes(h > 5.0, structure=np.ones((3, 3), bool)) if filled is None else filled
     plane = ndimage.binary_opening(plane, structure=disk(max(1, int(round(2.0 / px)))))
     lab, n = ndimage.label(plane)
     if n == 0:
@@ -229,10 +229,11 @@ def intracranial_mask(hu: np.ndarray, pixel_spacing: tuple[float, float] = (0.5,
     # open-skull candidates: a small cavity, or one small for its head (a seal that closed on the
     # gap between the scalp and a head-holder band instead of the missing flap)
     cav_cm2 = cavity.sum(axis=(1, 2)) * px * px / 100.0
-    head_cm2 = ndimage.binary_fill_holes(h > 5.0, structure=plane8).sum(axis=(1, 2)) * px * px / 100.0
+    filled = ndimage.binary_fill_holes(h > 5.0, structure=plane8)  # per slice: the head, holes filled
+    head_cm2 = filled.sum(axis=(1, 2)) * px * px / 100.0
     small = (cav_cm2 < OPEN_SKULL["max_cavity_cm2"]) | (cav_cm2 < OPEN_SKULL["min_cavity_share"] * head_cm2)
     for zi in np.flatnonzero(small):
-        opened = open_skull_cavity(h[zi], px)
+        opened = open_skull_cavity(h[zi], px, filled[zi])
         if opened is not None:
             cavity[zi] = opened
     inside = ndimage.binary_opening(cavity & soft, structure=_plane(open_r))

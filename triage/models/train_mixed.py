@@ -371,8 +371,6 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     shapes_dir = str(getattr(args, "shapes", "") or "")
     shapes = load_shapes(shapes_dir) if shapes_dir else []
     box_pseudo = bool(getattr(args, "box_pseudo", False))
-    if box_pseudo:
-        log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     t_data = time.time() - t_start
     net = ICHNet(cfg.channels, WIDTHS, stem=stem)
     seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
@@ -392,6 +390,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     shares = batch_shares(masked, phantom, erase=erase)
     # head-crop grid: a ~21 cm head box over ``size`` pixels
     sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size)
+    if box_pseudo:  # after the sampler's index: pseudo-masks are targets, not drawn masks ("real_masked")
+        log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
              **sampler.counts())
     t0 = time.time()
