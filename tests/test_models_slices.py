@@ -27,6 +27,7 @@ from triage.models.mixed import (
     grid_exam_from_slices,
     grid_exam_from_study,
     mixed_loss,
+    paste_crescent,
     robust_augment,
 )
 from triage.models.network import ICHNet
@@ -188,6 +189,38 @@ def test_erased_bleeds_become_negatives_of_the_same_slice(sets: dict[str, Path])
     assert sampler.erased == 6
     assert (b["labels"] == 0).all() and (b["label_known"] == 1).all() and (b["seg_known"] == 1).all()
     assert b["target"].sum() == 0, "an erased slice is known empty"
+
+
+def test_pasted_crescents_lie_along_the_inner_table(sets: dict[str, Path]) -> None:
+    """A thin extra-axial collection is painted on a real-anatomy slice: inside the skull, touching the
+    bone, thin, at the requested blood density; the sampler labels it subdural with its mask."""
+    g = grid_exam_from_slices(SliceSet(sets["masks"]).load("s01"), CFG)  # a negative study
+    z = len(g.slices) // 2
+    img = g.windows[z, 0].astype(float)
+    out = None
+    for seed in range(10):
+        out = paste_crescent(g.windows, z, 3.5, np.random.default_rng(seed), hu_range=(60.0, 60.0))
+        if out is not None:
+            break
+    assert out is not None, "a closed skull takes a crescent"
+    new, mask = out
+    m = mask > 0.5
+    assert m.sum() >= 6
+    bone = img >= 250
+    assert not (m & bone).any(), "inside the skull, not on the bone"
+    near_bone = ndimage.binary_dilation(bone, iterations=3)
+    assert (m & near_bone).sum() / m.sum() > 0.5, "along the inner table"
+    assert abs(np.median(new[0][m].astype(float)) - (60 - 0) / 80 * 255) < 25, "at the requested density"
+    assert np.array_equal(new[0][~ndimage.binary_dilation(m, iterations=3)],
+                          g.windows[z, 0][~ndimage.binary_dilation(m, iterations=3)]), "nothing else changes"
+
+    sampler = MixedSampler([g], [], np.random.default_rng(2), shares={"paste": 1.0}, grid_px_mm=3.5,
+                           crescents=1.0)
+    b = sampler.batch(4)
+    assert sampler.pasted > 0
+    k = 1 + list(LABELS[1:]).index("subdural")
+    got = b["labels"][:, 0] > 0
+    assert got.any() and (b["labels"][got, k] == 1).all() and b["target"][got].sum() > 0
 
 
 def test_box_pseudo_masks_find_the_blood_inside_the_boxes(sets: dict[str, Path]) -> None:

@@ -171,9 +171,57 @@ def load_shapes(root: str | Path, limit: int = 0) -> list[tuple[str, np.ndarray]
     return out
 
 
+def _skull_cavity(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cavity, tissue) of one brain-window slice (float (S, S), 0-255): the inside of the closed
+    saturated bone ring, and its brain or CSF pixels (not air, not bone) two pixels in."""
+    bone = ndimage.binary_closing(img >= 250, iterations=3)
+    cavity = ndimage.binary_fill_holes(bone) & ~bone
+    return cavity, ndimage.binary_erosion(cavity & (img > 8) & (img < 235), iterations=2)
+
+
+def _blend_blood(img: np.ndarray, m: np.ndarray, tissue: np.ndarray, rng: np.random.Generator,
+                 hu_range: tuple[float, float], window_setting: tuple[float, float]) -> np.ndarray:
+    """``img`` (float, 0-255) with acute blood painted where the soft mask ``m`` (same shape) is: a
+    density drawn from ``hu_range`` (in the window), the slice's own noise and a partial-volume edge."""
+    c, wd = window_setting
+    level = (rng.uniform(*hu_range) - (c - wd / 2)) / wd * 255.0
+    noise_sd = float(np.std(img[tissue] - ndimage.uniform_filter(img, 3)[tissue])) if tissue.any() else 3.0
+    blood = level + rng.normal(0, max(noise_sd, 1.0), img.shape)
+    soft = ndimage.gaussian_filter(m.astype(np.float32), 0.6).clip(0, 1)
+    return np.round((img * (1 - soft) + blood * soft).clip(0, 255)).astype(np.uint8)
+
+
+def paste_crescent(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.Generator,
+                   hu_range: tuple[float, float] = BLOOD_HU, window_setting: tuple[float, float] = (40.0, 80.0)
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Paint a thin extra-axial collection (subdural-like crescent) along the inner table of slice
+    ``z`` of a blood-free exam (uint8 (Z, 1, S, S)): the band of the skull cavity within a lens-shaped
+    depth (thickest mid-arc: 1-7 mm, over an arc of 30-100 degrees) of the bone, on brain or CSF.
+    The bleed-shape set holds intraparenchymal and intraventricular shapes only; thin collections at
+    the brain's edge, which real sets show and the detector misses most, get real anatomy this way.
+    Returns (new windows of slice ``z`` (1, S, S), mask (S, S)) or None when the slice has no closed
+    skull."""
+    img = windows[z, 0].astype(np.float32)
+    cavity, tissue = _skull_cavity(img)
+    if cavity.sum() < 400:
+        return None
+    depth = ndimage.distance_transform_edt(cavity) * grid_px_mm  # mm from the inner table
+    ys, xs = np.nonzero(cavity)
+    angle = np.zeros(img.shape, np.float32)
+    angle[ys, xs] = np.arctan2(ys - ys.mean(), xs - xs.mean())
+    centre, half = rng.uniform(-np.pi, np.pi), np.deg2rad(rng.uniform(15, 50))
+    off = np.angle(np.exp(1j * (angle - centre)))  # wrapped to (-pi, pi]
+    thick = rng.uniform(1.0, 7.0) * np.cos(np.clip(off / half, -1, 1) * np.pi / 2)
+    m = cavity & (np.abs(off) < half) & (depth <= thick) & (img > 8) & (img < 235)
+    if m.sum() < 6:
+        return None
+    mask = m.astype(np.float32)
+    return _blend_blood(img, mask, tissue, rng, hu_range, window_setting)[None], mask
+
+
 def paste_shape(windows: np.ndarray, z: int, shape: np.ndarray, subtype: str, grid_px_mm: float,
-                rng: np.random.Generator, window_setting: tuple[float, float] = (40.0, 80.0)
-                ) -> tuple[np.ndarray, np.ndarray] | None:
+                rng: np.random.Generator, window_setting: tuple[float, float] = (40.0, 80.0),
+                hu_range: tuple[float, float] = BLOOD_HU) -> tuple[np.ndarray, np.ndarray] | None:
     """Paste one real bleed cross-section into slice ``z`` of a blood-free exam (uint8 (Z, 1, S, S)).
 
     The shape is scaled from 0.49 mm pixels to the grid, rotated and flipped at random, and placed
@@ -190,10 +238,7 @@ def paste_shape(windows: np.ndarray, z: int, shape: np.ndarray, subtype: str, gr
     if m.shape[0] < 2 or m.shape[1] < 2 or max(m.shape) > size // 2:
         return None
     img = windows[z, 0].astype(np.float32)
-    # inside the skull only: the cavity of the (closed) saturated bone ring, brain or CSF density
-    bone = ndimage.binary_closing(img >= 250, iterations=3)
-    cavity = ndimage.binary_fill_holes(bone) & ~bone
-    tissue = ndimage.binary_erosion(cavity & (img > 8) & (img < 235), iterations=2)
+    _, tissue = _skull_cavity(img)  # inside the skull only, on brain or CSF
     hard = m > 0.5
     h, w = m.shape
     ys, xs = np.nonzero(tissue[: size - h, : size - w])
@@ -206,17 +251,9 @@ def paste_shape(windows: np.ndarray, z: int, shape: np.ndarray, subtype: str, gr
             break
     else:
         return None
-    c, wd = window_setting
-    level = (rng.uniform(*BLOOD_HU) - (c - wd / 2)) / wd * 255.0
-    brain = img[tissue]
-    noise_sd = float(np.std(img[tissue] - ndimage.uniform_filter(img, 3)[tissue])) if brain.size else 3.0
-    blood = level + rng.normal(0, max(noise_sd, 1.0), (h, w))
-    soft = ndimage.gaussian_filter(m, 0.6).clip(0, 1)
-    patch = img[y0 : y0 + h, x0 : x0 + w]
-    img[y0 : y0 + h, x0 : x0 + w] = patch * (1 - soft) + blood * soft
     mask = np.zeros((size, size), np.float32)
     mask[y0 : y0 + h, x0 : x0 + w] = m.clip(0, 1)
-    return np.round(img.clip(0, 255)).astype(np.uint8)[None], mask
+    return _blend_blood(img, mask, tissue, rng, hu_range, window_setting)[None], mask
 
 
 def erase_blood(windows: np.ndarray, z: int, blood: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
@@ -405,9 +442,13 @@ class MixedSampler:
     pasted real bleed shape, phantom slices (half with blood)."""
 
     def __init__(self, exams: list[GridExam], shapes: list[tuple[str, np.ndarray]], rng: np.random.Generator,
-                 shares: dict[str, float] | None = None, grid_px_mm: float = 0.9) -> None:
+                 shares: dict[str, float] | None = None, grid_px_mm: float = 0.9,
+                 paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0) -> None:
+        """``paste_hu``: density range of pasted blood; ``crescents``: share of the pastes that are
+        extra-axial crescents (:func:`paste_crescent`) instead of bleed shapes."""
         self.exams, self.shapes, self.rng = exams, shapes, rng
         self.grid_px_mm = grid_px_mm
+        self.paste_hu, self.crescents = paste_hu, crescents
         idx: dict[str, list[tuple[int, int]]] = {"real_pos": [], "real_neg": [], "clean": [], "real_masked": [],
                                                  "phantom_pos": [], "phantom_neg": []}
         for i, ex in enumerate(exams):
@@ -448,7 +489,7 @@ class MixedSampler:
                 kind = "real_pos" if kind == "real_masked" else "real_neg"
             if kind == "phantom":
                 kind = "phantom_pos" if self.rng.random() < 0.5 else "phantom_neg"
-            if kind == "paste" and (not self.shapes or not len(self.index["clean"])):
+            if kind == "paste" and (not (self.shapes or self.crescents > 0) or not len(self.index["clean"])):
                 kind = "real_neg"
             # missing: same class elsewhere
             if kind not in ("paste", "real_masked", "erase") and not len(self.index[kind]):
@@ -459,8 +500,13 @@ class MixedSampler:
             if kind == "paste":
                 for _ in range(6):
                     i, z = self._pick("clean")
-                    sub, shape = self.shapes[int(self.rng.integers(len(self.shapes)))]
-                    pasted = paste_shape(self.exams[i].windows, z, shape, sub, self.grid_px_mm, self.rng)
+                    if not self.shapes or self.rng.random() < self.crescents:
+                        sub = "subdural"
+                        pasted = paste_crescent(self.exams[i].windows, z, self.grid_px_mm, self.rng, self.paste_hu)
+                    else:
+                        sub, shape = self.shapes[int(self.rng.integers(len(self.shapes)))]
+                        pasted = paste_shape(self.exams[i].windows, z, shape, sub, self.grid_px_mm, self.rng,
+                                             hu_range=self.paste_hu)
                     if pasted is not None:
                         self.pasted += 1
                         break

@@ -389,7 +389,11 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     erase = float(getattr(args, "erase_share", 0.0) or 0.0)
     shares = batch_shares(masked, phantom, erase=erase)
     # head-crop grid: a ~21 cm head box over ``size`` pixels
-    sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size)
+    paste_hu = tuple(float(v) for v in str(getattr(args, "paste_hu", "") or "55,85").split(","))
+    if len(paste_hu) != 2 or not paste_hu[0] < paste_hu[1]:
+        raise SystemExit(f"--paste-hu wants LO,HI in HU, got {getattr(args, 'paste_hu', '')!r}")
+    sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size, paste_hu=paste_hu,
+                           crescents=float(getattr(args, "paste_crescents", 0.0) or 0.0))
     if box_pseudo:  # after the sampler's index: pseudo-masks are targets, not drawn masks ("real_masked")
         log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
