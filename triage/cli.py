@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'brain_window': the real-data recipe (slice sets, phantoms, pasted bleed shapes; "
                          "triage/models/train_mixed.py); 'hu': the synthetic multi-window recipe")
     tr.add_argument("--shapes", default="", help="brain_window: folder of real 3-D bleed masks to paste (shapes.csv)")
-    tr.add_argument("--paste-hu", default="55,85",
-                    help="brain_window: density range (HU, LO,HI) of pasted blood")
+    tr.add_argument("--paste-hu", default="",
+                    help="brain_window: density range of pasted blood, LO,HI in HU (default 55,85)")
     tr.add_argument("--paste-crescents", type=float, default=0.0,
                     help="brain_window: share of pastes that are thin extra-axial crescents along the inner "
                          "table (subdural) instead of bleed shapes")

@@ -39,6 +39,7 @@ from triage.models.bundle import load_weights, save_bundle
 from triage.models.inference import resolve_device, run_networks, slice_scores
 from triage.models.metrics import roc_auc
 from triage.models.mixed import (
+    BLOOD_HU,
     GridExam,
     MixedSampler,
     add_box_pseudo_masks,
@@ -276,6 +277,19 @@ def batch_shares(masked: float = 0.0, phantom: float = 0.3, paste: float = 0.15,
             "paste": paste, "phantom": phantom}
 
 
+def parse_hu_range(text: str) -> tuple[float, float]:
+    """``--paste-hu LO,HI`` -> (LO, HI); empty: :data:`BLOOD_HU`."""
+    if not text:
+        return BLOOD_HU
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--paste-hu wants LO,HI in HU, got {text!r}") from None
+    if not lo < hi:
+        raise SystemExit(f"--paste-hu wants LO < HI, got {text!r}")
+    return lo, hi
+
+
 def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: int, out: Path, lr: float,
                batch: int, rng: np.random.Generator, resume: bool, val: list[GridExam], cfg: PreprocessConfig,
                seq: SequenceHead, device: torch.device, teacher: ICHNet | None = None,
@@ -389,10 +403,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     erase = float(getattr(args, "erase_share", 0.0) or 0.0)
     shares = batch_shares(masked, phantom, erase=erase)
     # head-crop grid: a ~21 cm head box over ``size`` pixels
-    paste_hu = tuple(float(v) for v in str(getattr(args, "paste_hu", "") or "55,85").split(","))
-    if len(paste_hu) != 2 or not paste_hu[0] < paste_hu[1]:
-        raise SystemExit(f"--paste-hu wants LO,HI in HU, got {getattr(args, 'paste_hu', '')!r}")
-    sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size, paste_hu=paste_hu,
+    sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size,
+                           paste_hu=parse_hu_range(str(getattr(args, "paste_hu", "") or "")),
                            crescents=float(getattr(args, "paste_crescents", 0.0) or 0.0))
     if box_pseudo:  # after the sampler's index: pseudo-masks are targets, not drawn masks ("real_masked")
         log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
