@@ -154,6 +154,9 @@ def test_a_tiny_mixed_run_lowers_the_loss(sets: dict[str, Path], studies: list[S
         sampler.batch(12)
     assert sampler.pasted > 0, "real bleed shapes are pasted into blood-free slices"
     assert (batch["label_known"][:, 1:] == 0).any(), "unknown subtypes reach the loss as unknown"
+    for shares, flag in (({"phantom": 1.0}, 1.0), ({"real_neg": 1.0}, 0.0)):
+        only = MixedSampler(exams, [], np.random.default_rng(0), shares=shares, grid_px_mm=3.5).batch(4)
+        assert only["phantom"].tolist() == [flag] * 4, "each sample says whether it is a phantom slice"
     net = ICHNet(3, (8, 12, 16, 24, 32), stem=2)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
@@ -322,6 +325,21 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
                if name.startswith(("dec.", "seg.")))
     command = read_manifest(tuned_bundle)["training"]["command"]
     assert "--box-pseudo" in command and "--distill 1" in command and "--freeze-encoder" in command
+
+
+def test_distillation_on_real_slices_only_leaves_the_phantoms_free() -> None:
+    from triage.models.train_mixed import distill_loss
+
+    student = torch.zeros(4, 6, requires_grad=True)
+    teacher = torch.ones(4, 6)
+    phantom = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    assert float(distill_loss(student, teacher).detach()) == 1.0
+    loss = distill_loss(student, teacher, phantom)
+    loss.backward()
+    grad = student.grad.abs().sum(dim=1)
+    assert grad[0] > 0 and grad[2] > 0, "the real slices are held"
+    assert grad[1] == 0 and grad[3] == 0, "the phantom slices are not"
+    assert float(distill_loss(student, teacher, torch.ones(4)).detach()) == 0.0
 
 
 def _toy_head(z: int = 3, n: int = 160, px: float = 1.0) -> np.ndarray:

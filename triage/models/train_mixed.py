@@ -290,14 +290,28 @@ def parse_hu_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, phantom: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the (N, labels) slice logits of the student and the teacher; with ``phantom``
+    ((N,) 1.0 for phantom slices), over the real slices only (zero when there are none)."""
+    if phantom is not None:
+        real = phantom < 0.5
+        if not real.any():
+            return student.sum() * 0.0
+        student, teacher = student[real], teacher[real]
+    return F.mse_loss(student, teacher)
+
+
 def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: int, out: Path, lr: float,
                batch: int, rng: np.random.Generator, resume: bool, val: list[GridExam], cfg: PreprocessConfig,
                seq: SequenceHead, device: torch.device, teacher: ICHNet | None = None,
-               distill: float = 0.0, frozen_encoder: bool = False) -> list[dict[str, Any]]:
+               distill: float = 0.0, frozen_encoder: bool = False, distill_real_only: bool = False
+               ) -> list[dict[str, Any]]:
     """The training loop (checkpoint each epoch, resumable). With a ``teacher`` and ``distill`` > 0,
     the slice logits are also pulled (MSE, weight ``distill``) to the teacher's on the same batch:
-    the segmentation can learn without moving the detector it feeds. ``frozen_encoder``: the encoder's
-    batch-norm statistics stay as trained too (its weights are frozen by the caller)."""
+    the segmentation can learn without moving the detector it feeds; ``distill_real_only``: on the
+    real slices only, so the phantoms are learned freely while the real slices' scores stay.
+    ``frozen_encoder``: the encoder's batch-norm statistics stay as trained too (its weights are frozen
+    by the caller)."""
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     ckpt = out / "checkpoints" / "mixed.pt"
@@ -324,7 +338,8 @@ def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: 
         if teacher is not None and distill > 0:
             with torch.no_grad():
                 target = teacher(b["x"].to(device))["slice"]
-            losses["loss"] = losses["loss"] + distill * F.mse_loss(out_["slice"], target)
+            losses["loss"] = losses["loss"] + distill * distill_loss(
+                out_["slice"], target, b["phantom"].to(device) if distill_real_only else None)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -417,12 +432,13 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         if not init:
             raise SystemExit("--distill needs --init: the teacher is the bundle fine-tuned from")
         teacher = load_weights(init, theirs)[0].to(device).eval()
+    distill_real_only = str(getattr(args, "distill_on", "all") or "all") == "real"
     frozen = bool(getattr(args, "freeze_encoder", False))
     if frozen:  # the encoder stays as trained: only the decoder, the segmentation and slice heads learn
         for p in net.enc.parameters():
             p.requires_grad_(False)
     history = train_loop(net, sampler, steps, spe, out, lr, batch, rng, bool(args.resume), val, cfg, seq, device,
-                         teacher, distill, frozen)
+                         teacher, distill, frozen, distill_real_only)
     t_train = time.time() - t0
     net = net.cpu().eval()
     seq = seq.eval()
@@ -462,6 +478,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --erase-share {erase:g}" if erase > 0 else "")
                        + (" --box-pseudo" if box_pseudo else "")
                        + (f" --distill {distill:g}" if distill > 0 else "")
+                       + (" --distill-on real" if distill > 0 and distill_real_only else "")
                        + (" --freeze-encoder" if frozen else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
