@@ -311,7 +311,8 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     boxes = f"slices:{sets['boxes']}"
     args = ["train", f"{boxes}:split=train,fraction=0.5,seed=3", "--input", "brain_window", "--out",
             str(tuned_bundle), "--epochs", "1", "--steps-per-epoch", "2", "--batch", "4", "--size", "64",
-            "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder"]
+            "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder",
+            "--paste-crescents", "0.5", "--paste-hu", "45,80", "--distill-on", "real"]
     with pytest.raises(SystemExit, match="--init"):
         triage_main([*args, "--distill", "1"])
     assert triage_main([*args, "--distill", "1", "--init", str(bundle)]) == 0
@@ -325,6 +326,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
                if name.startswith(("dec.", "seg.")))
     command = read_manifest(tuned_bundle)["training"]["command"]
     assert "--box-pseudo" in command and "--distill 1" in command and "--freeze-encoder" in command
+    assert "--paste-crescents 0.5" in command and "--paste-hu 45,80" in command and "--distill-on real" in command
 
 
 def test_distillation_on_real_slices_only_leaves_the_phantoms_free() -> None:
