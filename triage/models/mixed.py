@@ -186,9 +186,16 @@ def _blend_blood(img: np.ndarray, m: np.ndarray, tissue: np.ndarray, rng: np.ran
     c, wd = window_setting
     level = (rng.uniform(*hu_range) - (c - wd / 2)) / wd * 255.0
     noise_sd = float(np.std(img[tissue] - ndimage.uniform_filter(img, 3)[tissue])) if tissue.any() else 3.0
-    blood = level + rng.normal(0, max(noise_sd, 1.0), img.shape)
-    soft = ndimage.gaussian_filter(m.astype(np.float32), 0.6).clip(0, 1)
-    return np.round((img * (1 - soft) + blood * soft).clip(0, 255)).astype(np.uint8)
+    out = img.copy()
+    ys, xs = np.nonzero(m > 0)
+    if not len(ys):
+        return np.round(out.clip(0, 255)).astype(np.uint8)
+    # only the mask's box (with room for the soft edge) changes: noise and blur are drawn there alone
+    box = (slice(max(0, ys.min() - 3), ys.max() + 4), slice(max(0, xs.min() - 3), xs.max() + 4))
+    soft = ndimage.gaussian_filter(m[box].astype(np.float32), 0.6).clip(0, 1)
+    blood = level + rng.normal(0, max(noise_sd, 1.0), soft.shape)
+    out[box] = img[box] * (1 - soft) + blood * soft
+    return np.round(out.clip(0, 255)).astype(np.uint8)
 
 
 def paste_crescent(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.Generator,
