@@ -28,6 +28,7 @@ from triage.models.mixed import (
     grid_exam_from_study,
     mixed_loss,
     paste_crescent,
+    paste_csf,
     robust_augment,
 )
 from triage.models.network import ICHNet
@@ -226,6 +227,42 @@ def test_pasted_crescents_lie_along_the_inner_table(sets: dict[str, Path]) -> No
     assert got.any() and (b["labels"][got, k] == 1).all() and b["target"][got].sum() > 0
 
 
+def test_blood_pasted_into_the_slices_own_csf_spaces(sets: dict[str, Path]) -> None:
+    """Subarachnoid and intraventricular blood take the shape of the slice's own CSF: the mask lies
+    inside the skull on pixels darker than its brain, the paint is at the requested density and
+    nothing else changes; the sampler labels each paste with its subtype and mask."""
+    g = grid_exam_from_slices(SliceSet(sets["masks"]).load("s01"), CFG)  # a negative study
+    for sub in ("subarachnoid", "intraventricular"):
+        out = None
+        for seed in range(40):
+            z = 3 + seed % (len(g.slices) - 6)
+            out = paste_csf(g.windows, z, 3.5, np.random.default_rng(seed), sub, hu_range=(60.0, 60.0))
+            if out is not None:
+                break
+        assert out is not None, f"{sub}: the phantom's CSF takes blood"
+        new, mask = out
+        img = g.windows[z, 0].astype(float)
+        m = mask > 0.5
+        brain = np.median(img[(img > 8) & (img < 235)])
+        assert not (m & (img >= 250)).any(), "not on the bone"
+        assert np.median(img[m]) < brain - 20, "on CSF, darker than the brain"
+        painted = new[0][m].astype(float)
+        assert np.median(painted) > brain + 15, "denser than the brain, as blood reads (thin edges: partial volume)"
+        denser = paste_csf(g.windows, z, 3.5, np.random.default_rng(seed), sub, hu_range=(90.0, 90.0))
+        assert denser is not None and np.array_equal(denser[1], mask), "the same seed, the same place"
+        assert np.median(denser[0][0][m].astype(float) - painted) > 20, "at the requested density"
+        far = ~ndimage.binary_dilation(m, iterations=3)
+        assert np.array_equal(new[0][far], g.windows[z, 0][far]), "nothing else changes"
+
+    sampler = MixedSampler([g], [], np.random.default_rng(3), shares={"paste": 1.0}, grid_px_mm=3.5, csf=1.0)
+    b = sampler.batch(8)
+    assert sampler.pasted > 0
+    got = b["labels"][:, 0] > 0
+    subs = [LABELS.index(s) for s in ("subarachnoid", "intraventricular")]
+    assert got.any() and (b["labels"][got][:, subs].sum(1) == 1).all(), "one CSF subtype per paste"
+    assert b["target"][got].sum() > 0
+
+
 def test_box_pseudo_masks_find_the_blood_inside_the_boxes(sets: dict[str, Path]) -> None:
     """A slice labelled by a loose box gets the bright blood inside it as its pixel target (measured
     against the phantom's own mask), the rest of the box far from it known blood-free; a box over
@@ -312,7 +349,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     args = ["train", f"{boxes}:split=train,fraction=0.5,seed=3", "--input", "brain_window", "--out",
             str(tuned_bundle), "--epochs", "1", "--steps-per-epoch", "2", "--batch", "4", "--size", "64",
             "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder",
-            "--paste-crescents", "0.5", "--paste-hu", "45,80", "--distill-on", "real"]
+            "--paste-crescents", "0.5", "--paste-csf", "0.3", "--paste-hu", "45,80", "--distill-on", "real"]
     with pytest.raises(SystemExit, match="--init"):
         triage_main([*args, "--distill", "1"])
     assert triage_main([*args, "--distill", "1", "--init", str(bundle)]) == 0
@@ -327,6 +364,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     command = read_manifest(tuned_bundle)["training"]["command"]
     assert "--box-pseudo" in command and "--distill 1" in command and "--freeze-encoder" in command
     assert "--paste-crescents 0.5" in command and "--paste-hu 45,80" in command and "--distill-on real" in command
+    assert "--paste-csf 0.3" in command
 
 
 def test_distillation_on_real_slices_only_leaves_the_phantoms_free() -> None:

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--paste-crescents", type=float, default=0.0,
                     help="brain_window: share of pastes that are thin extra-axial crescents along the inner "
                          "table (subdural) instead of bleed shapes")
+    tr.add_argument("--paste-csf", type=float, default=0.0,
+                    help="brain_window: share of pastes that are blood in the slice's own CSF spaces (sulci and "
+                         "cisterns: subarachnoid; ventricles: intraventricular) instead of bleed shapes")
     tr.add_argument("--batch", type=int, default=0, help="brain_window: slices per batch (default 24)")
     tr.add_argument("--masked-share", type=float, default=0.0,
                     help="brain_window: share of each batch drawn from real slices with drawn blood masks")

@@ -226,6 +226,68 @@ def paste_crescent(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.rando
     return _blend_blood(img, mask, tissue, rng, hu_range, window_setting)[None], mask
 
 
+CSF_BLOOD_HU = (45.0, 70.0)  # blood mixed with CSF reads lower than a clot
+CSF_BELOW_BRAIN = 11.0  # HU under the slice's median brain: CSF (sulci, cisterns, ventricles) and its partial volume
+
+
+def paste_csf(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.Generator, subtype: str,
+              hu_range: tuple[float, float] = CSF_BLOOD_HU, window_setting: tuple[float, float] = (40.0, 80.0)
+              ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Blood in the slice's own CSF spaces (slice ``z`` of a blood-free exam, uint8 (Z, 1, S, S)).
+
+    ``subarachnoid``: the CSF of the sulci within 4-20 mm of the inner table over an arc of 40-140
+    degrees, or of a deep cistern (the CSF within 8-18 mm of a point more than 25 mm in); blood
+    takes the shape of the patient's own sulci and cisterns. ``intraventricular``: the dependent
+    part of a deep CSF space of at least 25 mm² (a ventricle) beyond a blood-CSF level, as blood
+    layers in the occipital horns of a patient lying supine. At least 10 mm² of blood, at
+    :data:`CSF_BLOOD_HU` (blood mixed with CSF). phe-sich's real positives are
+    spontaneous intraparenchymal bleeds and the bleed-shape set has IPH / IVH shapes only, so this is
+    where subarachnoid blood meets real anatomy. Returns (new windows of slice ``z`` (1, S, S), mask
+    (S, S)) or None when the slice shows too little CSF there."""
+    img = windows[z, 0].astype(np.float32)
+    cavity, tissue = _skull_cavity(img)
+    if cavity.sum() < 400:
+        return None
+    # CSF: clearly darker than the slice's brain (publishers' windows differ, so not an absolute HU)
+    csf_level = float(np.median(img[tissue])) - CSF_BELOW_BRAIN / window_setting[1] * 255.0
+    smooth = ndimage.gaussian_filter(img, 0.7)
+    csf = ndimage.binary_erosion(cavity, iterations=2) & (smooth < csf_level) & (smooth > 8)  # not air
+    csf = ndimage.binary_opening(csf, np.ones((2, 1))) | ndimage.binary_opening(csf, np.ones((1, 2)))  # no lone pixels
+    depth = ndimage.distance_transform_edt(cavity) * grid_px_mm  # mm from the inner table
+    if subtype == "intraventricular":
+        lab, n = ndimage.label(csf & (depth > 20.0))
+        if not n:
+            return None
+        sizes = ndimage.sum_labels(np.ones_like(img), lab, index=np.arange(1, n + 1)) * grid_px_mm**2
+        big = np.nonzero(sizes >= 25.0)[0] + 1
+        if not len(big):
+            return None
+        comp = lab == int(rng.choice(big))
+        # blood settles on the dependent side below a level; slices are stored face-up or face-left,
+        # so the side is drawn
+        axis, sign = int(rng.integers(2)), float(rng.choice([-1.0, 1.0]))
+        along = sign * np.nonzero(comp)[axis]
+        level = np.quantile(along, rng.uniform(0.3, 0.85))
+        m = np.zeros_like(comp)
+        m[tuple(ix[along >= level] for ix in np.nonzero(comp))] = True
+    elif rng.random() < 0.7:  # sulcal: a cortical sector
+        ys, xs = np.nonzero(cavity)
+        angle = np.arctan2(np.arange(img.shape[0])[:, None] - ys.mean(), np.arange(img.shape[1])[None, :] - xs.mean())
+        off = np.angle(np.exp(1j * (angle - rng.uniform(-np.pi, np.pi))))
+        m = csf & (np.abs(off) < np.deg2rad(rng.uniform(20, 70))) & (depth >= 1.0) & (depth <= rng.uniform(4, 20))
+    else:  # cisternal: deep CSF around a point far from the table
+        deep = np.argwhere(csf & (depth > 25.0))
+        if not len(deep):
+            return None
+        cy, cx = deep[int(rng.integers(len(deep)))]
+        yy, xx = np.ogrid[: img.shape[0], : img.shape[1]]
+        m = csf & ((yy - cy) ** 2 + (xx - cx) ** 2 <= (rng.uniform(8, 18) / grid_px_mm) ** 2)
+    if m.sum() * grid_px_mm**2 < 10.0:  # specks: too like a calcification or noise to call blood
+        return None
+    mask = m.astype(np.float32)
+    return _blend_blood(img, mask, tissue, rng, hu_range, window_setting)[None], mask
+
+
 def paste_shape(windows: np.ndarray, z: int, shape: np.ndarray, subtype: str, grid_px_mm: float,
                 rng: np.random.Generator, window_setting: tuple[float, float] = (40.0, 80.0),
                 hu_range: tuple[float, float] = BLOOD_HU) -> tuple[np.ndarray, np.ndarray] | None:
@@ -450,12 +512,14 @@ class MixedSampler:
 
     def __init__(self, exams: list[GridExam], shapes: list[tuple[str, np.ndarray]], rng: np.random.Generator,
                  shares: dict[str, float] | None = None, grid_px_mm: float = 0.9,
-                 paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0) -> None:
+                 paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0, csf: float = 0.0) -> None:
         """``paste_hu``: density range of pasted blood; ``crescents``: share of the pastes that are
-        extra-axial crescents (:func:`paste_crescent`) instead of bleed shapes."""
+        extra-axial crescents (:func:`paste_crescent`) and ``csf`` of those that are blood in the
+        slice's CSF spaces (:func:`paste_csf`: subarachnoid 60 %, intraventricular 40 %, at
+        :data:`CSF_BLOOD_HU`), instead of bleed shapes."""
         self.exams, self.shapes, self.rng = exams, shapes, rng
         self.grid_px_mm = grid_px_mm
-        self.paste_hu, self.crescents = paste_hu, crescents
+        self.paste_hu, self.crescents, self.csf = paste_hu, crescents, csf
         idx: dict[str, list[tuple[int, int]]] = {"real_pos": [], "real_neg": [], "clean": [], "real_masked": [],
                                                  "phantom_pos": [], "phantom_neg": []}
         for i, ex in enumerate(exams):
@@ -497,7 +561,8 @@ class MixedSampler:
                 kind = "real_pos" if kind == "real_masked" else "real_neg"
             if kind == "phantom":
                 kind = "phantom_pos" if self.rng.random() < 0.5 else "phantom_neg"
-            if kind == "paste" and (not (self.shapes or self.crescents > 0) or not len(self.index["clean"])):
+            if kind == "paste" and (not (self.shapes or self.crescents > 0 or self.csf > 0)
+                                    or not len(self.index["clean"])):
                 kind = "real_neg"
             # missing: same class elsewhere
             if kind not in ("paste", "real_masked", "erase") and not len(self.index[kind]):
@@ -508,9 +573,14 @@ class MixedSampler:
             if kind == "paste":
                 for _ in range(6):
                     i, z = self._pick("clean")
-                    if not self.shapes or self.rng.random() < self.crescents:
+                    # without bleed shapes, the draw falls among the other kinds only
+                    r = self.rng.random() * (1.0 if self.shapes else self.crescents + self.csf)
+                    if r < self.crescents:
                         sub = "subdural"
                         pasted = paste_crescent(self.exams[i].windows, z, self.grid_px_mm, self.rng, self.paste_hu)
+                    elif r < self.crescents + self.csf:
+                        sub = "subarachnoid" if self.rng.random() < 0.6 else "intraventricular"
+                        pasted = paste_csf(self.exams[i].windows, z, self.grid_px_mm, self.rng, sub)
                     else:
                         sub, shape = self.shapes[int(self.rng.integers(len(self.shapes)))]
                         pasted = paste_shape(self.exams[i].windows, z, shape, sub, self.grid_px_mm, self.rng,

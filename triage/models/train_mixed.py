@@ -420,8 +420,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     # head-crop grid: a ~21 cm head box over ``size`` pixels
     paste_hu = str(getattr(args, "paste_hu", "") or "")
     crescents = float(getattr(args, "paste_crescents", 0.0) or 0.0)
+    csf = float(getattr(args, "paste_csf", 0.0) or 0.0)
     sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size,
-                           paste_hu=parse_hu_range(paste_hu), crescents=crescents)
+                           paste_hu=parse_hu_range(paste_hu), crescents=crescents, csf=csf)
     if box_pseudo:  # after the sampler's index: pseudo-masks are targets, not drawn masks ("real_masked")
         log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
@@ -476,6 +477,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --shapes {shapes_dir}" if shapes_dir else "")
                        + (f" --paste-hu {paste_hu}" if paste_hu else "")
                        + (f" --paste-crescents {crescents:g}" if crescents > 0 else "")
+                       + (f" --paste-csf {csf:g}" if csf > 0 else "")
                        + (f" --masked-share {masked:g}" if masked > 0 else "")
                        + (f" --phantom-share {phantom:g}" if phantom != 0.3 else "")
                        + (f" --erase-share {erase:g}" if erase > 0 else "")
