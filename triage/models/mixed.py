@@ -246,7 +246,7 @@ def paste_csf(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.Gen
     (S, S)) or None when the slice shows too little CSF there."""
     img = windows[z, 0].astype(np.float32)
     cavity, tissue = _skull_cavity(img)
-    if cavity.sum() < 400:
+    if cavity.sum() < 400 or tissue.sum() < 100:
         return None
     # CSF: clearly darker than the slice's brain (publishers' windows differ, so not an absolute HU)
     csf_level = float(np.median(img[tissue])) - CSF_BELOW_BRAIN / window_setting[1] * 255.0
