@@ -291,6 +291,26 @@ def test_predict_fills_every_field_in_volume_geometry(tiny_bundle: Path) -> None
         assert pred.present[lab] and zs and all(0 <= z < Z for z in zs)
 
 
+def test_a_brain_window_bundle_finds_the_intracranial_space_beside_the_network() -> None:
+    """The default bundle computes the HU intracranial mask on a second thread while its network
+    reads the series: the prediction holds the same mask and per-slice areas as preprocessing that
+    computes it in line, and the network input does not depend on it."""
+    from triage.models.bundle import DEFAULT_BUNDLE
+
+    b = load_bundle(DEFAULT_BUNDLE, device="cpu")
+    vol = toy_volume(toy_study(7))
+    keep: dict = {}
+    pred = b.predict(vol, keep=keep)
+    in_line = prepare(vol.hu, vol.pixel_spacing, b.cfg)
+    assert in_line.brain_mask.any() and np.array_equal(pred.brain_mask, in_line.brain_mask)
+    assert np.array_equal(keep["prep"].extra["intracranial_cm2"], in_line.extra["intracranial_cm2"])
+    assert not np.isnan(in_line.extra["intracranial_cm2"]).any()
+    deferred = prepare(vol.hu, vol.pixel_spacing, b.cfg, intracranial=False)
+    assert np.isnan(deferred.extra["intracranial_cm2"]).all(), "left to the caller"
+    assert np.array_equal(deferred.windows, in_line.windows) and deferred.box == in_line.box
+    assert set(pred.timings) == {"preprocess", "detection", "segmentation", "gradcam"}
+
+
 def test_blood_under_an_uncalled_subtype_is_kept_as_any(tiny_bundle: Path) -> None:
     """A positive exam's blood that the network segments under a subtype that is not called is
     ``masks["any"]`` (the total counts it, the SEG gets an "Intracranial hemorrhage" segment); it

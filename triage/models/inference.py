@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,16 +34,19 @@ from triage.models.preprocess import (
     PreprocessConfig,
     disk,
     from_network_grid,
+    intracranial_mask,
     key_slice_input,
+    needs_intracranial,
     network_input,
     prepare,
     seg_probs_on_input_grid,
+    with_intracranial,
 )
 from triage.models.types import BundleIdentity, Prediction
 
 log = get_logger(__name__)
 
-CHUNK = 32  # slices per forward pass (bounds memory on long series)
+CHUNK = 8  # slices per forward pass: bounds the activations (32 took 600 MB more RSS, no faster; docs/benchmarks.md)
 MAX_KEY_SLICES = 5
 
 
@@ -179,6 +183,12 @@ def slice_scores(slice_probs: np.ndarray, seg_max: np.ndarray, rule: ExamRule) -
     seg = seg_max if seg_max.size else np.zeros((len(slice_probs), 5), np.float32)
     by_rule = _by_rule(slice_probs, seg)
     return np.stack([by_rule[rules[lab]][:, i] for i, lab in enumerate(LABELS)], axis=1).astype(np.float32)
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and the seconds it took (for work run on another thread)."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def decide(exam: dict[str, float], thresholds: dict[str, float]) -> dict[str, bool]:
@@ -407,46 +417,12 @@ class Bundle:
             m[box] = sub_m
         return m
 
-    def predict(self, volume: Volume, gradcam: bool = True, keep: dict[str, Any] | None = None,
-                hu_known: bool = True) -> Prediction:
-        """Run preprocessing, detection, segmentation and Grad-CAM on one series.
-
-        ``hu_known`` False: the volume's values are not HU (a slice set's pixels in an unknown
-        window, read through an assumed one): the HU check of a ``brain_window`` bundle is skipped."""
-        hu = np.asarray(volume.hu, dtype=np.float32)
-        if hu.ndim != 3 or min(hu.shape) < 1:
-            raise ValueError(f"volume must be (Z, Y, X) with at least one slice, got {hu.shape}")
-        torch.manual_seed(0)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        prep = prepare(hu, volume.pixel_spacing, self.cfg)
-        timings["preprocess"] = time.perf_counter() - t0
-        if keep is not None:
-            keep["prep"] = prep
-
-        t0 = time.perf_counter()
-        out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device, self.session,
-                           self.flip)
-        if self.cfg.input == "brain_window":
-            unread = self.unreadable_slices(hu, prep, out, volume.pixel_spacing, hu_known)
-            if unread.any():
-                out = dict(out, slice_probs=out["slice_probs"].copy(), seg_max=out["seg_max"].copy())
-                out["slice_probs"][unread] = 0.0
-                out["seg_max"][unread] = 0.0
-            if keep is not None:
-                keep["unread_slices"] = unread
-        # per slice, the score the exam rule takes its maximum of (not always the slice network's)
-        slice_probs = slice_scores(out["slice_probs"], out["seg_max"], self.exam_rule)
-        probs = exam_scores(out["slice_probs"], out["seg_max"], self.exam_rule)
-        exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
-        present = decide(exam, self.thresholds)
-        domain = self.domain.assess(prep.windows, prep.brain_small) if self.domain is not None else None
-        timings["detection"] = time.perf_counter() - t0
-        if keep is not None:
-            keep["outputs"] = out
-
-        t0 = time.perf_counter()
-        masks = self.build_masks(hu, prep, out["seg_logits"], present, self.refine_hu, grow=hu_known)
+    def _masks_and_volumes(self, hu: np.ndarray, prep: Prepared, seg_logits: np.ndarray, present: dict[str, bool],
+                           volume: Volume, hu_known: bool
+                           ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
+        """The output masks (:meth:`build_masks`), their volumes (mL) and ABC/2 estimates, per subtype
+        and "any" (the union)."""
+        masks = self.build_masks(hu, prep, seg_logits, present, self.refine_hu, grow=hu_known)
         union = np.zeros(hu.shape, bool)
         for m in masks.values():
             union |= m
@@ -456,17 +432,73 @@ class Bundle:
         abc = {sub: abc2_ml(masks[sub], volume.pixel_spacing, volume.slice_spacing) if sub in masks else 0.0
                for sub in SUBTYPES}
         abc["any"] = abc2_ml(union, volume.pixel_spacing, volume.slice_spacing) if masks else 0.0
-        timings["segmentation"] = time.perf_counter() - t0
+        return masks, volumes, abc
 
-        t0 = time.perf_counter()
-        keys = {lab: key_slices(slice_probs, i, self.thresholds[lab])
-                for i, lab in enumerate(LABELS) if present[lab]}
-        heatmaps: dict[str, np.ndarray] = {}
-        if gradcam and keys:  # positive labels only, their key slices only (triage/models/gradcam.py)
-            heatmaps = gradcam_heatmaps(self.net, prep.windows, self.cfg.context, keys, prep.brain_small,
-                                        prep.brain_mask, prep.box, prep.shape, seg_logits=out["seg_logits"],
-                                        device=self.device)
-        timings["gradcam"] = time.perf_counter() - t0
+    def predict(self, volume: Volume, gradcam: bool = True, keep: dict[str, Any] | None = None,
+                hu_known: bool = True) -> Prediction:
+        """Run preprocessing, detection, segmentation and Grad-CAM on one series.
+
+        ``hu_known`` False: the volume's values are not HU (a slice set's pixels in an unknown
+        window, read through an assumed one): the HU check of a ``brain_window`` bundle is skipped.
+
+        Inference takes one core (:func:`inference_threads`); the morphology on the full-resolution
+        grid (SciPy, which releases the GIL) runs beside the networks on a second thread: the HU
+        intracranial mask while the slice network reads the series, the output masks during
+        Grad-CAM. ``timings``: "preprocess" includes the intracranial mask's own time and
+        "segmentation" the masks' own, so with the overlap the stages add up to more than the wall
+        time."""
+        hu = np.asarray(volume.hu, dtype=np.float32)
+        if hu.ndim != 3 or min(hu.shape) < 1:
+            raise ValueError(f"volume must be (Z, Y, X) with at least one slice, got {hu.shape}")
+        torch.manual_seed(0)
+        timings: dict[str, float] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict") as beside:
+            t0 = time.perf_counter()
+            pending = (beside.submit(_timed, intracranial_mask, hu, volume.pixel_spacing, self.cfg.bone_hu)
+                       if needs_intracranial(hu, self.cfg) else None)
+            prep = prepare(hu, volume.pixel_spacing, self.cfg, intracranial=pending is None)
+            timings["preprocess"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            out = run_networks(self.net, self.seq, prep.windows, prep.brain_small, self.cfg, self.device,
+                               self.session, self.flip)
+            if pending is not None:  # needed from here on (caps, HU check, masks, heat maps)
+                brain_mask, seconds = pending.result()
+                prep = with_intracranial(prep, brain_mask)
+                timings["preprocess"] += seconds
+            if keep is not None:
+                keep["prep"] = prep
+            if self.cfg.input == "brain_window":
+                unread = self.unreadable_slices(hu, prep, out, volume.pixel_spacing, hu_known)
+                if unread.any():
+                    out = dict(out, slice_probs=out["slice_probs"].copy(), seg_max=out["seg_max"].copy())
+                    out["slice_probs"][unread] = 0.0
+                    out["seg_max"][unread] = 0.0
+                if keep is not None:
+                    keep["unread_slices"] = unread
+            # per slice, the score the exam rule takes its maximum of (not always the slice network's)
+            slice_probs = slice_scores(out["slice_probs"], out["seg_max"], self.exam_rule)
+            probs = exam_scores(out["slice_probs"], out["seg_max"], self.exam_rule)
+            exam = {lab: float(probs[i]) for i, lab in enumerate(LABELS)}
+            present = decide(exam, self.thresholds)
+            domain = self.domain.assess(prep.windows, prep.brain_small) if self.domain is not None else None
+            timings["detection"] = time.perf_counter() - t0
+            if keep is not None:
+                keep["outputs"] = out
+
+            masking = beside.submit(_timed, self._masks_and_volumes, hu, prep, out["seg_logits"], present,
+                                    volume, hu_known)
+            t0 = time.perf_counter()
+            keys = {lab: key_slices(slice_probs, i, self.thresholds[lab])
+                    for i, lab in enumerate(LABELS) if present[lab]}
+            heatmaps: dict[str, np.ndarray] = {}
+            if gradcam and keys:  # positive labels only, their key slices only (triage/models/gradcam.py)
+                heatmaps = gradcam_heatmaps(self.net, prep.windows, self.cfg.context, keys, prep.brain_small,
+                                            prep.brain_mask, prep.box, prep.shape, seg_logits=out["seg_logits"],
+                                            device=self.device)
+            gradcam_s = time.perf_counter() - t0
+            (masks, volumes, abc), timings["segmentation"] = masking.result()
+            timings["gradcam"] = gradcam_s
         return Prediction(
             exam_probs=exam,
             thresholds=dict(self.thresholds),

@@ -12,7 +12,7 @@ scalp haematoma, skull-base streaks and the face cannot drive a prediction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -345,14 +345,30 @@ def crop_padded(arr: np.ndarray, box: tuple[int, int, int, int], fill: float = 0
     return out
 
 
+def needs_intracranial(hu: np.ndarray, cfg: PreprocessConfig) -> bool:
+    """Whether a ``brain_window`` volume's output mask comes from HU (:func:`intracranial_mask`): it
+    holds bone (the node's DICOM, HU-valued slice sets); a brain-windowed PNG has no bone HU."""
+    return cfg.input == "brain_window" and bool((hu > cfg.bone_hu).any())
+
+
+def with_intracranial(prep: Prepared, brain_mask: np.ndarray) -> Prepared:
+    """``prep`` with the HU intracranial mask as its ``brain_mask`` and each slice's intracranial
+    area (cm², ``extra["intracranial_cm2"]``)."""
+    ps = prep.extra["pixel_spacing"]
+    area = brain_mask.sum(axis=(1, 2)) * float(ps[0]) * float(ps[1]) / 100.0
+    return replace(prep, brain_mask=brain_mask, extra={**prep.extra, "intracranial_cm2": area})
+
+
 def prepare_brain_window(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessConfig,
-                         brain_mask: np.ndarray | None = None) -> Prepared:
+                         brain_mask: np.ndarray | None = None, intracranial: bool = True) -> Prepared:
     """The ``brain_window`` input: uint8 brain window -> head crop -> area resampling.
 
-    ``brain_mask`` (for the output masks) is the HU intracranial mask when the volume holds bone (the
-    node's DICOM, HU-valued slice sets), else the head mask (a brain-windowed PNG has no bone HU).
-    ``brain_small`` is the head on the network grid. ``extra["intracranial_cm2"]`` (Z,) is each
-    slice's intracranial area where the mask comes from HU (NaN otherwise)."""
+    ``brain_mask`` (for the output masks) is the HU intracranial mask when the volume holds bone
+    (:func:`needs_intracranial`), else the head mask. ``brain_small`` is the head on the network
+    grid. ``extra["intracranial_cm2"]`` (Z,) is each slice's intracranial area where the mask comes
+    from HU (NaN otherwise). ``intracranial`` False leaves the head mask in place: the caller
+    computes the HU mask beside the network (it is needed only after it) and joins it with
+    :func:`with_intracranial`."""
     u8 = brain_window_u8(hu, cfg.windows[0])
     head = head_mask(u8)
     box = head_box(head)
@@ -362,25 +378,23 @@ def prepare_brain_window(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg
     frac = resample(torch.from_numpy(crop_padded(head, box).astype(np.float32)), s)
     win_u8 = (small * 255.0).round().clamp_(0, 255).to(torch.uint8).numpy()[:, None]
     win_u8, small_mask, _ = downsize(win_u8, (frac > 0.5).numpy(), None, cfg.size)
-    area = np.full(hu.shape[0], np.nan, np.float32)
-    if brain_mask is None:
-        if bool((hu > cfg.bone_hu).any()):
-            brain_mask = intracranial_mask(hu, pixel_spacing, cfg.bone_hu)
-            area = brain_mask.sum(axis=(1, 2)) * float(pixel_spacing[0]) * float(pixel_spacing[1]) / 100.0
-        else:
-            brain_mask = head
-    return Prepared(win_u8, small_mask, brain_mask, box, tuple(hu.shape),
-                    {"intracranial_cm2": area, "pixel_spacing": tuple(float(v) for v in pixel_spacing)})
+    prep = Prepared(win_u8, small_mask, head if brain_mask is None else brain_mask, box, tuple(hu.shape),
+                    {"intracranial_cm2": np.full(hu.shape[0], np.nan, np.float32),
+                     "pixel_spacing": tuple(float(v) for v in pixel_spacing)})
+    if brain_mask is None and intracranial and needs_intracranial(hu, cfg):
+        return with_intracranial(prep, intracranial_mask(hu, pixel_spacing, cfg.bone_hu))
+    return prep
 
 
 def prepare(hu: np.ndarray, pixel_spacing: tuple[float, float], cfg: PreprocessConfig,
-            brain_mask: np.ndarray | None = None) -> Prepared:
-    """Run the full preprocessing on a (Z, Y, X) HU array."""
+            brain_mask: np.ndarray | None = None, intracranial: bool = True) -> Prepared:
+    """Run the full preprocessing on a (Z, Y, X) HU array (``intracranial``: see
+    :func:`prepare_brain_window`)."""
     hu = np.asarray(hu, dtype=np.float32)
     if hu.ndim != 3 or hu.shape[0] < 1:
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {hu.shape}")
     if cfg.input == "brain_window":
-        return prepare_brain_window(hu, pixel_spacing, cfg, brain_mask)
+        return prepare_brain_window(hu, pixel_spacing, cfg, brain_mask, intracranial)
     if brain_mask is None:
         brain_mask = intracranial_mask(hu, pixel_spacing, cfg.bone_hu)
     if cfg.min_area_cm2 > 0:
