@@ -157,7 +157,11 @@ def test_a_tiny_mixed_run_lowers_the_loss(sets: dict[str, Path], studies: list[S
     assert (batch["label_known"][:, 1:] == 0).any(), "unknown subtypes reach the loss as unknown"
     for shares, flag in (({"phantom": 1.0}, 1.0), ({"real_neg": 1.0}, 0.0)):
         only = MixedSampler(exams, [], np.random.default_rng(0), shares=shares, grid_px_mm=3.5).batch(4)
-        assert only["phantom"].tolist() == [flag] * 4, "each sample says whether it is a phantom slice"
+        assert only["synthetic"].tolist() == [flag] * 4, "each sample says whether it is a phantom slice"
+    pasted = MixedSampler(exams, [], np.random.default_rng(0), shares={"paste": 1.0}, grid_px_mm=3.5, csf=1.0)
+    b = pasted.batch(6)
+    assert pasted.pasted > 0
+    assert (b["synthetic"][b["labels"][:, 0] > 0] == 1.0).all(), "a pasted bleed is synthetic too"
     net = ICHNet(3, (8, 12, 16, 24, 32), stem=2)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "bundle's (the segmentation learns, the detector stays)")
     tr.add_argument("--distill-on", default="all", choices=("all", "real"),
                     help="brain_window with --distill: 'real' holds only the real slices' scores (phantoms "
-                         "are learned freely)")
+                         "and pasted bleeds are learned freely)")
     tr.add_argument("--freeze-encoder", action="store_true",
                     help="brain_window: train the decoder and heads only")
     tu = add("tune", "triage.models.train:tune",

@@ -554,7 +554,7 @@ class MixedSampler:
             kinds += [k] * int(round(share * n))
         kinds = (kinds + ["real_neg"] * n)[:n]
         xs, tg, unk, anyb, boxm, lab, lknown, sknown, has_box = [], [], [], [], [], [], [], [], []
-        phantom = []  # 1.0 where the sample is a phantom slice
+        synthetic = []  # 1.0 where the sample is a phantom slice or carries a pasted bleed
         size = self.exams[0].windows.shape[-1]
         for kind in kinds:
             if kind in ("real_masked", "erase") and not len(self.index["real_masked"]):
@@ -609,7 +609,7 @@ class MixedSampler:
             elif kind != "paste":
                 i, z = self._pick(kind)
             ex, s = self.exams[i], self.exams[i].slices[z]
-            phantom.append(float(ex.source == "phantom"))
+            synthetic.append(float(ex.source == "phantom" or pasted is not None))
             if erased is not None:
                 # alone, the erased slice is its own neighbour (the real ones may show the same bleed)
                 x = key_slice_input(erased[None], 1, [0])[0]
@@ -645,7 +645,7 @@ class MixedSampler:
         return {"x": x, "target": maps[:, :5], "unknown": (maps[:, 5] > 0.5).float(), "any_blood": maps[:, 6],
                 "boxes": (maps[:, 7:] > 0.5).float(), "labels": torch.stack(lab),
                 "label_known": torch.stack(lknown), "seg_known": torch.tensor(sknown),
-                "phantom": torch.tensor(phantom)}
+                "synthetic": torch.tensor(synthetic)}
 
 
 POS_PIXEL_WEIGHT = 3.0

@@ -290,11 +290,13 @@ def parse_hu_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, phantom: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE between the (N, labels) slice logits of the student and the teacher; with ``phantom``
-    ((N,) 1.0 for phantom slices), over the real slices only (zero when there are none)."""
-    if phantom is not None:
-        real = phantom < 0.5
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, synthetic: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """MSE between the (N, labels) slice logits of the student and the teacher; with ``synthetic``
+    ((N,) 1.0 for phantom slices and real slices with a pasted bleed), over the plain real slices
+    only (zero when there are none)."""
+    if synthetic is not None:
+        real = synthetic < 0.5
         if not real.any():
             return student.sum() * 0.0
         student, teacher = student[real], teacher[real]
@@ -309,7 +311,8 @@ def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: 
     """The training loop (checkpoint each epoch, resumable). With a ``teacher`` and ``distill`` > 0,
     the slice logits are also pulled (MSE, weight ``distill``) to the teacher's on the same batch:
     the segmentation can learn without moving the detector it feeds; ``distill_real_only``: on the
-    real slices only, so the phantoms are learned freely while the real slices' scores stay.
+    real slices only, so the phantoms and pasted bleeds are learned freely while the real slices'
+    scores stay.
     ``frozen_encoder``: the encoder's batch-norm statistics stay as trained too (its weights are frozen
     by the caller)."""
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
@@ -339,7 +342,7 @@ def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: 
             with torch.no_grad():
                 target = teacher(b["x"].to(device))["slice"]
             losses["loss"] = losses["loss"] + distill * distill_loss(
-                out_["slice"], target, b["phantom"].to(device) if distill_real_only else None)
+                out_["slice"], target, b["synthetic"].to(device) if distill_real_only else None)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
