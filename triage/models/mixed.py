@@ -179,6 +179,15 @@ def _skull_cavity(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cavity, ndimage.binary_erosion(cavity & (img > 8) & (img < 235), iterations=2)
 
 
+def _arc_offset(cavity: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per pixel, its angle seen from the cavity's centre less a random direction, wrapped to
+    (-pi, pi]: ``abs(off) < half`` is an arc of the skull of ``2 * half`` radians."""
+    ys, xs = np.nonzero(cavity)
+    yy, xx = np.indices(cavity.shape)
+    angle = np.arctan2(yy - ys.mean(), xx - xs.mean())
+    return np.angle(np.exp(1j * (angle - rng.uniform(-np.pi, np.pi))))
+
+
 def _blend_blood(img: np.ndarray, m: np.ndarray, tissue: np.ndarray, rng: np.random.Generator,
                  hu_range: tuple[float, float], window_setting: tuple[float, float]) -> np.ndarray:
     """``img`` (float, 0-255) with acute blood painted where the soft mask ``m`` (same shape) is: a
@@ -213,11 +222,8 @@ def paste_crescent(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.rando
     if cavity.sum() < 400:
         return None
     depth = ndimage.distance_transform_edt(cavity) * grid_px_mm  # mm from the inner table
-    ys, xs = np.nonzero(cavity)
-    angle = np.zeros(img.shape, np.float32)
-    angle[ys, xs] = np.arctan2(ys - ys.mean(), xs - xs.mean())
-    centre, half = rng.uniform(-np.pi, np.pi), np.deg2rad(rng.uniform(15, 50))
-    off = np.angle(np.exp(1j * (angle - centre)))  # wrapped to (-pi, pi]
+    off = _arc_offset(cavity, rng)
+    half = np.deg2rad(rng.uniform(15, 50))
     thick = rng.uniform(1.0, 7.0) * np.cos(np.clip(off / half, -1, 1) * np.pi / 2)
     m = cavity & (np.abs(off) < half) & (depth <= thick) & (img > 8) & (img < 235)
     if m.sum() < 6:
@@ -271,9 +277,7 @@ def paste_csf(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.Gen
         m = np.zeros_like(comp)
         m[tuple(ix[along >= level] for ix in np.nonzero(comp))] = True
     elif rng.random() < 0.7:  # sulcal: a cortical sector
-        ys, xs = np.nonzero(cavity)
-        angle = np.arctan2(np.arange(img.shape[0])[:, None] - ys.mean(), np.arange(img.shape[1])[None, :] - xs.mean())
-        off = np.angle(np.exp(1j * (angle - rng.uniform(-np.pi, np.pi))))
+        off = _arc_offset(cavity, rng)
         m = csf & (np.abs(off) < np.deg2rad(rng.uniform(20, 70))) & (depth >= 1.0) & (depth <= rng.uniform(4, 20))
     else:  # cisternal: deep CSF around a point far from the table
         deep = np.argwhere(csf & (depth > 25.0))
