@@ -157,11 +157,11 @@ def test_a_tiny_mixed_run_lowers_the_loss(sets: dict[str, Path], studies: list[S
     assert (batch["label_known"][:, 1:] == 0).any(), "unknown subtypes reach the loss as unknown"
     for shares, flag in (({"phantom": 1.0}, 1.0), ({"real_neg": 1.0}, 0.0)):
         only = MixedSampler(exams, [], np.random.default_rng(0), shares=shares, grid_px_mm=3.5).batch(4)
-        assert only["synthetic"].tolist() == [flag] * 4, "each sample says whether it is a phantom slice"
+        assert only["free"].tolist() == [flag] * 4, "each sample says whether distillation leaves it free"
     pasted = MixedSampler(exams, [], np.random.default_rng(0), shares={"paste": 1.0}, grid_px_mm=3.5, csf=1.0)
     b = pasted.batch(6)
     assert pasted.pasted > 0
-    assert (b["synthetic"][b["labels"][:, 0] > 0] == 1.0).all(), "a pasted bleed is synthetic too"
+    assert (b["free"][b["labels"][:, 0] > 0] == 1.0).all(), "a pasted bleed is free too"
     net = ICHNet(3, (8, 12, 16, 24, 32), stem=2)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
@@ -197,6 +197,9 @@ def test_erased_bleeds_become_negatives_of_the_same_slice(sets: dict[str, Path])
     assert sampler.erased == 6
     assert (b["labels"] == 0).all() and (b["label_known"] == 1).all() and (b["seg_known"] == 1).all()
     assert b["target"].sum() == 0, "an erased slice is known empty"
+    assert (b["free"] == 1.0).all(), "distillation leaves erased slices free"
+    drawn = MixedSampler([g], [], np.random.default_rng(1), shares={"real_masked": 1.0}, grid_px_mm=3.5).batch(4)
+    assert (drawn["free"] == 1.0).all(), "and slices with drawn masks: they teach new blood"
 
 
 def test_pasted_crescents_lie_along_the_inner_table(sets: dict[str, Path]) -> None:
@@ -353,7 +356,8 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     args = ["train", f"{boxes}:split=train,fraction=0.5,seed=3", "--input", "brain_window", "--out",
             str(tuned_bundle), "--epochs", "1", "--steps-per-epoch", "2", "--batch", "4", "--size", "64",
             "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder",
-            "--paste-crescents", "0.5", "--paste-csf", "0.3", "--paste-hu", "45,80", "--distill-on", "real"]
+            "--paste-crescents", "0.5", "--paste-csf", "0.3", "--paste-hu", "45,80", "--distill-on", "real",
+            "--distill-seg", "0.5"]
     with pytest.raises(SystemExit, match="--init"):
         triage_main([*args, "--distill", "1"])
     assert triage_main([*args, "--distill", "1", "--init", str(bundle)]) == 0
@@ -368,7 +372,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     command = read_manifest(tuned_bundle)["training"]["command"]
     assert "--box-pseudo" in command and "--distill 1" in command and "--freeze-encoder" in command
     assert "--paste-crescents 0.5" in command and "--paste-hu 45,80" in command and "--distill-on real" in command
-    assert "--paste-csf 0.3" in command
+    assert "--paste-csf 0.3" in command and "--distill-seg 0.5" in command
 
 
 def test_distillation_on_real_slices_only_leaves_the_phantoms_free() -> None:
@@ -384,6 +388,21 @@ def test_distillation_on_real_slices_only_leaves_the_phantoms_free() -> None:
     assert grad[0] > 0 and grad[2] > 0, "the real slices are held"
     assert grad[1] == 0 and grad[3] == 0, "the phantom slices are not"
     assert float(distill_loss(student, teacher, torch.ones(4)).detach()) == 0.0
+
+
+def test_segmentation_distillation_is_zero_where_the_teacher_agrees_and_holds_only_plain_slices() -> None:
+    from triage.models.train_mixed import distill_seg_loss
+
+    teacher = torch.randn(3, 5, 8, 8) * 4
+    assert abs(float(distill_seg_loss(teacher.clone(), teacher))) < 1e-6, "no pull where they agree"
+    student = torch.zeros(3, 5, 8, 8, requires_grad=True)
+    free = torch.tensor([0.0, 1.0, 0.0])
+    loss = distill_seg_loss(student, teacher, free)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    grad = student.grad.abs().flatten(1).sum(dim=1)
+    assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0, "the free sample is not pulled"
+    assert float(distill_seg_loss(student, teacher, torch.ones(3)).detach()) == 0.0
 
 
 def _toy_head(z: int = 3, n: int = 160, px: float = 1.0) -> np.ndarray:

@@ -558,7 +558,9 @@ class MixedSampler:
             kinds += [k] * int(round(share * n))
         kinds = (kinds + ["real_neg"] * n)[:n]
         xs, tg, unk, anyb, boxm, lab, lknown, sknown, has_box = [], [], [], [], [], [], [], [], []
-        synthetic = []  # 1.0 where the sample is a phantom slice or carries a pasted bleed
+        # 1.0 where the sample teaches something the model it starts from did not see (a phantom
+        # slice, a pasted bleed, a drawn mask, an erased bleed): distillation leaves those free
+        free = []
         size = self.exams[0].windows.shape[-1]
         for kind in kinds:
             if kind in ("real_masked", "erase") and not len(self.index["real_masked"]):
@@ -613,7 +615,8 @@ class MixedSampler:
             elif kind != "paste":
                 i, z = self._pick(kind)
             ex, s = self.exams[i], self.exams[i].slices[z]
-            synthetic.append(float(ex.source == "phantom" or pasted is not None))
+            free.append(float(ex.source == "phantom" or pasted is not None or erased is not None
+                              or kind == "real_masked"))
             if erased is not None:
                 # alone, the erased slice is its own neighbour (the real ones may show the same bleed)
                 x = key_slice_input(erased[None], 1, [0])[0]
@@ -649,7 +652,7 @@ class MixedSampler:
         return {"x": x, "target": maps[:, :5], "unknown": (maps[:, 5] > 0.5).float(), "any_blood": maps[:, 6],
                 "boxes": (maps[:, 7:] > 0.5).float(), "labels": torch.stack(lab),
                 "label_known": torch.stack(lknown), "seg_known": torch.tensor(sknown),
-                "synthetic": torch.tensor(synthetic)}
+                "free": torch.tensor(free)}
 
 
 POS_PIXEL_WEIGHT = 3.0

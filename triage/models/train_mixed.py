@@ -290,29 +290,45 @@ def parse_hu_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, synthetic: torch.Tensor | None = None
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, free: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """MSE between the (N, labels) slice logits of the student and the teacher; with ``synthetic``
-    ((N,) 1.0 for phantom slices and real slices with a pasted bleed), over the plain real slices
-    only (zero when there are none)."""
-    if synthetic is not None:
-        real = synthetic < 0.5
-        if not real.any():
+    """MSE between the (N, labels) slice logits of the student and the teacher; with ``free``
+    ((N,) 1.0 for samples that teach something new: phantoms, pasted bleeds, drawn masks), over the
+    other samples (the plain real slices) only (zero when there are none)."""
+    if free is not None:
+        held = free < 0.5
+        if not held.any():
             return student.sum() * 0.0
-        student, teacher = student[real], teacher[real]
+        student, teacher = student[held], teacher[held]
     return F.mse_loss(student, teacher)
+
+
+def distill_seg_loss(student: torch.Tensor, teacher: torch.Tensor, free: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """The segmentation's counterpart of :func:`distill_loss`: the (N, C, H, W) logits pulled to the
+    teacher's probabilities (soft-target BCE less the teacher's own entropy: zero where they agree),
+    so that the masks of the slices the teacher read well (and their normal anatomy) stay as they
+    were while the free samples teach new blood."""
+    if free is not None:
+        held = free < 0.5
+        if not held.any():
+            return student.sum() * 0.0
+        student, teacher = student[held], teacher[held]
+    target = torch.sigmoid(teacher)
+    return (F.binary_cross_entropy_with_logits(student, target)
+            - F.binary_cross_entropy_with_logits(teacher, target))
 
 
 def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: int, out: Path, lr: float,
                batch: int, rng: np.random.Generator, resume: bool, val: list[GridExam], cfg: PreprocessConfig,
                seq: SequenceHead, device: torch.device, teacher: ICHNet | None = None,
-               distill: float = 0.0, frozen_encoder: bool = False, distill_real_only: bool = False
-               ) -> list[dict[str, Any]]:
+               distill: float = 0.0, frozen_encoder: bool = False, distill_real_only: bool = False,
+               distill_seg: float = 0.0) -> list[dict[str, Any]]:
     """The training loop (checkpoint each epoch, resumable). With a ``teacher`` and ``distill`` > 0,
     the slice logits are also pulled (MSE, weight ``distill``) to the teacher's on the same batch:
     the segmentation can learn without moving the detector it feeds; ``distill_real_only``: on the
     real slices only, so the phantoms and pasted bleeds are learned freely while the real slices'
-    scores stay.
+    scores stay. ``distill_seg`` > 0: the segmentation too (:func:`distill_seg_loss`, on the same samples).
     ``frozen_encoder``: the encoder's batch-norm statistics stay as trained too (its weights are frozen
     by the caller)."""
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
@@ -338,11 +354,12 @@ def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: 
         b = sampler.batch(batch)
         out_ = net(b["x"].to(device))
         losses = mixed_loss({k: v.cpu() for k, v in out_.items()}, b)
-        if teacher is not None and distill > 0:
+        if teacher is not None and (distill > 0 or distill_seg > 0):
             with torch.no_grad():
-                target = teacher(b["x"].to(device))["slice"]
-            losses["loss"] = losses["loss"] + distill * distill_loss(
-                out_["slice"], target, b["synthetic"].to(device) if distill_real_only else None)
+                target = teacher(b["x"].to(device))
+            free = b["free"].to(device) if distill_real_only else None
+            losses["loss"] = (losses["loss"] + distill * distill_loss(out_["slice"], target["slice"], free)
+                              + distill_seg * distill_seg_loss(out_["seg"], target["seg"], free))
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -432,10 +449,11 @@ def main(args: argparse.Namespace, settings: Any) -> int:
              **sampler.counts())
     t0 = time.time()
     distill = float(getattr(args, "distill", 0.0) or 0.0)
+    distill_seg = float(getattr(args, "distill_seg", 0.0) or 0.0)
     teacher = None
-    if distill > 0:
+    if distill > 0 or distill_seg > 0:
         if not init:
-            raise SystemExit("--distill needs --init: the teacher is the bundle fine-tuned from")
+            raise SystemExit("--distill / --distill-seg need --init: the teacher is the bundle fine-tuned from")
         teacher = load_weights(init, theirs)[0].to(device).eval()
     distill_real_only = str(getattr(args, "distill_on", "all") or "all") == "real"
     frozen = bool(getattr(args, "freeze_encoder", False))
@@ -443,7 +461,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         for p in net.enc.parameters():
             p.requires_grad_(False)
     history = train_loop(net, sampler, steps, spe, out, lr, batch, rng, bool(args.resume), val, cfg, seq, device,
-                         teacher, distill, frozen, distill_real_only)
+                         teacher, distill, frozen, distill_real_only, distill_seg)
     t_train = time.time() - t0
     net = net.cpu().eval()
     seq = seq.eval()
@@ -486,7 +504,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --erase-share {erase:g}" if erase > 0 else "")
                        + (" --box-pseudo" if box_pseudo else "")
                        + (f" --distill {distill:g}" if distill > 0 else "")
-                       + (" --distill-on real" if distill > 0 and distill_real_only else "")
+                       + (f" --distill-seg {distill_seg:g}" if distill_seg > 0 else "")
+                       + (" --distill-on real" if (distill > 0 or distill_seg > 0) and distill_real_only else "")
                        + (" --freeze-encoder" if frozen else "")
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
