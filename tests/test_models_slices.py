@@ -443,3 +443,9 @@ def test_hu_confirmation_keeps_blood_and_drops_brain_and_calcification(tmp_path:
     assert unread.tolist() == [False, True, True], "only the hyperdense blob backs the network's call"
     out["seg_logits"][:] = -5.0  # the network's mask misses the blob: nothing confirms it either
     assert bundle.unreadable_slices(hu, prep, out, (1.0, 1.0)).all()
+    # called or not: a slice under the "any" threshold is checked too, so an unbacked slice scoring
+    # just under the threshold cannot outrank a backed one (the worklist is ranked by the score)
+    out["seg_logits"][:] = 5.0
+    out["slice_probs"][:] = 0.3
+    out["seg_max"][:] = 0.3
+    assert bundle.unreadable_slices(hu, prep, out, (1.0, 1.0)).tolist() == [False, True, True]

@@ -317,14 +317,16 @@ class Bundle:
         """Bool (Z,): slices of a ``brain_window`` bundle that do not count toward the exam.
 
         * Caps: an intracranial cross-section (from HU) under ``min_area_cm2`` (skull base, vertex).
-        * Without HU confirmation (manifest ``hu_confirmation``): a slice the network calls bleeding
-          where no blood-dense tissue backs it: inside the intracranial space, where the segmentation
-          is 0.5 or more, fewer than ``min_area_mm2`` of pixels within ``hu`` (acute blood is
-          hyperdense; after an opening by a 1 mm disk, so noise specks and thin streaks do not count),
-          leaving out the rim of
-          calcifications away from the skull (within 2.5 mm of tissue denser than ``hu``). The brain window saturates
-          at 80 HU, so the network cannot tell dense calcium from blood, nor does it see HU at all;
-          the node does, and this is where it uses them.
+        * Without HU confirmation (manifest ``hu_confirmation``): a slice where no blood-dense tissue
+          backs the network: inside the intracranial space, where the segmentation is 0.5 or more,
+          fewer than ``min_area_mm2`` of pixels within ``hu`` (acute blood is hyperdense; after an
+          opening by a 1 mm disk, so noise specks and thin streaks do not count), leaving out the
+          rim of calcifications away from the skull (within 2.5 mm of tissue denser than ``hu``).
+          Every slice is checked, called or not: the exam's score ranks the worklist, and an
+          unbacked slice must not outrank a backed one (until 2026.12.06.3 only slices at the "any"
+          threshold were, so an unbacked 0.76 counted and an unbacked 0.78 did not). The brain
+          window saturates at 80 HU, so the network cannot tell dense calcium from blood, nor does
+          it see HU at all; the node does, and this is where it uses them.
         """
         z = hu.shape[0]
         unread = np.zeros(z, bool)
@@ -339,10 +341,15 @@ class Bundle:
         lo, hi = (float(v) for v in conf.get("hu", (50.0, 100.0)))
         min_px = float(conf.get("min_area_mm2", 8.0)) / (float(pixel_spacing[0]) * float(pixel_spacing[1]))
         px_mm = float(np.mean(pixel_spacing))
-        t_any = float(self.thresholds["any"])
-        score = np.maximum(out["slice_probs"][:, 0], out["seg_max"].max(axis=1) if out["seg_max"].size else 0.0)
-        for zi in np.flatnonzero((score >= t_any) & ~unread):
-            logits = out["seg_logits"][zi : zi + 1].max(axis=1)  # the most probable subtype per pixel
+        # every slice is looked at, called or not, so that no slice without blood-dense tissue
+        # outranks one with it; a slice whose segmentation never reaches 0.5 has none to show
+        # (bilinear up-sampling never exceeds its inputs), and needs no morphology to say so
+        if not out["seg_logits"].size:
+            return unread
+        top = out["seg_logits"].max(axis=1)  # the most probable subtype per pixel
+        unread |= top.reshape(z, -1).max(axis=1) < 0.0
+        for zi in np.flatnonzero(~unread):
+            logits = top[zi : zi + 1]
             fine = seg_probs_on_input_grid(logits, prep.brain_small[zi : zi + 1])
             up = from_network_grid(fine, prep.box, (1, *hu.shape[1:]))[0]
             inside = prep.brain_mask[zi]
