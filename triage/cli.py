@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--shapes", default="", help="brain_window: folder of real 3-D bleed masks to paste (shapes.csv)")
     tr.add_argument("--paste-hu", default="",
                     help="brain_window: density range of pasted blood, LO,HI in HU (default 55,85)")
+    tr.add_argument("--aug-window-width", default="",
+                    help="brain_window: range of the window augmentation's width, LO,HI in HU (default 60,130); "
+                         "a lower end under 60 lets slices published in a wide window reach the node's 40/80 contrast")
     tr.add_argument("--paste-crescents", type=float, default=0.0,
                     help="brain_window: share of pastes that are thin extra-axial crescents along the inner "
                          "table (subdural) instead of bleed shapes")

@@ -141,6 +141,9 @@ def grid_exam_from_study(study, cfg: PreprocessConfig) -> GridExam:  # noqa: ANN
 
 SHAPE_MIN_PIXELS = 40  # of a 0.49 mm slice: smaller cross-sections are partial-volume specks
 BLOOD_HU = (55.0, 85.0)
+# the window augmentation's width range, HU: slices published in a wider window than the assumed
+# 40/80 (phe-sich's) reach the contrast of the node's own 40/80 window only at the range's low end
+WINDOW_WIDTHS = (60.0, 130.0)
 
 
 def load_shapes(root: str | Path, limit: int = 0) -> list[tuple[str, np.ndarray]]:
@@ -372,13 +375,13 @@ def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator,
+                   widths: tuple[float, float] = WINDOW_WIDTHS) -> tuple[torch.Tensor, torch.Tensor]:
     """What a publisher, a scanner or a crop may change and the labels do not.
 
     ``x`` (N, C, S, S) brain-window input in [0, 1]; ``maps`` (N, K, S, S) targets moved alike.
     Geometry: mirror, quarter turns, rotation +-15 deg, scale 0.8-1.15 (crop), shift +-4 %. Intensity, the same
-    for every channel of a sample: another window (centre 30-50 HU, width 60-130 HU, read from the
+    for every channel of a sample: another window (centre 30-50 HU, width ``widths`` HU, read from the
     pixels as HU in the assumed 40/80), contrast and brightness, gamma; then blur, noise and JPEG
     artefacts on some samples; on a quarter the neighbour slices are replaced by the slice itself
     (slice sets without order, thin series)."""
@@ -401,7 +404,7 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
         return torch.from_numpy(a).float()[:, None, None, None]
 
     hu = x * 80.0  # the assumed 40/80 window read back as HU
-    centre, width = col(rng.uniform(30, 50, n)), col(rng.uniform(60, 130, n))
+    centre, width = col(rng.uniform(30, 50, n)), col(rng.uniform(widths[0], widths[1], n))
     keep = col((rng.random(n) < 0.3).astype(np.float64))  # some samples keep the exact window
     centre, width = keep * 40 + (1 - keep) * centre, keep * 80 + (1 - keep) * width
     # saturated levels stand for "at or below 0 HU" and "at or above 80 HU": another window keeps them
@@ -516,14 +519,17 @@ class MixedSampler:
 
     def __init__(self, exams: list[GridExam], shapes: list[tuple[str, np.ndarray]], rng: np.random.Generator,
                  shares: dict[str, float] | None = None, grid_px_mm: float = 0.9,
-                 paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0, csf: float = 0.0) -> None:
+                 paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0, csf: float = 0.0,
+                 window_widths: tuple[float, float] = WINDOW_WIDTHS) -> None:
         """``paste_hu``: density range of pasted blood; ``crescents``: share of the pastes that are
         extra-axial crescents (:func:`paste_crescent`) and ``csf`` of those that are blood in the
         slice's CSF spaces (:func:`paste_csf`: subarachnoid 60 %, intraventricular 40 %, at
-        :data:`CSF_BLOOD_HU`), instead of bleed shapes."""
+        :data:`CSF_BLOOD_HU`), instead of bleed shapes; ``window_widths``: the range of the window
+        augmentation's width (:func:`robust_augment`)."""
         self.exams, self.shapes, self.rng = exams, shapes, rng
         self.grid_px_mm = grid_px_mm
         self.paste_hu, self.crescents, self.csf = paste_hu, crescents, csf
+        self.window_widths = window_widths
         idx: dict[str, list[tuple[int, int]]] = {"real_pos": [], "real_neg": [], "clean": [], "real_masked": [],
                                                  "phantom_pos": [], "phantom_neg": []}
         for i, ex in enumerate(exams):
@@ -648,7 +654,7 @@ class MixedSampler:
             sknown.append(float(s.seg_known))
         x = torch.stack(xs)
         maps = torch.cat([torch.stack(tg), torch.stack(unk)[:, None], torch.stack(anyb)[:, None], torch.stack(boxm)], 1)
-        x, maps = robust_augment(x, maps, self.rng)
+        x, maps = robust_augment(x, maps, self.rng, self.window_widths)
         return {"x": x, "target": maps[:, :5], "unknown": (maps[:, 5] > 0.5).float(), "any_blood": maps[:, 6],
                 "boxes": (maps[:, 7:] > 0.5).float(), "labels": torch.stack(lab),
                 "label_known": torch.stack(lknown), "seg_known": torch.tensor(sknown),

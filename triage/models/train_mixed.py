@@ -40,6 +40,7 @@ from triage.models.inference import resolve_device, run_networks, slice_scores
 from triage.models.metrics import roc_auc
 from triage.models.mixed import (
     BLOOD_HU,
+    WINDOW_WIDTHS,
     GridExam,
     MixedSampler,
     add_box_pseudo_masks,
@@ -277,16 +278,17 @@ def batch_shares(masked: float = 0.0, phantom: float = 0.3, paste: float = 0.15,
             "paste": paste, "phantom": phantom}
 
 
-def parse_hu_range(text: str) -> tuple[float, float]:
-    """``--paste-hu LO,HI`` -> (LO, HI); empty: :data:`BLOOD_HU`."""
+def parse_hu_range(text: str, flag: str = "--paste-hu", default: tuple[float, float] = BLOOD_HU
+                   ) -> tuple[float, float]:
+    """``LO,HI`` (HU) of ``flag`` -> (LO, HI); empty: ``default``."""
     if not text:
-        return BLOOD_HU
+        return default
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise SystemExit(f"--paste-hu wants LO,HI in HU, got {text!r}") from None
+        raise SystemExit(f"{flag} wants LO,HI in HU, got {text!r}") from None
     if not lo < hi:
-        raise SystemExit(f"--paste-hu wants LO < HI, got {text!r}")
+        raise SystemExit(f"{flag} wants LO < HI, got {text!r}")
     return lo, hi
 
 
@@ -439,10 +441,12 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     shares = batch_shares(masked, phantom, erase=erase)
     # head-crop grid: a ~21 cm head box over ``size`` pixels
     paste_hu = str(getattr(args, "paste_hu", "") or "")
+    widths = str(getattr(args, "aug_window_width", "") or "")
     crescents = float(getattr(args, "paste_crescents", 0.0) or 0.0)
     csf = float(getattr(args, "paste_csf", 0.0) or 0.0)
     sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size,
-                           paste_hu=parse_hu_range(paste_hu), crescents=crescents, csf=csf)
+                           paste_hu=parse_hu_range(paste_hu), crescents=crescents, csf=csf,
+                           window_widths=parse_hu_range(widths, "--aug-window-width", WINDOW_WIDTHS))
     if box_pseudo:  # after the sampler's index: pseudo-masks are targets, not drawn masks ("real_masked")
         log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
@@ -497,6 +501,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        f"--stem {stem} --lr {lr:g} --sensitivity {sensitivity:g}"
                        + (f" --shapes {shapes_dir}" if shapes_dir else "")
                        + (f" --paste-hu {paste_hu}" if paste_hu else "")
+                       + (f" --aug-window-width {widths}" if widths else "")
                        + (f" --paste-crescents {crescents:g}" if crescents > 0 else "")
                        + (f" --paste-csf {csf:g}" if csf > 0 else "")
                        + (f" --masked-share {masked:g}" if masked > 0 else "")
