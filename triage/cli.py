@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="brain_window with --init: weight of a loss pulling the segmentation to the --init "
                          "bundle's (soft targets), on the same slices as --distill")
     tr.add_argument("--distill-on", default="all", choices=("all", "real"),
-                    help="brain_window with --distill: 'real' holds only the plain real slices' outputs "
-                         "(phantoms, pasted bleeds and drawn masks are learned freely)")
+                    help="brain_window with --distill / --distill-seg: 'real' holds only the plain real slices' "
+                         "outputs (phantoms, pasted bleeds and drawn masks are learned freely)")
     tr.add_argument("--freeze-encoder", action="store_true",
                     help="brain_window: train the decoder and heads only")
     tu = add("tune", "triage.models.train:tune",

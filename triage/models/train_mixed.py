@@ -292,17 +292,22 @@ def parse_hu_range(text: str, flag: str = "--paste-hu", default: tuple[float, fl
     return lo, hi
 
 
+def _held(student: torch.Tensor, teacher: torch.Tensor, free: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples distillation holds: all of them, or those not ``free`` ((N,) 1.0 for samples
+    that teach something new: phantoms, pasted bleeds, drawn masks, erased bleeds)."""
+    if free is None:
+        return student, teacher
+    held = free < 0.5
+    return student[held], teacher[held]
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, free: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """MSE between the (N, labels) slice logits of the student and the teacher; with ``free``
-    ((N,) 1.0 for samples that teach something new: phantoms, pasted bleeds, drawn masks), over the
-    other samples (the plain real slices) only (zero when there are none)."""
-    if free is not None:
-        held = free < 0.5
-        if not held.any():
-            return student.sum() * 0.0
-        student, teacher = student[held], teacher[held]
-    return F.mse_loss(student, teacher)
+    """MSE between the (N, labels) slice logits of the student and the teacher, over the held
+    samples (:func:`_held`; zero when there are none)."""
+    s, t = _held(student, teacher, free)
+    return F.mse_loss(s, t) if len(s) else student.sum() * 0.0
 
 
 def distill_seg_loss(student: torch.Tensor, teacher: torch.Tensor, free: torch.Tensor | None = None
@@ -311,14 +316,11 @@ def distill_seg_loss(student: torch.Tensor, teacher: torch.Tensor, free: torch.T
     teacher's probabilities (soft-target BCE less the teacher's own entropy: zero where they agree),
     so that the masks of the slices the teacher read well (and their normal anatomy) stay as they
     were while the free samples teach new blood."""
-    if free is not None:
-        held = free < 0.5
-        if not held.any():
-            return student.sum() * 0.0
-        student, teacher = student[held], teacher[held]
-    target = torch.sigmoid(teacher)
-    return (F.binary_cross_entropy_with_logits(student, target)
-            - F.binary_cross_entropy_with_logits(teacher, target))
+    s, t = _held(student, teacher, free)
+    if not len(s):
+        return student.sum() * 0.0
+    target = torch.sigmoid(t)
+    return F.binary_cross_entropy_with_logits(s, target) - F.binary_cross_entropy_with_logits(t, target)
 
 
 def train_loop(net: ICHNet, sampler: MixedSampler, steps: int, steps_per_epoch: int, out: Path, lr: float,
