@@ -542,13 +542,14 @@ def main(args: argparse.Namespace, settings: Any) -> int:
 def with_hu_confirmation(bundle_path: Path, spec: str, exams: list[GridExam],
                          outs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The real exams' outputs as the node sees them: the slices its HU check does not back
-    (``Bundle.unreadable_slices``, every slice checked) count as 0. Runs ``Bundle.predict`` on the
-    slice sets of ``spec``; phantom exams are left as they are (their voxel truth sets nothing here)."""
+    (``Bundle.unreadable_slices``, which checks every slice whatever the thresholds) count as 0.
+    Runs ``Bundle.predict`` on the slice sets of ``spec``; phantom exams are left as they are
+    (their voxel truth sets nothing here)."""
     from triage.datasets.slices import SliceSet, parse_spec
     from triage.models.evaluate_slices import predict_exam
     from triage.models.inference import load_bundle
 
-    bundle = load_bundle(bundle_path, device="cpu", thresholds_override={"any": 0.0})
+    bundle = load_bundle(bundle_path, device="cpu")
     unread: dict[str, np.ndarray] = {}
     for part in filter(None, spec.split("+")):
         if part.startswith("slices:"):
