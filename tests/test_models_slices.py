@@ -30,6 +30,7 @@ from triage.models.mixed import (
     paste_crescent,
     paste_csf,
     robust_augment,
+    transplant_blood,
 )
 from triage.models.network import ICHNet
 from triage.models.preprocess import BRAIN_WINDOW, PreprocessConfig, prepare
@@ -287,6 +288,42 @@ def test_blood_pasted_into_the_slices_own_csf_spaces(sets: dict[str, Path]) -> N
     assert b["target"][got].sum() > 0
 
 
+def test_transplanted_blood_moves_into_another_slice_with_its_labels(sets: dict[str, Path]) -> None:
+    """A donor slice's drawn blood is moved into a blood-free slice of another exam: inside its skull,
+    denser than its brain, with the donor's subtype as target and label; elsewhere the slice is
+    untouched; the sampler never shows the donor slice itself."""
+    donor = grid_exam_from_slices(SliceSet(sets["masks"]).load("s02"), CFG)  # subdural
+    g = grid_exam_from_slices(SliceSet(sets["masks"]).load("s01"), CFG)  # a negative study
+    dz = max(range(len(donor.slices)), key=lambda k: 0 if donor.slices[k].target is None
+             else int(donor.slices[k].target.sum()))
+    z = len(g.slices) // 2
+    out = None
+    for seed in range(10):
+        out = transplant_blood(g.windows, z, donor, dz, np.random.default_rng(seed))
+        if out is not None:
+            break
+    assert out is not None, "a large subdural moves into a closed skull"
+    new, target, _, _ = out
+    sd = list(LABELS[1:]).index("subdural")
+    m = target[sd] > 0.5
+    assert m.sum() >= 6 and target.sum() - target[sd].sum() < 1e-6, "the donor's subtype only"
+    img = g.windows[z, 0].astype(float)
+    assert not (m & (img >= 250)).any(), "inside the recipient's skull, not on its bone"
+    brain = np.median(img[(img > 8) & (img < 235)])
+    assert np.median(new[0][m].astype(float)) > brain + 15, "denser than the recipient's brain, as the donor's blood"
+    far = ~ndimage.binary_dilation(target.max(axis=0) > 0, iterations=2)  # the soft edge included
+    assert far.sum() > 0.5 * far.size and np.array_equal(new[0][far], g.windows[z, 0][far]), "nothing else changes"
+
+    sampler = MixedSampler([g], [], np.random.default_rng(4), shares={"paste": 1.0}, grid_px_mm=3.5,
+                           transplant=1.0, donors=[donor])
+    assert sampler.counts()["donor_slices"] > 0 and sampler.counts()["real_pos"] == 0, "donors are not sampled"
+    b = sampler.batch(8)
+    assert sampler.pasted > 0
+    got = b["labels"][:, 0] > 0
+    assert got.any() and (b["labels"][got, 1 + sd] == 1).all() and b["target"][got][:, sd].sum() > 0
+    assert (b["free"][got] == 1.0).all(), "distillation leaves transplants free"
+
+
 def test_box_pseudo_masks_find_the_blood_inside_the_boxes(sets: dict[str, Path]) -> None:
     """A slice labelled by a loose box gets the bright blood inside it as its pixel target (measured
     against the phantom's own mask), the rest of the box far from it known blood-free; a box over
@@ -374,7 +411,8 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
             str(tuned_bundle), "--epochs", "1", "--steps-per-epoch", "2", "--batch", "4", "--size", "64",
             "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder",
             "--paste-crescents", "0.5", "--paste-csf", "0.3", "--paste-hu", "45,80", "--distill-on", "real",
-            "--distill-seg", "0.5", "--aug-window-width", "40,130"]
+            "--distill-seg", "0.5", "--aug-window-width", "40,130", "--transplant", "0.2",
+            "--transplant-from", f"slices:{sets['masks']}"]
     with pytest.raises(SystemExit, match="--init"):
         triage_main([*args, "--distill", "1"])
     assert triage_main([*args, "--distill", "1", "--init", str(bundle)]) == 0
@@ -390,6 +428,8 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     assert "--box-pseudo" in command and "--distill 1" in command and "--freeze-encoder" in command
     assert "--paste-crescents 0.5" in command and "--paste-hu 45,80" in command and "--distill-on real" in command
     assert "--paste-csf 0.3" in command and "--distill-seg 0.5" in command and "--aug-window-width 40,130" in command
+    assert f"--transplant 0.2 --transplant-from 'slices:{sets['masks']}'" in command
+    assert "moved into blood-free ones" in read_manifest(tuned_bundle)["trained_on"]
 
 
 def test_distillation_on_real_slices_only_leaves_the_phantoms_free() -> None:

@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--paste-csf", type=float, default=0.0,
                     help="brain_window: share of pastes that are blood in the slice's own CSF spaces (sulci and "
                          "cisterns: subarachnoid; ventricles: intraventricular) instead of bleed shapes")
+    tr.add_argument("--transplant", type=float, default=0.0,
+                    help="brain_window: share of pastes that are the drawn blood of a --transplant-from slice moved "
+                         "into a blood-free real slice (the donor slices are never shown whole)")
+    tr.add_argument("--transplant-from", default="",
+                    help="brain_window: slice sets with drawn blood masks that give --transplant their blood")
     tr.add_argument("--batch", type=int, default=0, help="brain_window: slices per batch (default 24)")
     tr.add_argument("--masked-share", type=float, default=0.0,
                     help="brain_window: share of each batch drawn from real slices with drawn blood masks")

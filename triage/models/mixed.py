@@ -332,6 +332,61 @@ def paste_shape(windows: np.ndarray, z: int, shape: np.ndarray, subtype: str, gr
     return _blend_blood(img, mask, tissue, rng, hu_range, window_setting)[None], mask
 
 
+def _cavity_box(cavity: np.ndarray) -> tuple[float, float, float, float]:
+    ys, xs = np.nonzero(cavity)
+    return float(ys.min()), float(ys.max() + 1), float(xs.min()), float(xs.max() + 1)
+
+
+def transplant_blood(windows: np.ndarray, z: int, donor: GridExam, dz: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+    """Move the drawn blood of a donor slice (another source's slice with a blood mask) into slice
+    ``z`` of a blood-free exam (uint8 (Z, 1, S, S)): the donor's skull cavity is mapped onto the
+    recipient's (their boxes matched, mirrored at random), the donor's blood pixels (their texture,
+    their contrast to the donor's brain, shifted to the recipient's brain level) are blended in over
+    a soft edge, and only what falls inside the recipient's cavity is kept.
+
+    The masked sets publish bleeding slices only, so a model shown them whole can learn their look
+    (scanner, window, anatomy) as a cue for blood; moved into another source's blood-free anatomy,
+    their real subdural, subarachnoid and ventricular blood is taught without that shortcut.
+    Returns (new windows of slice ``z`` (1, S, S), subtype targets (5, S, S) in 0..1, blood of unknown
+    subtype (S, S) bool or None, the donor's unknown-subtype zone (S, S) bool or None), or None when
+    a cavity is not closed or too little blood lands inside."""
+    ds = donor.slices[dz]
+    rimg = windows[z, 0].astype(np.float32)
+    dimg = donor.windows[dz, 0].astype(np.float32)
+    r_cav, r_tissue = _skull_cavity(rimg)
+    d_cav, d_tissue = _skull_cavity(dimg)
+    if min(r_cav.sum(), d_cav.sum()) < 400 or not (r_tissue.any() and d_tissue.any()):
+        return None
+    size = rimg.shape[0]
+    maps = [np.zeros((size, size), np.float32) if ds.target is None else ds.target[k] / 255.0
+            for k in range(len(SUBTYPES))]
+    maps.append(np.zeros((size, size), np.float32) if ds.any_blood is None else ds.any_blood.astype(np.float32))
+    maps.append(np.zeros((size, size), np.float32) if ds.unknown is None else ds.unknown.astype(np.float32))
+    if max(float(m.max()) for m in maps[:-1]) <= 0.5:
+        return None
+    ry0, ry1, rx0, rx1 = _cavity_box(r_cav)
+    dy0, dy1, dx0, dx1 = _cavity_box(d_cav)
+    sy, sx = (dy1 - dy0) / (ry1 - ry0), (dx1 - dx0) / (rx1 - rx0)  # donor pixels per recipient pixel
+    if rng.random() < 0.5:  # mirrored left-right: x counts back from the donor box's far side
+        matrix, offset = np.diag([sy, -sx]), np.array([dy0 - ry0 * sy, dx1 - 1 + rx0 * sx])
+    else:
+        matrix, offset = np.diag([sy, sx]), np.array([dy0 - ry0 * sy, dx0 - rx0 * sx])
+    moved = [ndimage.affine_transform(m, matrix, offset, order=1, mode="constant") for m in [dimg, *maps]]
+    dimg_t, sub_t, anyb_t, unk_t = moved[0], np.stack(moved[1:6]), moved[6], moved[7]
+    blood = np.maximum(sub_t.max(axis=0), anyb_t)
+    inside = blood * r_cav
+    if inside.sum() < 6 or inside.sum() < 0.6 * blood.sum():
+        return None
+    shift = float(np.median(rimg[r_tissue]) - np.median(dimg[d_tissue]))
+    soft = np.maximum(ndimage.gaussian_filter(inside, 0.6), inside).clip(0, 1)
+    out = rimg * (1 - soft) + (dimg_t + shift) * soft
+    anyb = (anyb_t * r_cav) > 0.5
+    unk = (unk_t > 0.5) & r_cav
+    return (np.round(out.clip(0, 255)).astype(np.uint8)[None], sub_t * r_cav,
+            anyb if anyb.any() else None, unk if unk.any() else None)
+
+
 def erase_blood(windows: np.ndarray, z: int, blood: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
     """A counterfactual negative: slice ``z`` (uint8 (Z, C, S, S) with neighbours) with its drawn
     blood (bool (S, S) on the grid) replaced by the tissue around it.
@@ -520,16 +575,22 @@ class MixedSampler:
     def __init__(self, exams: list[GridExam], shapes: list[tuple[str, np.ndarray]], rng: np.random.Generator,
                  shares: dict[str, float] | None = None, grid_px_mm: float = 0.9,
                  paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0, csf: float = 0.0,
-                 window_widths: tuple[float, float] = WINDOW_WIDTHS) -> None:
+                 window_widths: tuple[float, float] = WINDOW_WIDTHS, transplant: float = 0.0,
+                 donors: list[GridExam] | None = None) -> None:
         """``paste_hu``: density range of pasted blood; ``crescents``: share of the pastes that are
         extra-axial crescents (:func:`paste_crescent`) and ``csf`` of those that are blood in the
         slice's CSF spaces (:func:`paste_csf`: subarachnoid 60 %, intraventricular 40 %, at
         :data:`CSF_BLOOD_HU`), instead of bleed shapes; ``window_widths``: the range of the window
-        augmentation's width (:func:`robust_augment`)."""
+        augmentation's width (:func:`robust_augment`); ``transplant``: share of the pastes that are
+        the drawn blood of a ``donors`` slice (another source's, never sampled whole) moved into a
+        blood-free real slice (:func:`transplant_blood`)."""
         self.exams, self.shapes, self.rng = exams, shapes, rng
         self.grid_px_mm = grid_px_mm
         self.paste_hu, self.crescents, self.csf = paste_hu, crescents, csf
         self.window_widths = window_widths
+        self.transplant = transplant if donors else 0.0
+        self.donors = [(ex, z) for ex in donors or [] for z, s in enumerate(ex.slices)
+                       if s.target is not None or s.any_blood is not None]
         idx: dict[str, list[tuple[int, int]]] = {"real_pos": [], "real_neg": [], "clean": [], "real_masked": [],
                                                  "phantom_pos": [], "phantom_neg": []}
         for i, ex in enumerate(exams):
@@ -551,7 +612,8 @@ class MixedSampler:
         self.shares = shares or {"real_pos": 0.25, "real_neg": 0.3, "paste": 0.15, "phantom": 0.3}
 
     def counts(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.index.items()} | {"shapes": len(self.shapes)}
+        return {k: len(v) for k, v in self.index.items()} | {"shapes": len(self.shapes),
+                                                                "donor_slices": len(self.donors)}
 
     def _pick(self, kind: str) -> tuple[int, int]:
         arr = self.index[kind]
@@ -573,7 +635,7 @@ class MixedSampler:
                 kind = "real_pos" if kind == "real_masked" else "real_neg"
             if kind == "phantom":
                 kind = "phantom_pos" if self.rng.random() < 0.5 else "phantom_neg"
-            if kind == "paste" and (not (self.shapes or self.crescents > 0 or self.csf > 0)
+            if kind == "paste" and (not (self.shapes or self.crescents > 0 or self.csf > 0 or self.transplant > 0)
                                     or not len(self.index["clean"])):
                 kind = "real_neg"
             # missing: same class elsewhere
@@ -582,17 +644,23 @@ class MixedSampler:
                 kind = next(k for k in (*same, "real_pos", "real_neg", "phantom_pos", "phantom_neg")
                              if len(self.index[k]))
             pasted = None
+            moved = None  # a transplant: (targets (5, S, S), blood of unknown subtype, its zone)
             if kind == "paste":
                 for _ in range(6):
                     i, z = self._pick("clean")
                     # without bleed shapes, the draw falls among the other kinds only
-                    r = self.rng.random() * (1.0 if self.shapes else self.crescents + self.csf)
+                    r = self.rng.random() * (1.0 if self.shapes else self.crescents + self.csf + self.transplant)
                     if r < self.crescents:
                         sub = "subdural"
                         pasted = paste_crescent(self.exams[i].windows, z, self.grid_px_mm, self.rng, self.paste_hu)
                     elif r < self.crescents + self.csf:
                         sub = "subarachnoid" if self.rng.random() < 0.6 else "intraventricular"
                         pasted = paste_csf(self.exams[i].windows, z, self.grid_px_mm, self.rng, sub)
+                    elif r < self.crescents + self.csf + self.transplant:
+                        donor, dz = self.donors[int(self.rng.integers(len(self.donors)))]
+                        got = transplant_blood(self.exams[i].windows, z, donor, dz, self.rng)
+                        if got is not None:
+                            pasted, moved = (got[0], None), (got[1], got[2], got[3], donor.slices[dz])
                     else:
                         sub, shape = self.shapes[int(self.rng.integers(len(self.shapes)))]
                         pasted = paste_shape(self.exams[i].windows, z, shape, sub, self.grid_px_mm, self.rng,
@@ -631,7 +699,16 @@ class MixedSampler:
                 x = key_slice_input(ex.windows, 1, [z])[0]
             t = np.zeros((len(SUBTYPES), size, size), np.float32) if s.target is None else s.target / 255.0
             labels, known = s.labels.copy(), s.label_known.copy()
-            if pasted is not None:
+            if moved is not None:
+                x[0] = torch.from_numpy(pasted[0][0] / 255.0).float()
+                t, anyb_m, unk_m, donor_slice = moved
+                # a subtype is present where its moved blood is; one the donor's labels leave
+                # unknown stays unknown unless its blood came along
+                has = (t > 0.5).reshape(len(SUBTYPES), -1).sum(axis=1) >= 3
+                known = np.concatenate([[True], donor_slice.label_known[1:] | has])
+                labels = np.concatenate([[1.0], has.astype(np.float32)]).astype(np.float32)
+                s = GridSlice(labels, known, seg_known=True, unknown=unk_m, any_blood=anyb_m)
+            elif pasted is not None:
                 x[0] = torch.from_numpy(pasted[0][0] / 255.0).float()
                 k = SUBTYPES.index(sub)
                 t = t.copy()

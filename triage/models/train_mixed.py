@@ -248,8 +248,9 @@ def validation_summary(exams: list[GridExam], outs: list[dict[str, np.ndarray]])
             "phantom_exam_auc_any": None if math.isnan(phantom_auc) else round(phantom_auc, 4)}
 
 
-def trained_on(exams: list[GridExam]) -> str:
-    """One line for the pages' banner: what the training exams were."""
+def trained_on(exams: list[GridExam], donors: list[GridExam] | None = None) -> str:
+    """One line for the pages' banner: what the training exams were (and the sets whose drawn blood
+    was moved into them, ``--transplant-from``)."""
     real = [e for e in exams if e.source == "real"]
     sets = sorted({str(e.meta.get("set") or "real") for e in real})
     parts = []
@@ -259,6 +260,10 @@ def trained_on(exams: list[GridExam]) -> str:
     n_ph = sum(1 for e in exams if e.source == "phantom")
     if n_ph:
         parts.append(f"{n_ph} synthetic phantom studies")
+    if donors:
+        sets = sorted({str(e.meta.get("set") or "real") for e in donors})
+        parts.append(f"the drawn blood of {sum(len(e.slices) for e in donors)} real slices ({', '.join(sets)}) "
+                     "moved into blood-free ones")
     return " and ".join(parts) or "no data"
 
 
@@ -417,7 +422,9 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     def studies_of(exams: list[GridExam]) -> set[tuple[str, str]]:
         return {(str(e.meta.get("set")), str(e.meta.get("study"))) for e in exams if e.source == "real"}
 
-    shared = studies_of(train) & studies_of(val)
+    donor_spec = str(getattr(args, "transplant_from", "") or "")
+    donors = load_exams(donor_spec, cfg, cache, workers)[0] if donor_spec else []
+    shared = (studies_of(train) | studies_of(donors)) & studies_of(val)
     if shared:
         raise SystemExit(f"training and validation share {len(shared)} studies (e.g. {sorted(shared)[0]}): "
                          "split slice sets by study (split=train / split=val with one fraction and seed)")
@@ -448,7 +455,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     csf = float(getattr(args, "paste_csf", 0.0) or 0.0)
     sampler = MixedSampler(train, shapes, rng, shares=shares, grid_px_mm=210.0 / size,
                            paste_hu=parse_hu_range(paste_hu), crescents=crescents, csf=csf,
-                           window_widths=parse_hu_range(widths, "--aug-window-width", WINDOW_WIDTHS))
+                           window_widths=parse_hu_range(widths, "--aug-window-width", WINDOW_WIDTHS),
+                           transplant=float(getattr(args, "transplant", 0.0) or 0.0), donors=donors)
     if box_pseudo:  # after the sampler's index: pseudo-masks are targets, not drawn masks ("real_masked")
         log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
@@ -489,7 +497,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "description": "2D U-Net segmentation/classification on a brain window with neighbour slices "
                        "(pixel-unshuffle stem), sequence head at identity",
         "intended_use": INTENDED_USE,
-        "trained_on": trained_on(train),
+        "trained_on": trained_on(train, donors),
         "preprocessing": cfg.to_dict(),
         "architecture": {"network": "ICHNet", "widths": list(WIDTHS), "stem": stem, "sequence": "BiGRU",
                          "gru_hidden": 48, "parameters": count_params(net) + count_params(seq)},
@@ -506,6 +514,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --aug-window-width {widths}" if widths else "")
                        + (f" --paste-crescents {crescents:g}" if crescents > 0 else "")
                        + (f" --paste-csf {csf:g}" if csf > 0 else "")
+                       + (f" --transplant {sampler.transplant:g} --transplant-from '{donor_spec}'"
+                          if sampler.transplant > 0 else "")
                        + (f" --masked-share {masked:g}" if masked > 0 else "")
                        + (f" --phantom-share {phantom:g}" if phantom != 0.3 else "")
                        + (f" --erase-share {erase:g}" if erase > 0 else "")
@@ -517,7 +527,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --init {init}" if init else ""),
             "initialised_from": init or None,
             "recipe": "mixed (triage/models/train_mixed.py)",
-            "data": train_desc,
+            "data": train_desc + (f"; blood moved from {len(donors)} exams of {donor_spec}" if donors else ""),
             "validation": val_desc,
             "exams": len(train),
             "slices": int(sum(len(e.slices) for e in train)),
