@@ -341,9 +341,9 @@ def transplant_blood(windows: np.ndarray, z: int, donor: GridExam, dz: int, rng:
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None] | None:
     """Move the drawn blood of a donor slice (another source's slice with a blood mask) into slice
     ``z`` of a blood-free exam (uint8 (Z, 1, S, S)): the donor's skull cavity is mapped onto the
-    recipient's (their boxes matched, mirrored at random), the donor's blood pixels (their texture,
-    their contrast to the donor's brain, shifted to the recipient's brain level) are blended in over
-    a soft edge, and only what falls inside the recipient's cavity is kept.
+    recipient's (their boxes matched, mirrored at random), the donor's blood pixels (their texture and
+    their contrast to the donor's brain, scaled to the recipient's window and set on its brain level)
+    are blended in over a soft edge, and only what falls inside the recipient's cavity is kept.
 
     The masked sets publish bleeding slices only, so a model shown them whole can learn their look
     (scanner, window, anatomy) as a cue for blood; moved into another source's blood-free anatomy,
@@ -378,9 +378,14 @@ def transplant_blood(windows: np.ndarray, z: int, donor: GridExam, dz: int, rng:
     inside = blood * r_cav
     if inside.sum() < 6 or inside.sum() < 0.6 * blood.sum():
         return None
-    shift = float(np.median(rimg[r_tissue]) - np.median(dimg[d_tissue]))
+    # the donor's blood keeps its contrast to the donor's brain, scaled to the recipient's window:
+    # publishers' windows differ, and blood brighter against its brain than the recipient's own
+    # anatomy would teach contrast, not blood (the spread of brain and CSF levels gauges the window)
+    r_mid, d_mid = float(np.median(rimg[r_tissue])), float(np.median(dimg[d_tissue]))
+    r_iqr, d_iqr = (float(np.subtract(*np.percentile(v, [75, 25]))) for v in (rimg[r_tissue], dimg[d_tissue]))
+    gain = float(np.clip(r_iqr / max(d_iqr, 1.0), 0.4, 1.5))
     soft = np.maximum(ndimage.gaussian_filter(inside, 0.6), inside).clip(0, 1)
-    out = rimg * (1 - soft) + (dimg_t + shift) * soft
+    out = rimg * (1 - soft) + (r_mid + (dimg_t - d_mid) * gain) * soft
     anyb = (anyb_t * r_cav) > 0.5
     unk = (unk_t > 0.5) & r_cav
     return (np.round(out.clip(0, 255)).astype(np.uint8)[None], sub_t * r_cav,
