@@ -262,7 +262,8 @@ def trained_on(exams: list[GridExam], donors: list[GridExam] | None = None) -> s
         parts.append(f"{n_ph} synthetic phantom studies")
     if donors:
         sets = sorted({str(e.meta.get("set") or "real") for e in donors})
-        parts.append(f"the drawn blood of {sum(len(e.slices) for e in donors)} real slices ({', '.join(sets)}) "
+        bleeding = sum(1 for e in donors for s in e.slices if s.target is not None or s.any_blood is not None)
+        parts.append(f"the drawn blood of {bleeding} real slices ({', '.join(sets)}) "
                      "moved into blood-free ones")
     return " and ".join(parts) or "no data"
 
