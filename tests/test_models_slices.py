@@ -415,6 +415,8 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
             "--transplant-from", f"slices:{sets['masks']}"]
     with pytest.raises(SystemExit, match="--init"):
         triage_main([*args, "--distill", "1"])
+    with pytest.raises(SystemExit, match="--transplant-from"):
+        triage_main([*args[:-2], "--distill", "1", "--init", str(bundle)])  # --transplant-from left out
     assert triage_main([*args, "--distill", "1", "--init", str(bundle)]) == 0
     before = load_weights(bundle, read_manifest(bundle))[0]
     after = load_weights(tuned_bundle, read_manifest(tuned_bundle))[0]

@@ -424,6 +424,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         return {(str(e.meta.get("set")), str(e.meta.get("study"))) for e in exams if e.source == "real"}
 
     donor_spec = str(getattr(args, "transplant_from", "") or "")
+    if float(getattr(args, "transplant", 0.0) or 0.0) > 0 and not donor_spec:
+        raise SystemExit("--transplant needs --transplant-from: the slice sets whose drawn blood is moved")
     donors = load_exams(donor_spec, cfg, cache, workers)[0] if donor_spec else []
     shared = (studies_of(train) | studies_of(donors)) & studies_of(val)
     if shared:
