@@ -29,6 +29,7 @@ from triage.models.mixed import (
     mixed_loss,
     paste_crescent,
     paste_csf,
+    peripheral_rise,
     robust_augment,
     transplant_blood,
 )
@@ -136,6 +137,20 @@ def test_robust_augment_moves_targets_with_the_image() -> None:
         inside = xa[i, 0][ma[i, 0] > 0.5]
         outside = xa[i, 0][ma[i, 0] < 0.05]
         assert inside.mean() > outside.mean() + 0.2
+
+
+def test_peripheral_rise_is_densest_at_the_inner_table() -> None:
+    """The beam-hardening augmentation (``--aug-rim``) adds density inside the skull only, most at the
+    bone and fading inward; a slice without a closed skull gets none."""
+    yy, xx = np.mgrid[:96, :96]
+    r = np.hypot(yy - 48, xx - 48)
+    img = np.where(r < 40, 110.0, 0.0)  # brain
+    img[(r >= 40) & (r < 45)] = 255.0  # a closed skull
+    rise = peripheral_rise(img, np.random.default_rng(0), 1.0)
+    assert rise[r >= 40].max() == 0 and rise[r < 40].min() >= 0, "inside the skull only"
+    edge, middle = rise[(r > 37) & (r < 39)].mean(), rise[r < 10].mean()
+    assert 3.0 < edge <= 20.0 and middle < 0.1 * edge, "densest at the inner table, fading inward"
+    assert not peripheral_rise(np.full((96, 96), 110.0), np.random.default_rng(0), 1.0).any()
 
 
 def test_a_narrower_augmentation_window_gives_more_contrast() -> None:
@@ -412,7 +427,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
             "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder",
             "--paste-crescents", "0.5", "--paste-csf", "0.3", "--paste-hu", "45,80", "--distill-on", "real",
             "--distill-seg", "0.5", "--aug-window-width", "40,130", "--transplant", "0.2",
-            "--transplant-from", f"slices:{sets['masks']}"]
+            "--aug-rim", "0.3", "--transplant-from", f"slices:{sets['masks']}"]
     with pytest.raises(SystemExit, match="--init"):
         triage_main([*args, "--distill", "1"])
     with pytest.raises(SystemExit, match="--transplant-from"):
@@ -430,7 +445,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     assert "--box-pseudo" in command and "--distill 1" in command and "--freeze-encoder" in command
     assert "--paste-crescents 0.5" in command and "--paste-hu 45,80" in command and "--distill-on real" in command
     assert "--paste-csf 0.3" in command and "--distill-seg 0.5" in command and "--aug-window-width 40,130" in command
-    assert f"--transplant 0.2 --transplant-from 'slices:{sets['masks']}'" in command
+    assert f"--transplant 0.2 --transplant-from 'slices:{sets['masks']}'" in command and "--aug-rim 0.3" in command
     assert "moved into blood-free ones" in read_manifest(tuned_bundle)["trained_on"]
 
 

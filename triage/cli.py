@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "into a blood-free real slice (the donor slices are never shown whole)")
     tr.add_argument("--transplant-from", default="",
                     help="brain_window: slice sets with drawn blood masks that give --transplant their blood")
+    tr.add_argument("--aug-rim", type=float, default=0.0,
+                    help="brain_window: share of samples given a smooth density rise toward the inner table "
+                         "(beam hardening left uncorrected), labels unchanged")
     tr.add_argument("--batch", type=int, default=0, help="brain_window: slices per batch (default 24)")
     tr.add_argument("--masked-share", type=float, default=0.0,
                     help="brain_window: share of each batch drawn from real slices with drawn blood masks")

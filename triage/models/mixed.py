@@ -435,8 +435,28 @@ def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+RIM_RISE_HU = (5.0, 20.0)  # how much denser the brain reads at the inner table
+RIM_DECAY_MM = (3.0, 10.0)  # over what depth the rise fades
+
+
+def peripheral_rise(img: np.ndarray, rng: np.random.Generator, grid_px_mm: float) -> np.ndarray:
+    """(S, S) HU to add to a slice (``img``: its brain window, 0-255): inside the skull cavity, a
+    density rise that fades with the distance from the inner table (:data:`RIM_RISE_HU` at the bone,
+    decaying over :data:`RIM_DECAY_MM`). Scanners and reconstructions differ in how far they correct
+    beam hardening, and under-corrected brain reads denser near the skull (the real normal CT here
+    reads 46-51 HU 3-10 mm from the bone); with no label change, it teaches that a smooth density
+    rise at the brain's edge is not blood. Zero where no closed skull is found."""
+    cavity, _ = _skull_cavity(img)
+    if cavity.sum() < 400:
+        return np.zeros(img.shape, np.float32)
+    depth = ndimage.distance_transform_edt(cavity) * grid_px_mm
+    rise = rng.uniform(*RIM_RISE_HU) * np.exp(-depth / rng.uniform(*RIM_DECAY_MM))
+    return (rise * cavity).astype(np.float32)
+
+
 def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator,
-                   widths: tuple[float, float] = WINDOW_WIDTHS) -> tuple[torch.Tensor, torch.Tensor]:
+                   widths: tuple[float, float] = WINDOW_WIDTHS, rim: float = 0.0,
+                   grid_px_mm: float = 0.82) -> tuple[torch.Tensor, torch.Tensor]:
     """What a publisher, a scanner or a crop may change and the labels do not.
 
     ``x`` (N, C, S, S) brain-window input in [0, 1]; ``maps`` (N, K, S, S) targets moved alike.
@@ -444,7 +464,8 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
     for every channel of a sample: another window (centre 30-50 HU, width ``widths`` HU, read from the
     pixels as HU in the assumed 40/80), contrast and brightness, gamma; then blur, noise and JPEG
     artefacts on some samples; on a quarter the neighbour slices are replaced by the slice itself
-    (slice sets without order, thin series)."""
+    (slice sets without order, thin series). ``rim``: share of samples given a smooth rise of density
+    toward the inner table (:func:`peripheral_rise`), before the window is changed."""
     n = x.shape[0]
     flip = torch.from_numpy(rng.random(n) < 0.5)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -464,6 +485,8 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
         return torch.from_numpy(a).float()[:, None, None, None]
 
     hu = x * 80.0  # the assumed 40/80 window read back as HU
+    for i in np.flatnonzero(rng.random(n) < rim):
+        hu[i] += torch.from_numpy(peripheral_rise(x[i, 0].numpy() * 255.0, rng, grid_px_mm))
     centre, width = col(rng.uniform(30, 50, n)), col(rng.uniform(widths[0], widths[1], n))
     keep = col((rng.random(n) < 0.3).astype(np.float64))  # some samples keep the exact window
     centre, width = keep * 40 + (1 - keep) * centre, keep * 80 + (1 - keep) * width
@@ -581,18 +604,20 @@ class MixedSampler:
                  shares: dict[str, float] | None = None, grid_px_mm: float = 0.9,
                  paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0, csf: float = 0.0,
                  window_widths: tuple[float, float] = WINDOW_WIDTHS, transplant: float = 0.0,
-                 donors: list[GridExam] | None = None) -> None:
+                 donors: list[GridExam] | None = None, rim: float = 0.0) -> None:
         """``paste_hu``: density range of pasted blood; ``crescents``: share of the pastes that are
         extra-axial crescents (:func:`paste_crescent`) and ``csf`` of those that are blood in the
         slice's CSF spaces (:func:`paste_csf`: subarachnoid 60 %, intraventricular 40 %, at
         :data:`CSF_BLOOD_HU`), instead of bleed shapes; ``window_widths``: the range of the window
         augmentation's width (:func:`robust_augment`); ``transplant``: share of the pastes that are
         the drawn blood of a ``donors`` slice (another source's, never sampled whole) moved into a
-        blood-free real slice (:func:`transplant_blood`)."""
+        blood-free real slice (:func:`transplant_blood`); ``rim``: share of samples with a density
+        rise toward the inner table (:func:`peripheral_rise`)."""
         self.exams, self.shapes, self.rng = exams, shapes, rng
         self.grid_px_mm = grid_px_mm
         self.paste_hu, self.crescents, self.csf = paste_hu, crescents, csf
         self.window_widths = window_widths
+        self.rim = rim
         self.transplant = transplant if donors else 0.0
         self.donors = [(ex, z) for ex in donors or [] for z, s in enumerate(ex.slices)
                        if s.target is not None or s.any_blood is not None]
@@ -736,7 +761,7 @@ class MixedSampler:
             sknown.append(float(s.seg_known))
         x = torch.stack(xs)
         maps = torch.cat([torch.stack(tg), torch.stack(unk)[:, None], torch.stack(anyb)[:, None], torch.stack(boxm)], 1)
-        x, maps = robust_augment(x, maps, self.rng, self.window_widths)
+        x, maps = robust_augment(x, maps, self.rng, self.window_widths, self.rim, self.grid_px_mm)
         return {"x": x, "target": maps[:, :5], "unknown": (maps[:, 5] > 0.5).float(), "any_blood": maps[:, 6],
                 "boxes": (maps[:, 7:] > 0.5).float(), "labels": torch.stack(lab),
                 "label_known": torch.stack(lknown), "seg_known": torch.tensor(sknown),
