@@ -98,14 +98,11 @@ def _links(pid: int) -> Iterator[str]:
             yield os.readlink(f"/proc/{pid}/fd/{fd}")
 
 
-def _db_files(pid: int) -> int:
-    """Descriptors on the SQLite database and its -wal/-shm files."""
-    return sum(1 for link in _links(pid) if "triage.sqlite3" in link)
-
-
-def _sqlite_conns(pid: int) -> int:
-    """SQLite connections: descriptors on the main database file (one per connection)."""
-    return sum(1 for link in _links(pid) if link.endswith("/triage.sqlite3"))
+def _sqlite_handles(pid: int) -> tuple[int, int]:
+    """(connections, descriptors) on the SQLite database, from one look at the process's descriptors:
+    a connection is a descriptor on the main file; the descriptors include its -wal/-shm files."""
+    links = [link for link in _links(pid) if "triage.sqlite3" in link]
+    return sum(1 for link in links if link.endswith("/triage.sqlite3")), len(links)
 
 
 def _tcp_conns(pid: int, port: int) -> int:
@@ -189,15 +186,21 @@ def run_soak(work: Path, studies: int, log: Any = print, timeout_per_study: floa
             else:
                 raise RuntimeError(f"study {i}: results not delivered in time\n"
                                    + "\n".join(n.tail(20) for n in nodes.values()))
+            db_files: dict[str, int] = {}
             for role, pid in pids.items():
                 s = report.per_process[role]
                 s["rss_kib"].append(rss_kib(pid))
                 s["fds"].append(fd_count(pid))
-                s["db_conns"].append(_tcp_conns(pid, pg_port) if pg_port else _sqlite_conns(pid))
+                if pg_port:
+                    s["db_conns"].append(_tcp_conns(pid, pg_port))
+                    db_files[role] = s["db_conns"][-1]
+                else:  # connections and descriptors counted in the same look, so they agree
+                    conns, db_files[role] = _sqlite_handles(pid)
+                    s["db_conns"].append(conns)
             first = roles[0]
             report.rss_kib.append(report.per_process[first]["rss_kib"][-1])
             report.fds.append(report.per_process[first]["fds"][-1])
-            report.db_files.append(_db_files(pids[first]) if not pg_port else report.per_process[first]["db_conns"][-1])
+            report.db_files.append(db_files[first])
             log(f"study {i + 1:4d}/{studies}: " + "; ".join(
                 f"{role} rss {s['rss_kib'][-1] / 1024:.1f} MiB fds {s['fds'][-1]} db {s['db_conns'][-1]}"
                 for role, s in report.per_process.items()))
