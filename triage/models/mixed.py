@@ -44,6 +44,11 @@ class GridSlice:
     any_blood: np.ndarray | None = None  # bool (S, S): blood of unknown subtype
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # y0, y1, x0, x1 on the grid
 
+    @property
+    def has_blood_pixels(self) -> bool:
+        """Pixel truth of blood: a drawn mask (or a pseudo-mask), of a known subtype or not."""
+        return self.target is not None or self.any_blood is not None
+
 
 @dataclass
 class GridExam:
@@ -174,6 +179,9 @@ def load_shapes(root: str | Path, limit: int = 0) -> list[tuple[str, np.ndarray]
     return out
 
 
+MIN_CAVITY_PX = 400  # a skull cavity smaller than this on the grid is not taken as a closed skull
+
+
 def _skull_cavity(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cavity, tissue) of one brain-window slice (float (S, S), 0-255): the inside of the closed
     saturated bone ring, and its brain or CSF pixels (not air, not bone) two pixels in."""
@@ -222,7 +230,7 @@ def paste_crescent(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.rando
     skull."""
     img = windows[z, 0].astype(np.float32)
     cavity, tissue = _skull_cavity(img)
-    if cavity.sum() < 400:
+    if cavity.sum() < MIN_CAVITY_PX:
         return None
     depth = ndimage.distance_transform_edt(cavity) * grid_px_mm  # mm from the inner table
     off = _arc_offset(cavity, rng)
@@ -255,7 +263,7 @@ def paste_csf(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.Gen
     (S, S)) or None when the slice shows too little CSF there."""
     img = windows[z, 0].astype(np.float32)
     cavity, tissue = _skull_cavity(img)
-    if cavity.sum() < 400 or tissue.sum() < 100:
+    if cavity.sum() < MIN_CAVITY_PX or tissue.sum() < 100:
         return None
     # CSF: clearly darker than the slice's brain (publishers' windows differ, so not an absolute HU)
     csf_level = float(np.median(img[tissue])) - CSF_BELOW_BRAIN / window_setting[1] * 255.0
@@ -356,7 +364,7 @@ def transplant_blood(windows: np.ndarray, z: int, donor: GridExam, dz: int, rng:
     dimg = donor.windows[dz, 0].astype(np.float32)
     r_cav, r_tissue = _skull_cavity(rimg)
     d_cav, d_tissue = _skull_cavity(dimg)
-    if min(r_cav.sum(), d_cav.sum()) < 400 or not (r_tissue.any() and d_tissue.any()):
+    if min(r_cav.sum(), d_cav.sum()) < MIN_CAVITY_PX or not (r_tissue.any() and d_tissue.any()):
         return None
     size = rimg.shape[0]
     maps = [np.zeros((size, size), np.float32) if ds.target is None else ds.target[k] / 255.0
@@ -447,7 +455,7 @@ def peripheral_rise(img: np.ndarray, rng: np.random.Generator, grid_px_mm: float
     reads 46-51 HU 3-10 mm from the bone); with no label change, it teaches that a smooth density
     rise at the brain's edge is not blood. Zero where no closed skull is found."""
     cavity, _ = _skull_cavity(img)
-    if cavity.sum() < 400:
+    if cavity.sum() < MIN_CAVITY_PX:
         return np.zeros(img.shape, np.float32)
     depth = ndimage.distance_transform_edt(cavity) * grid_px_mm
     rise = rng.uniform(*RIM_RISE_HU) * np.exp(-depth / rng.uniform(*RIM_DECAY_MM))
@@ -573,7 +581,7 @@ def add_box_pseudo_masks(exams: list[GridExam]) -> int:
         if ex.source != "real":
             continue
         for z, s in enumerate(ex.slices):
-            if not s.boxes or s.target is not None or s.any_blood is not None:
+            if not s.boxes or s.has_blood_pixels:
                 continue
             blood = np.zeros(ex.windows.shape[-2:], bool)
             refused = np.zeros_like(blood)
@@ -620,7 +628,7 @@ class MixedSampler:
         self.rim = rim
         self.transplant = transplant if donors else 0.0
         self.donors = [(ex, z) for ex in donors or [] for z, s in enumerate(ex.slices)
-                       if s.target is not None or s.any_blood is not None]
+                       if s.has_blood_pixels]
         idx: dict[str, list[tuple[int, int]]] = {"real_pos": [], "real_neg": [], "clean": [], "real_masked": [],
                                                  "phantom_pos": [], "phantom_neg": []}
         for i, ex in enumerate(exams):
@@ -632,7 +640,7 @@ class MixedSampler:
                     idx["phantom_pos" if pos else "phantom_neg"].append((i, z))
                 else:
                     idx["real_pos" if pos else "real_neg"].append((i, z))
-                    if s.target is not None or s.any_blood is not None:
+                    if s.has_blood_pixels:
                         idx["real_masked"].append((i, z))  # drawn blood masks: pixel truth on real anatomy
                     if not pos and s.label_known.all() and s.seg_known:
                         idx["clean"].append((i, z))

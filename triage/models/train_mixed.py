@@ -262,7 +262,7 @@ def trained_on(exams: list[GridExam], donors: list[GridExam] | None = None) -> s
         parts.append(f"{n_ph} synthetic phantom studies")
     if donors:
         sets = sorted({str(e.meta.get("set") or "real") for e in donors})
-        bleeding = sum(1 for e in donors for s in e.slices if s.target is not None or s.any_blood is not None)
+        bleeding = sum(1 for e in donors for s in e.slices if s.has_blood_pixels)
         parts.append(f"the drawn blood of {bleeding} real slices ({', '.join(sets)}) "
                      "moved into blood-free ones")
     return " and ".join(parts) or "no data"
