@@ -77,8 +77,7 @@ class SoakReport:
         w = min(warmup, len(self.rss_kib) - 1)
         return {"rss_mib_after_warmup": self.rss_kib[w] / 1024, "rss_mib_end": self.rss_kib[-1] / 1024,
                 "rss_growth_mib": (self.rss_kib[-1] - self.rss_kib[w]) / 1024,
-                "fds_after_warmup": self.fds[w], "fds_end": self.fds[-1], "fds_max": max(self.fds[w:]),
-                "db_files_max": max(self.db_files)}
+                "fds_after_warmup": self.fds[w], "fds_end": self.fds[-1], "fds_max": max(self.fds[w:])}
 
     def process_table(self, warmup: int) -> list[dict[str, Any]]:
         rows = []
