@@ -338,6 +338,17 @@ def test_transplanted_blood_moves_into_another_slice_with_its_labels(sets: dict[
     assert got.any() and (b["labels"][got, 1 + sd] == 1).all() and b["target"][got][:, sd].sum() > 0
     assert (b["free"][got] == 1.0).all(), "distillation leaves transplants free"
 
+    # erased, the donors are the real negatives of another source: shown only without their blood
+    erasing = MixedSampler([g], [], np.random.default_rng(5), shares={"erase": 1.0}, grid_px_mm=3.5,
+                           donors=[donor])
+    assert erasing.counts()["real_masked"] == 0
+    b = erasing.batch(6)
+    assert erasing.erased == 6, "erase samples come from the donors when the exams have no drawn masks"
+    assert (b["labels"] == 0).all() and b["target"].sum() == 0 and (b["seg_known"] == 1).all()
+    alone = MixedSampler([g], [], np.random.default_rng(5), shares={"erase": 1.0}, grid_px_mm=3.5)
+    alone.batch(2)
+    assert alone.erased == 0, "without drawn masks or donors there is nothing to erase: plain negatives"
+
 
 def test_box_pseudo_masks_find_the_blood_inside_the_boxes(sets: dict[str, Path]) -> None:
     """A slice labelled by a loose box gets the bright blood inside it as its pixel target (measured

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="brain_window: share of each batch drawn from phantom studies (half with blood)")
     tr.add_argument("--erase-share", type=float, default=0.0,
                     help="brain_window: share of each batch of real masked slices with their blood erased "
-                         "(counterfactual negatives)")
+                         "(counterfactual negatives); without masked slices in the training set, the "
+                         "--transplant-from donors' slices, which are then shown only erased")
     tr.add_argument("--box-pseudo", action="store_true",
                     help="brain_window: real slices labelled by boxes get a pseudo-mask of the bright blood "
                          "inside each box as pixel targets (the box loss alone only marks one pixel)")

@@ -618,7 +618,8 @@ class MixedSampler:
         slice's CSF spaces (:func:`paste_csf`: subarachnoid 60 %, intraventricular 40 %, at
         :data:`CSF_BLOOD_HU`), instead of bleed shapes; ``window_widths``: the range of the window
         augmentation's width (:func:`robust_augment`); ``transplant``: share of the pastes that are
-        the drawn blood of a ``donors`` slice (another source's, never sampled whole) moved into a
+        the drawn blood of a ``donors`` slice (another source's, never sampled whole; erased, it is an
+        ``erase`` sample where the exams have no drawn masks) moved into a
         blood-free real slice (:func:`transplant_blood`); ``rim``: share of samples with a density
         rise toward the inner table (:func:`peripheral_rise`)."""
         self.exams, self.shapes, self.rng = exams, shapes, rng
@@ -658,6 +659,15 @@ class MixedSampler:
         i, z = arr[self.rng.integers(len(arr))]
         return int(i), int(z)
 
+    def _erase_source(self) -> tuple[GridExam, int]:
+        """A slice with drawn blood to erase (``erase``): one of the training set's masked slices, or,
+        where it has none, a donor's (``--transplant-from``): another source's anatomy and scanner
+        shown only without its blood, as a real negative the training set lacks."""
+        if len(self.index["real_masked"]):
+            i, z = self._pick("real_masked")
+            return self.exams[i], z
+        return self.donors[int(self.rng.integers(len(self.donors)))]
+
     def batch(self, n: int) -> dict[str, torch.Tensor]:
         kinds = []
         for k, share in self.shares.items():
@@ -669,8 +679,10 @@ class MixedSampler:
         free = []
         size = self.exams[0].windows.shape[-1]
         for kind in kinds:
-            if kind in ("real_masked", "erase") and not len(self.index["real_masked"]):
-                kind = "real_pos" if kind == "real_masked" else "real_neg"
+            if kind == "real_masked" and not len(self.index["real_masked"]):
+                kind = "real_pos"
+            if kind == "erase" and not (len(self.index["real_masked"]) or self.donors):
+                kind = "real_neg"
             if kind == "phantom":
                 kind = "phantom_pos" if self.rng.random() < 0.5 else "phantom_neg"
             if kind == "paste" and (not (self.shapes or self.crescents > 0 or self.csf > 0 or self.transplant > 0)
@@ -709,24 +721,27 @@ class MixedSampler:
                 if pasted is None:
                     i, z = self._pick("clean")
             erased = None
+            ex: GridExam | None = None
             if kind == "erase":
                 for _ in range(6):
-                    i, z = self._pick("real_masked")
-                    s = self.exams[i].slices[z]
-                    blood = np.zeros(self.exams[i].windows.shape[-2:], bool)
+                    ex, z = self._erase_source()
+                    s = ex.slices[z]
+                    blood = np.zeros(ex.windows.shape[-2:], bool)
                     if s.target is not None:
                         blood |= s.target.max(axis=0) > 25
                     if s.any_blood is not None:
                         blood |= s.any_blood
-                    erased = erase_blood(self.exams[i].windows, z, blood, self.rng) if blood.any() else None
+                    erased = erase_blood(ex.windows, z, blood, self.rng) if blood.any() else None
                     if erased is not None:
                         self.erased += 1
                         break
                 if erased is None:
+                    ex = None
                     i, z = self._pick("real_neg")
             elif kind != "paste":
                 i, z = self._pick(kind)
-            ex, s = self.exams[i], self.exams[i].slices[z]
+            ex = self.exams[i] if ex is None else ex
+            s = ex.slices[z]
             free.append(float(ex.source == "phantom" or pasted is not None or erased is not None
                               or kind == "real_masked"))
             if erased is not None:

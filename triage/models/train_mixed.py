@@ -248,9 +248,9 @@ def validation_summary(exams: list[GridExam], outs: list[dict[str, np.ndarray]])
             "phantom_exam_auc_any": None if math.isnan(phantom_auc) else round(phantom_auc, 4)}
 
 
-def trained_on(exams: list[GridExam], donors: list[GridExam] | None = None) -> str:
+def trained_on(exams: list[GridExam], donors: list[GridExam] | None = None, donors_erased: bool = False) -> str:
     """One line for the pages' banner: what the training exams were (and the sets whose drawn blood
-    was moved into them, ``--transplant-from``)."""
+    was moved into them, ``--transplant-from``, and whose slices were shown with it erased)."""
     real = [e for e in exams if e.source == "real"]
     sets = sorted({str(e.meta.get("set") or "real") for e in real})
     parts = []
@@ -264,7 +264,8 @@ def trained_on(exams: list[GridExam], donors: list[GridExam] | None = None) -> s
         sets = sorted({str(e.meta.get("set") or "real") for e in donors})
         bleeding = sum(1 for e in donors for s in e.slices if s.has_blood_pixels)
         parts.append(f"the drawn blood of {bleeding} real slices ({', '.join(sets)}) "
-                     "moved into blood-free ones")
+                     + ("moved into blood-free ones, those slices shown only with it erased" if donors_erased
+                        else "moved into blood-free ones"))
     return " and ".join(parts) or "no data"
 
 
@@ -501,7 +502,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "description": "2D U-Net segmentation/classification on a brain window with neighbour slices "
                        "(pixel-unshuffle stem), sequence head at identity",
         "intended_use": INTENDED_USE,
-        "trained_on": trained_on(train, donors),
+        "trained_on": trained_on(train, donors, donors_erased=erase > 0 and not sampler.counts()["real_masked"]),
         "preprocessing": cfg.to_dict(),
         "architecture": {"network": "ICHNet", "widths": list(WIDTHS), "stem": stem, "sequence": "BiGRU",
                          "gru_hidden": 48, "parameters": count_params(net) + count_params(seq)},
