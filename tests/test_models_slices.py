@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -502,9 +501,7 @@ def _toy_head(z: int = 3, n: int = 160, px: float = 1.0) -> np.ndarray:
     return hu
 
 
-def _toy_checker(path: Path, conf: dict) -> tuple[Any, PreprocessConfig]:
-    """An untrained brain_window bundle with the HU check ``conf`` (its network is not run: the tests
-    hand ``unreadable_slices`` the outputs) and its preprocessing."""
+def test_hu_confirmation_keeps_blood_and_drops_brain_and_calcification(tmp_path: Path) -> None:
     from triage.models.bundle import save_bundle
     from triage.models.inference import load_bundle
     from triage.models.network import SequenceHead
@@ -514,13 +511,9 @@ def _toy_checker(path: Path, conf: dict) -> tuple[Any, PreprocessConfig]:
     net = ICHNet(3, (8, 12, 16, 24, 32), stem=2)
     manifest = {"name": "toy", "version": "1", "preprocessing": cfg.to_dict(),
                 "architecture": {"network": "ICHNet", "widths": [8, 12, 16, 24, 32], "stem": 2, "gru_hidden": 48},
-                "thresholds": dict.fromkeys(LABELS, 0.5), "hu_confirmation": conf}
-    save_bundle(path, net, SequenceHead(net.feat_dim, seg_inputs=5), manifest)
-    return load_bundle(path, device="cpu", runtime="torch"), cfg
-
-
-def test_hu_confirmation_keeps_blood_and_drops_brain_and_calcification(tmp_path: Path) -> None:
-    bundle, cfg = _toy_checker(tmp_path / "b", {"hu": [50, 100], "min_area_mm2": 8})
+                "thresholds": dict.fromkeys(LABELS, 0.5), "hu_confirmation": {"hu": [50, 100], "min_area_mm2": 8}}
+    save_bundle(tmp_path / "b", net, SequenceHead(net.feat_dim, seg_inputs=5), manifest)
+    bundle = load_bundle(tmp_path / "b", device="cpu", runtime="torch")
     hu = _toy_head()
     yy, xx = np.mgrid[:160, :160]
     hu[0][np.hypot(yy - 60, xx - 90) < 4] = 70.0  # a 5 mm acute bleed
@@ -541,32 +534,3 @@ def test_hu_confirmation_keeps_blood_and_drops_brain_and_calcification(tmp_path:
     out["slice_probs"][:] = 0.3
     out["seg_max"][:] = 0.3
     assert bundle.unreadable_slices(hu, prep, out, (1.0, 1.0)).tolist() == [False, True, True]
-
-
-def test_hu_check_reads_blood_against_the_brain_at_its_depth(tmp_path: Path) -> None:
-    """Uncorrected beam hardening reads the brain denser toward the skull: a band of 46-52 HU along
-    the inner table passes a fixed 44 HU floor, but not a floor ``above_brain_hu`` over the brain's
-    level at the same depth; a bleed as dense as acute blood passes both, at depth or at the table."""
-    from triage.models.inference import brain_level_by_depth
-
-    hu = _toy_head()  # brain 35 HU (noise 3) inside r < 64 mm, skull to 70 mm, 1 mm pixels
-    yy, xx = np.mgrid[:160, :160]
-    r = np.hypot(yy - 80, xx - 80)
-    inside = r < 64
-    hu[:, inside] += np.clip(17.0 * (1.0 - (64 - r[inside]) / 8.0), 0.0, None)  # +17 HU at the table, 0 at 8 mm
-    level = brain_level_by_depth(hu[1], inside, 1.0)
-    assert 46 <= level[80, 80 + 63] <= 53 and abs(level[80, 80] - 35) < 2, "the brain's level follows the rise"
-    g = 64 // 2
-    out = {"slice_probs": np.ones((3, 6), np.float32), "seg_max": np.ones((3, 5), np.float32),
-           "seg_logits": np.full((3, 5, g, g), -5.0, np.float32)}
-    out["seg_logits"][:, :, :, -8:] = 5.0  # the network's mask: the right edge of the head, along the table
-    out["seg_logits"][0, :, g // 2 - 3 : g // 2 + 3, g // 2 - 3 : g // 2 + 3] = 5.0  # and the centre of slice 0
-    hu[0][np.hypot(yy - 80, xx - 80) < 4] = 68.0  # a deep bleed on slice 0
-    hu[2][(np.hypot(yy - 80, xx - 140) < 5) & inside] = 70.0  # a bleed at the table on slice 2
-    fixed, cfg = _toy_checker(tmp_path / "fixed", {"hu": [44, 100], "min_area_mm2": 8})
-    prep = prepare(hu, (1.0, 1.0), cfg)
-    assert fixed.unreadable_slices(hu, prep, out, (1.0, 1.0)).tolist() == [False, False, False], \
-        "a fixed floor takes the dense band for blood"
-    depth, _ = _toy_checker(tmp_path / "depth", {"hu": [44, 100], "min_area_mm2": 8, "above_brain_hu": 8})
-    assert depth.unreadable_slices(hu, prep, out, (1.0, 1.0)).tolist() == [False, True, False], \
-        "against the brain at its depth, only the bleeds back the network"

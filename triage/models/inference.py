@@ -258,31 +258,6 @@ def grow_into_blood(hu: np.ndarray, brain: np.ndarray, mask: np.ndarray, px_mm: 
     return out
 
 
-def brain_level_by_depth(hu: np.ndarray, inside: np.ndarray, px_mm: float, band_mm: float = 3.0,
-                         tissue_hu: tuple[float, float] = (15.0, 60.0), min_px: int = 200) -> np.ndarray:
-    """(Y, X) HU: the median of the brain-level tissue (``tissue_hu``) of one slice at each pixel's depth
-    under the inner table (its distance from the edge of ``inside``, in ``band_mm`` bands).
-
-    A scanner whose beam hardening is left uncorrected reads the brain denser toward the skull (on
-    the real normal CT here 46-55 HU within 3 mm of the table against 25-30 HU 25 mm in), so a fixed
-    floor there lets normal cortex pass for blood. The median of a band is the brain's (a bleed
-    covers a small part of it, and blood above ``tissue_hu`` is left out). Bands with fewer than
-    ``min_px`` such pixels take the nearest band's level; 0 where there is no brain tissue at all."""
-    depth = ndimage.distance_transform_edt(inside) * px_mm
-    tissue = inside & (hu >= tissue_hu[0]) & (hu <= tissue_hu[1])
-    band = (depth / band_mm).astype(np.int32)
-    n = int(band[inside].max()) + 1 if inside.any() else 0
-    centres, levels = [], []
-    for k in range(n):
-        t = tissue & (band == k)
-        if t.sum() >= min_px:
-            centres.append((k + 0.5) * band_mm)
-            levels.append(float(np.median(hu[t])))
-    if not levels:
-        return np.zeros(hu.shape, np.float32)
-    return np.interp(depth, centres, levels).astype(np.float32)
-
-
 def key_slices(slice_probs: np.ndarray, label_index: int, threshold: float) -> list[int]:
     order = np.argsort(-slice_probs[:, label_index], kind="stable")
     keys = [int(z) for z in order[:MAX_KEY_SLICES] if slice_probs[z, label_index] >= threshold]
@@ -366,7 +341,6 @@ class Bundle:
         lo, hi = (float(v) for v in conf.get("hu", (50.0, 100.0)))
         min_px = float(conf.get("min_area_mm2", 8.0)) / (float(pixel_spacing[0]) * float(pixel_spacing[1]))
         px_mm = float(np.mean(pixel_spacing))
-        above = float(conf.get("above_brain_hu", 0.0))
         # every slice is looked at, called or not, so that no slice without blood-dense tissue
         # outranks one with it; a slice whose segmentation never reaches 0.5 has none to show
         # (bilinear up-sampling never exceeds its inputs), and needs no morphology to say so
@@ -379,10 +353,7 @@ class Bundle:
             fine = seg_probs_on_input_grid(logits, prep.brain_small[zi : zi + 1])
             up = from_network_grid(fine, prep.box, (1, *hu.shape[1:]))[0]
             inside = prep.brain_mask[zi]
-            floor: float | np.ndarray = lo
-            if above > 0:  # and denser than the brain at its own depth under the table
-                floor = np.maximum(lo, brain_level_by_depth(hu[zi], inside, px_mm) + above)
-            dense = (up >= 0.5) & inside & (hu[zi] >= floor) & (hu[zi] <= hi)
+            dense = (up >= 0.5) & inside & (hu[zi] >= lo) & (hu[zi] <= hi)
             # the partial-volume rim of a calcification (choroid plexus, pineal, dystrophic) reads
             # 50-100 HU: tissue within ~2.5 mm of a denser spot away from the skull does not confirm
             deep = ndimage.binary_erosion(inside, iterations=max(1, int(round(3.0 / px_mm))))
