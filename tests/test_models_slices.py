@@ -29,6 +29,7 @@ from triage.models.mixed import (
     mixed_loss,
     paste_crescent,
     paste_csf,
+    paste_sinus,
     peripheral_rise,
     robust_augment,
     transplant_blood,
@@ -265,6 +266,36 @@ def test_pasted_crescents_lie_along_the_inner_table(sets: dict[str, Path]) -> No
     k = 1 + list(LABELS[1:]).index("subdural")
     got = b["labels"][:, 0] > 0
     assert got.any() and (b["labels"][got, k] == 1).all() and b["target"][got].sum() > 0
+
+
+def test_sinus_mimics_lie_on_the_table_and_stay_blood_free(sets: dict[str, Path]) -> None:
+    """A conspicuous dural venous sinus (a normal mimic of blood) is painted against the inner table,
+    denser than the slice's brain by the requested margin, and nothing else changes; the sampler
+    keeps such slices labelled blood-free with a known-empty mask."""
+    g = grid_exam_from_slices(SliceSet(sets["masks"]).load("s01"), CFG)  # a negative study
+    z = len(g.slices) // 2
+    img = g.windows[z, 0].astype(float)
+    bone = img >= 250
+    brain = np.median(img[(img > 8) & (img < 235)])
+    kinds = set()
+    for seed in range(12):
+        # 1.5 mm pixels: the toy head's 64-pixel grid at 3.5 mm leaves a sinus a pixel or two
+        out = paste_sinus(g.windows, z, 1.5, np.random.default_rng(seed), above=(20.0, 20.0))
+        assert out is not None, "a closed skull takes a sinus"
+        new, mask = out
+        m = mask > 0.5
+        assert m.sum() >= 6 and not (m & bone).any(), "inside the skull, not on the bone"
+        assert (m & ndimage.binary_dilation(bone, iterations=2)).any(), "against the inner table"
+        assert 40 < np.median(new[0][m].astype(float)) - brain < 90, "about 20 HU (64 levels) over the brain"
+        far = ~ndimage.binary_dilation(m, iterations=3)
+        assert np.array_equal(new[0][far], g.windows[z, 0][far]), "nothing else changes"
+        kinds.add(int(m.sum()))
+    assert len(kinds) > 3, "sizes and places vary"
+
+    sampler = MixedSampler([g], [], np.random.default_rng(6), shares={"real_neg": 1.0}, grid_px_mm=1.5, sinus=1.0)
+    b = sampler.batch(6)
+    assert sampler.sinuses > 0
+    assert (b["labels"] == 0).all() and b["target"].sum() == 0, "a sinus is not blood"
 
 
 def test_blood_pasted_into_the_slices_own_csf_spaces(sets: dict[str, Path]) -> None:

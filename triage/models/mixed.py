@@ -243,6 +243,54 @@ def paste_crescent(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.rando
     return _blend_blood(img, mask, tissue, rng, hu_range, window_setting)[None], mask
 
 
+SINUS_ABOVE_BRAIN = (12.0, 24.0)  # HU over the slice's median brain: flowing venous blood reads 45-62 HU
+
+
+def paste_sinus(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.Generator,
+                above: tuple[float, float] = SINUS_ABOVE_BRAIN, window_setting: tuple[float, float] = (40.0, 80.0)
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """A dural venous sinus made conspicuous on slice ``z`` of a blood-free exam (uint8 (Z, 1, S, S)):
+    *not* a bleed, a mimic, ``above`` HU denser than the slice's median brain (read through
+    ``window_setting``; publishers' windows differ, so not an absolute HU). Normal sinus blood
+    reads 45-62 HU, and in the node's 40/80 window the
+    superior sagittal sinus (a triangle on the midline against the inner table, its base 6-10 mm)
+    and the transverse sinuses (a band 4-8 mm deep along the posterolateral table) look like blood;
+    on the real normal CT they are where the more sensitive fine-tunes found "blood" that the HU check
+    backs. The midline is the cavity's long axis (heads are longer front to back), either end.
+    Returns (new windows of slice ``z`` (1, S, S), mask (S, S)) or None without a closed skull."""
+    img = windows[z, 0].astype(np.float32)
+    cavity, tissue = _skull_cavity(img)
+    if cavity.sum() < MIN_CAVITY_PX:
+        return None
+    ys, xs = np.nonzero(cavity)
+    centre = np.array([ys.mean(), xs.mean()])
+    pts = np.stack([ys, xs], 1) - centre
+    axis = np.linalg.eigh(pts.T @ pts)[1][:, -1] * (1 if rng.random() < 0.5 else -1)  # toward one end
+    ends = pts @ axis
+    reach = float(ends.max())  # the inner table on the midline, from the centre (pixels)
+    yy, xx = np.indices(cavity.shape)
+    rel = np.stack([yy - centre[0], xx - centre[1]], -1)
+    along, across = rel @ axis, rel @ np.array([-axis[1], axis[0]])
+    if rng.random() < 0.6:  # superior sagittal sinus: a triangle pointing inward from the table
+        half = rng.uniform(3.0, 5.0) / grid_px_mm
+        height = rng.uniform(6.0, 10.0) / grid_px_mm
+        t = (reach - along) / height  # 0 at the table, 1 at the apex
+        m = cavity & (t >= 0) & (t <= 1) & (np.abs(across) <= half * (1 - t))
+    else:  # a transverse sinus: a band along the table, 25-60 degrees off the midline, either side
+        depth = ndimage.distance_transform_edt(cavity) * grid_px_mm
+        angle = np.arctan2(across, along) - rng.choice([-1, 1]) * np.deg2rad(rng.uniform(25, 60))
+        off = np.angle(np.exp(1j * angle))
+        half_arc = np.deg2rad(rng.uniform(10, 20))
+        m = cavity & (np.abs(off) < half_arc) & (depth <= rng.uniform(4.0, 8.0))
+    m &= (img > 8) & (img < 235)
+    if m.sum() < 6 or not tissue.any():
+        return None
+    c, wd = window_setting
+    brain = c - wd / 2 + float(np.median(img[tissue])) / 255.0 * wd
+    mask = m.astype(np.float32)
+    return _blend_blood(img, mask, tissue, rng, (brain + above[0], brain + above[1]), window_setting)[None], mask
+
+
 CSF_BLOOD_HU = (45.0, 70.0)  # blood mixed with CSF reads lower than a clot
 CSF_BELOW_BRAIN = 11.0  # HU under the slice's median brain: CSF (sulci, cisterns, ventricles) and its partial volume
 
@@ -612,7 +660,7 @@ class MixedSampler:
                  shares: dict[str, float] | None = None, grid_px_mm: float = 0.9,
                  paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0, csf: float = 0.0,
                  window_widths: tuple[float, float] = WINDOW_WIDTHS, transplant: float = 0.0,
-                 donors: list[GridExam] | None = None, rim: float = 0.0) -> None:
+                 donors: list[GridExam] | None = None, rim: float = 0.0, sinus: float = 0.0) -> None:
         """``paste_hu``: density range of pasted blood; ``crescents``: share of the pastes that are
         extra-axial crescents (:func:`paste_crescent`) and ``csf`` of those that are blood in the
         slice's CSF spaces (:func:`paste_csf`: subarachnoid 60 %, intraventricular 40 %, at
@@ -621,12 +669,15 @@ class MixedSampler:
         the drawn blood of a ``donors`` slice (another source's, never sampled whole; erased, it is an
         ``erase`` sample where the exams have no drawn masks) moved into a
         blood-free real slice (:func:`transplant_blood`); ``rim``: share of samples with a density
-        rise toward the inner table (:func:`peripheral_rise`)."""
+        rise toward the inner table (:func:`peripheral_rise`); ``sinus``: share of the real blood-free
+        samples given a conspicuous dural venous sinus, still blood-free (:func:`paste_sinus`)."""
         self.exams, self.shapes, self.rng = exams, shapes, rng
         self.grid_px_mm = grid_px_mm
         self.paste_hu, self.crescents, self.csf = paste_hu, crescents, csf
         self.window_widths = window_widths
         self.rim = rim
+        self.sinus = sinus
+        self.sinuses = 0  # sinus mimics painted so far
         self.transplant = transplant if donors else 0.0
         self.donors = [(ex, z) for ex in donors or [] for z, s in enumerate(ex.slices)
                        if s.has_blood_pixels]
@@ -750,6 +801,12 @@ class MixedSampler:
                 s = GridSlice(np.zeros(len(LABELS), np.float32), np.ones(len(LABELS), bool), seg_known=True)
             else:
                 x = key_slice_input(ex.windows, 1, [z])[0]
+                if (kind == "real_neg" and pasted is None and self.sinus > 0 and self.rng.random() < self.sinus
+                        and s.label_known[0] and s.labels[0] == 0):
+                    mimic = paste_sinus(ex.windows, z, self.grid_px_mm, self.rng)
+                    if mimic is not None:
+                        x[0] = torch.from_numpy(mimic[0][0] / 255.0).float()
+                        self.sinuses += 1
             t = np.zeros((len(SUBTYPES), size, size), np.float32) if s.target is None else s.target / 255.0
             labels, known = s.labels.copy(), s.label_known.copy()
             if moved is not None:

@@ -461,7 +461,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                            paste_hu=parse_hu_range(paste_hu), crescents=crescents, csf=csf,
                            window_widths=parse_hu_range(widths, "--aug-window-width", WINDOW_WIDTHS),
                            transplant=float(getattr(args, "transplant", 0.0) or 0.0), donors=donors,
-                           rim=float(getattr(args, "aug_rim", 0.0) or 0.0))
+                           rim=float(getattr(args, "aug_rim", 0.0) or 0.0),
+                           sinus=float(getattr(args, "paste_sinus", 0.0) or 0.0))
     if box_pseudo:  # after the sampler's index: pseudo-masks are targets, not drawn masks ("real_masked")
         log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
@@ -519,6 +520,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --aug-window-width {widths}" if widths else "")
                        + (f" --paste-crescents {crescents:g}" if crescents > 0 else "")
                        + (f" --paste-csf {csf:g}" if csf > 0 else "")
+                       + (f" --paste-sinus {sampler.sinus:g}" if sampler.sinus > 0 else "")
                        + (f" --transplant {sampler.transplant:g} --transplant-from '{donor_spec}'"
                           if sampler.transplant > 0 else "")
                        + (f" --aug-rim {sampler.rim:g}" if sampler.rim > 0 else "")
