@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "cisterns: subarachnoid; ventricles: intraventricular) instead of bleed shapes")
     tr.add_argument("--paste-sinus", type=float, default=0.0,
                     help="brain_window: share of real blood-free slices given a conspicuous dural venous sinus "
-                         "(45-62 HU, a normal mimic of blood), still labelled blood-free")
+                         "(12-24 HU over the slice's brain, a normal mimic of blood), still labelled blood-free")
     tr.add_argument("--transplant", type=float, default=0.0,
                     help="brain_window: share of pastes that are the drawn blood of a --transplant-from slice moved "
                          "into a blood-free real slice (the donor slices are never shown whole)")

@@ -251,13 +251,14 @@ def paste_sinus(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.G
                 ) -> tuple[np.ndarray, np.ndarray] | None:
     """A dural venous sinus made conspicuous on slice ``z`` of a blood-free exam (uint8 (Z, 1, S, S)):
     *not* a bleed, a mimic, ``above`` HU denser than the slice's median brain (read through
-    ``window_setting``; publishers' windows differ, so not an absolute HU). Normal sinus blood
-    reads 45-62 HU, and in the node's 40/80 window the
-    superior sagittal sinus (a triangle on the midline against the inner table, its base 6-10 mm)
-    and the transverse sinuses (a band 4-8 mm deep along the posterolateral table) look like blood;
-    on the real normal CT they are where the more sensitive fine-tunes found "blood" that the HU check
-    backs. The midline is the cavity's long axis (heads are longer front to back), either end.
-    Returns (new windows of slice ``z`` (1, S, S), mask (S, S)) or None without a closed skull."""
+    ``window_setting``; publishers' windows differ, so not an absolute HU).
+
+    Normal sinus blood reads 45-62 HU, and in the node's 40/80 window the superior sagittal sinus (a
+    triangle on the midline against the inner table, its base 6-10 mm) and the transverse sinuses (a
+    band 4-8 mm deep along the posterolateral table) look like blood; on the real normal CT the
+    transverse sinus backed a more sensitive fine-tune's false call. The midline is the cavity's
+    long axis (heads are longer front to back), either end. Returns (new windows of slice ``z``
+    (1, S, S), mask (S, S)) or None without a closed skull."""
     img = windows[z, 0].astype(np.float32)
     cavity, tissue = _skull_cavity(img)
     if cavity.sum() < MIN_CAVITY_PX:
