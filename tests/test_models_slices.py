@@ -296,6 +296,7 @@ def test_sinus_mimics_lie_on_the_table_and_stay_blood_free(sets: dict[str, Path]
     b = sampler.batch(6)
     assert sampler.sinuses > 0
     assert (b["labels"] == 0).all() and b["target"].sum() == 0, "a sinus is not blood"
+    assert int(b["free"].sum()) == sampler.sinuses, "distillation leaves the mimics free, and only them"
 
 
 def test_blood_pasted_into_the_slices_own_csf_spaces(sets: dict[str, Path]) -> None:

@@ -261,7 +261,7 @@ def paste_sinus(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.G
     (1, S, S), mask (S, S)) or None without a closed skull."""
     img = windows[z, 0].astype(np.float32)
     cavity, tissue = _skull_cavity(img)
-    if cavity.sum() < MIN_CAVITY_PX:
+    if cavity.sum() < MIN_CAVITY_PX or not tissue.any():
         return None
     ys, xs = np.nonzero(cavity)
     centre = np.array([ys.mean(), xs.mean()])
@@ -284,7 +284,7 @@ def paste_sinus(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.G
         half_arc = np.deg2rad(rng.uniform(10, 20))
         m = cavity & (np.abs(off) < half_arc) & (depth <= rng.uniform(4.0, 8.0))
     m &= (img > 8) & (img < 235)
-    if m.sum() < 6 or not tissue.any():
+    if m.sum() < 6:
         return None
     c, wd = window_setting
     brain = c - wd / 2 + float(np.median(img[tissue])) / 255.0 * wd
@@ -727,7 +727,7 @@ class MixedSampler:
         kinds = (kinds + ["real_neg"] * n)[:n]
         xs, tg, unk, anyb, boxm, lab, lknown, sknown, has_box = [], [], [], [], [], [], [], [], []
         # 1.0 where the sample teaches something the model it starts from did not see (a phantom
-        # slice, a pasted bleed, a drawn mask, an erased bleed): distillation leaves those free
+        # slice, a pasted bleed, a drawn mask, an erased bleed, a sinus mimic): distillation leaves those free
         free = []
         size = self.exams[0].windows.shape[-1]
         for kind in kinds:
@@ -802,12 +802,13 @@ class MixedSampler:
                 s = GridSlice(np.zeros(len(LABELS), np.float32), np.ones(len(LABELS), bool), seg_known=True)
             else:
                 x = key_slice_input(ex.windows, 1, [z])[0]
-                if (kind == "real_neg" and pasted is None and self.sinus > 0 and self.rng.random() < self.sinus
+                if (kind == "real_neg" and self.sinus > 0 and self.rng.random() < self.sinus
                         and s.label_known[0] and s.labels[0] == 0):
                     mimic = paste_sinus(ex.windows, z, self.grid_px_mm, self.rng)
                     if mimic is not None:
                         x[0] = torch.from_numpy(mimic[0][0] / 255.0).float()
                         self.sinuses += 1
+                        free[-1] = 1.0  # a mimic the starting model never saw: distillation leaves it free
             t = np.zeros((len(SUBTYPES), size, size), np.float32) if s.target is None else s.target / 255.0
             labels, known = s.labels.copy(), s.label_known.copy()
             if moved is not None:
