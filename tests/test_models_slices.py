@@ -466,7 +466,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     tuned_bundle = tmp_path / "kd"
     boxes = f"slices:{sets['boxes']}"
     args = ["train", f"{boxes}:split=train,fraction=0.5,seed=3", "--input", "brain_window", "--out",
-            str(tuned_bundle), "--epochs", "1", "--steps-per-epoch", "2", "--batch", "4", "--size", "64",
+            str(tuned_bundle), "--epochs", "1", "--steps-per-epoch", "2", "--batch", "4", "--size", "80",
             "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder",
             "--paste-crescents", "0.5", "--paste-csf", "0.3", "--paste-hu", "45,80", "--distill-on", "real",
             "--distill-seg", "0.5", "--aug-window-width", "40,130", "--transplant", "0.2",
@@ -476,6 +476,8 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     with pytest.raises(SystemExit, match="--transplant-from"):
         triage_main([*args[:-2], "--distill", "1", "--init", str(bundle)])  # --transplant-from left out
     assert triage_main([*args, "--distill", "1", "--init", str(bundle)]) == 0
+    # fine-tuned on a finer grid than the bundle's (the network is convolutional): the manifest says so
+    assert read_manifest(tuned_bundle)["preprocessing"]["size"] == 80 != read_manifest(bundle)["preprocessing"]["size"]
     before = load_weights(bundle, read_manifest(bundle))[0]
     after = load_weights(tuned_bundle, read_manifest(tuned_bundle))[0]
     for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items(), strict=True):

@@ -26,6 +26,7 @@ import pickle
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -440,11 +441,11 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     seq = SequenceHead(net.feat_dim, seg_inputs=len(SUBTYPES))
     init = str(getattr(args, "init", "") or "")
     theirs: dict[str, Any] = {}
-    if init:  # fine-tune a brain_window bundle (same preprocessing) on more data
+    if init:  # fine-tune a brain_window bundle (same preprocessing, any grid size) on more data
         from triage.models.bundle import read_manifest
 
         theirs = read_manifest(init)
-        if PreprocessConfig.from_dict(theirs["preprocessing"]) != cfg:
+        if replace(PreprocessConfig.from_dict(theirs["preprocessing"]), size=cfg.size, base_size=cfg.base_size) != cfg:
             raise SystemExit(f"--init {init}: its preprocessing differs from {cfg.to_dict()}")
         net, seq = load_weights(init, theirs)
         net.train()
