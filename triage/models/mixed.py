@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from triage.labels import LABELS, SUBTYPES
 from triage.logging import get_logger
-from triage.models.preprocess import PreprocessConfig, key_slice_input, prepare, to_network_grid
+from triage.models.preprocess import PreprocessConfig, key_slice_input, pixels_to_hu, prepare, to_network_grid
 from triage.models.train import random_affine
 
 log = get_logger(__name__)
@@ -286,8 +286,7 @@ def paste_sinus(windows: np.ndarray, z: int, grid_px_mm: float, rng: np.random.G
     m &= (img > 8) & (img < 235)
     if m.sum() < 6:
         return None
-    c, wd = window_setting
-    brain = c - wd / 2 + float(np.median(img[tissue])) / 255.0 * wd
+    brain = float(pixels_to_hu(np.median(img[tissue]), window_setting))
     mask = m.astype(np.float32)
     return _blend_blood(img, mask, tissue, rng, (brain + above[0], brain + above[1]), window_setting)[None], mask
 
