@@ -478,6 +478,23 @@ def test_metrics_known_values() -> None:
     assert metrics.dice(np.ones(4, bool), np.array([1, 1, 0, 0], bool)) == pytest.approx(2 / 3)
 
 
+def test_cluster_bootstrap_draws_patients_not_slices() -> None:
+    """The interval resamples whole patients: 30 patients of 30 identical slices give the interval of 30
+    observations, much wider than 900 independent slices would, and it holds the point estimate."""
+    rng = np.random.default_rng(0)
+    per_patient = rng.random(30) < 0.6  # each patient's slices all called, or all missed
+    called = np.repeat(per_patient, 30)
+    patients = np.repeat(np.arange(30), 30)
+    lo, hi = metrics.cluster_bootstrap(patients, lambda i: float(called[i].mean()))
+    slo, shi = metrics.cluster_bootstrap(np.arange(900), lambda i: float(called[i].mean()))
+    assert lo <= called.mean() <= hi and slo <= called.mean() <= shi
+    assert (hi - lo) > 3 * (shi - slo), "correlated slices do not count as independent evidence"
+    assert metrics.cluster_bootstrap(patients, lambda i: float(called[i].mean()), seed=0) == (lo, hi), "seeded"
+    # undefined (AUC needs both classes; no patient bleeds): no interval rather than a made-up one
+    y = np.zeros(900, bool)
+    assert metrics.cluster_bootstrap(patients, lambda i: metrics.roc_auc(y[i], rng.random(i.size))) is None
+
+
 def test_threshold_selection_for_full_sensitivity() -> None:
     scores = np.array([0.05, 0.2, 0.3, 0.6, 0.9])
     truth = np.array([0, 0, 1, 1, 1])

@@ -448,6 +448,9 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     assert report["slices"] == n_slices and report["studies"] == 4
     a = report["any"]
     assert a["positives"] + a["negatives"] == n_slices and a["auc"] is not None
+    lo, hi = a["ci95"]["auc"]  # four patients resampled: an interval around the estimate, in the one line too
+    assert lo <= a["auc"] <= hi and f"AUC any {a['auc']:.3f} [{lo:.3f}-{hi:.3f}]" in line
+    assert a["ci95"]["sensitivity"][0] <= a["sensitivity"] <= a["ci95"]["sensitivity"][1]
     assert report["per_label"]["subdural"]["known"] == a["negatives"], "unknown subtypes are not counted"
     assert report["dice_any"]["n"] == 0, "boxes are not masks: no Dice is made up"
     assert "roc.png" in report["plots"] and (out / "roc.png").exists()
@@ -458,6 +461,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     assert r2["dice_any"]["n"] == r2["any"]["positives"] > 0, "every slice with a drawn mask gets a Dice"
     rows = [json.loads(x) for x in (out2 / "rows.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["dice_any"] <= 1.0 for r in rows if "dice_any" in r)
+    assert r2["dice_any"]["mean_ci95"][0] <= r2["dice_any"]["mean"] <= r2["dice_any"]["mean_ci95"][1]
 
     # fine-tune the segmentation from it: pseudo-masks in the boxes, the encoder frozen, the slice
     # logits distilled from the bundle it starts from

@@ -5,7 +5,8 @@ Each exam of the set (a patient's ordered slices, or one slice) goes through the
 brain window; 0.45 mm pixels assumed). Reported (``report.json``, ``rows.jsonl``, PNG plots):
 slice-level ROC AUC for "any" and for each subtype with known labels on both sides, sensitivity,
 specificity and false-positive rate at the bundle's thresholds, Dice of the deployed blood mask on
-slices with drawn masks (with and without the HU refinement), and the input-domain share. A bundle's
+slices with drawn masks (with and without the HU refinement), and the input-domain share; each
+with a 95 % interval from resampling the set's patients (studies). A bundle's
 HU check (``hu_confirmation``) runs only on sets that state their window (pixels read as HU); on an
 unknown window the network's own scores are reported. Unknown
 labels are left out of every number. Works on any folder in the slice-set format, no configuration.
@@ -17,6 +18,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +94,26 @@ def _rate(x: np.ndarray) -> float | None:
     return round(float(x.mean()), 4) if x.size else None
 
 
+def _interval(study: np.ndarray, statistic: Callable[[np.ndarray], float]) -> list[float] | None:
+    """95 % interval of a slice statistic, patients (studies) resampled: see :func:`metrics.cluster_bootstrap`."""
+    ci = metrics.cluster_bootstrap(study, statistic)
+    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
+
+
+def _label_intervals(y: np.ndarray, p: np.ndarray, t: float, study: np.ndarray) -> dict[str, list[float] | None]:
+    """Intervals of one label's AUC and of its sensitivity and specificity at threshold ``t``."""
+    pos, neg = p[y], p[~y]
+    return {"auc": _interval(study, lambda i: metrics.roc_auc(y[i], p[i])) if y.any() and (~y).any() else None,
+            "sensitivity": _interval(study[y], lambda i: float((pos[i] >= t).mean())) if y.any() else None,
+            "specificity": _interval(study[~y], lambda i: float((neg[i] < t).mean())) if (~y).any() else None}
+
+
 def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[str, Any]:
+    """The report's numbers; each with a 95 % interval (``ci95``) from resampling the set's patients,
+    so that two bundles' numbers on a few dozen slices can be read against their noise."""
     truth = np.array([[np.nan if v is None else v for v in r["truth"]] for r in rows], float)
     probs = np.array([r["probs"] for r in rows], float)
+    study = np.array([str(r["study"]) for r in rows])
     out: dict[str, Any] = {"slices": len(rows), "exams": len({r["exam"] for r in rows}),
                            "studies": len({r["study"] for r in rows})}
     per_label = {}
@@ -110,6 +129,7 @@ def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[
             "sensitivity": _rate(p[y] >= t), "specificity": _rate(p[~y] < t),
             "false_positive_rate": _rate(p[~y] >= t),
         }
+        per_label[lab]["ci95"] = _label_intervals(y, p, t, study[known])
         if y.any() and (~y).any():
             fpr, tpr, _ = metrics.roc_curve(y, p)
             ok = fpr <= 0.2
@@ -118,7 +138,9 @@ def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[
     out["per_label"] = per_label
     dice = np.array([r["dice_any"] for r in rows if "dice_any" in r])
     raw = np.array([r["dice_any_unrefined"] for r in rows if "dice_any_unrefined" in r])
+    dice_study = np.array([str(r["study"]) for r in rows if "dice_any" in r])
     out["dice_any"] = {"n": int(dice.size), "mean": round(float(dice.mean()), 4) if dice.size else None,
+                       "mean_ci95": _interval(dice_study, lambda i: float(dice[i].mean())) if dice.size else None,
                        "median": round(float(np.median(dice)), 4) if dice.size else None,
                        "mean_unrefined": round(float(raw.mean()), 4) if raw.size else None}
     dom = [r["input_domain"] for r in rows if r.get("input_domain")]
@@ -177,10 +199,15 @@ def one_line(summary: dict[str, Any]) -> str:
     def f(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    d = summary["dice_any"]
+    def ci(v: list[float] | None) -> str:
+        return "" if not v else f" [{v[0]:.3f}-{v[1]:.3f}]"
+
+    d, c = summary["dice_any"], a.get("ci95", {})
     return (f"{summary['name']}: {summary['slices']} slices ({a['positives']} blood, {a['negatives']} none) "
-            f"AUC any {f(a['auc'])}; at threshold {a['threshold']:.3f}: sensitivity {f(a['sensitivity'])}, "
-            f"specificity {f(a['specificity'])}; Dice {f(d['mean'])} (n={d['n']})")
+            f"AUC any {f(a['auc'])}{ci(c.get('auc'))}; at threshold {a['threshold']:.3f}: "
+            f"sensitivity {f(a['sensitivity'])}{ci(c.get('sensitivity'))}, "
+            f"specificity {f(a['specificity'])}{ci(c.get('specificity'))}; "
+            f"Dice {f(d['mean'])}{ci(d.get('mean_ci95'))} (n={d['n']}); [95 % intervals, patients resampled]")
 
 
 def main(args: argparse.Namespace, settings: Any) -> int:

@@ -1,8 +1,9 @@
-"""Evaluation metrics (numpy only): ROC/AUC, operating points, weighted log loss, Dice."""
+"""Evaluation metrics: ROC/AUC, operating points, weighted log loss, Dice, cluster-bootstrap intervals."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,16 +31,9 @@ def roc_auc(truth: np.ndarray, scores: np.ndarray) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s, method="average")  # ties share their mean rank
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -71,3 +65,22 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     a, b = np.asarray(pred, bool), np.asarray(truth, bool)
     s = int(a.sum()) + int(b.sum())
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def cluster_bootstrap(clusters: np.ndarray, statistic: Callable[[np.ndarray], float], n_resamples: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile interval of ``statistic`` over resamples of whole clusters (``clusters``: one label per
+    row; ``statistic`` takes the row indices of a resample, with repeats). Slices of one patient are not
+    independent, so patients are drawn, not slices (``scipy.stats.bootstrap`` draws single observations).
+    Resamples where the statistic is undefined (NaN: one class absent) are left out; None when fewer
+    than half are defined."""
+    labels, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(labels))]
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(np.concatenate([members[k] for k in rng.integers(0, len(labels), len(labels))]))
+                       for _ in range(n_resamples)], float)
+    values = values[~np.isnan(values)]
+    if values.size < n_resamples / 2:
+        return None
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
