@@ -32,6 +32,8 @@ from triage.models.mixed import (
     paste_sinus,
     peripheral_rise,
     robust_augment,
+    scanner_look,
+    sharpen_and_grain,
     transplant_blood,
 )
 from triage.models.network import ICHNet
@@ -152,6 +154,26 @@ def test_peripheral_rise_is_densest_at_the_inner_table() -> None:
     edge, middle = rise[(r > 37) & (r < 39)].mean(), rise[r < 10].mean()
     assert 3.0 < edge <= 20.0 and middle < 0.1 * edge, "densest at the inner table, fading inward"
     assert not peripheral_rise(np.full((96, 96), 110.0), np.random.default_rng(0), 1.0).any()
+
+
+def test_another_scanners_look_is_smooth_shading_and_a_sharper_grainier_image() -> None:
+    """``--aug-scanner``: the shading is a smooth field of a few HU (no edges of its own: it cannot draw
+    a bleed), and the kernel sharpens an edge and adds grain, leaving the labels' maps alone."""
+    shade, amount, blur, grain = scanner_look(np.zeros((128, 128)), np.random.default_rng(0))
+    assert 3.0 <= float(np.abs(shade).max()) <= 10.0 + 1e-4 and 0.6 <= blur <= 1.5 and amount > 0
+    assert float(np.abs(np.diff(shade, axis=0)).max()) < 0.5, "smooth: under 0.5 HU from one pixel to the next"
+    x = np.zeros((3, 64, 64), np.float32)
+    x[:, :, 32:] = 0.6  # an edge
+    y = sharpen_and_grain(x, 1.0, 1.0, grain, np.random.default_rng(1))
+    assert y[:, :, 32].mean() > 0.65 and y[:, :, 31].mean() < -0.05, "over- and undershoot at the edge"
+    flat = y[:, 10:50, 5:20]
+    assert 0.005 < float(flat.std()) < 0.05 and not np.allclose(y[0], y[1]), "each channel its own grain"
+    maps = torch.zeros(2, 2, 64, 64)
+    maps[:, 0, 20:30, 20:30] = 1
+    xt = torch.from_numpy(np.stack([x, x]))
+    _, m0 = robust_augment(xt.clone(), maps.clone(), np.random.default_rng(5), scanner=0.0)
+    _, m1 = robust_augment(xt.clone(), maps.clone(), np.random.default_rng(5), scanner=1.0)
+    assert torch.equal(m0, m1), "the look changes no label: the maps move as without it"
 
 
 def test_a_narrower_augmentation_window_gives_more_contrast() -> None:
@@ -474,7 +496,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
             "--cache", str(tmp_path / "cache"), "--seed", "2", "--box-pseudo", "--freeze-encoder",
             "--paste-crescents", "0.5", "--paste-csf", "0.3", "--paste-hu", "45,80", "--distill-on", "real",
             "--distill-seg", "0.5", "--aug-window-width", "40,130", "--transplant", "0.2",
-            "--aug-rim", "0.3", "--transplant-from", f"slices:{sets['masks']}"]
+            "--aug-rim", "0.3", "--aug-scanner", "0.3", "--transplant-from", f"slices:{sets['masks']}"]
     with pytest.raises(SystemExit, match="--init"):
         triage_main([*args, "--distill", "1"])
     with pytest.raises(SystemExit, match="--transplant-from"):
@@ -495,6 +517,7 @@ def test_train_then_evaluate_on_a_slice_set(sets: dict[str, Path], tmp_path: Pat
     assert "--paste-crescents 0.5" in command and "--paste-hu 45,80" in command and "--distill-on real" in command
     assert "--paste-csf 0.3" in command and "--distill-seg 0.5" in command and "--aug-window-width 40,130" in command
     assert f"--transplant 0.2 --transplant-from 'slices:{sets['masks']}'" in command and "--aug-rim 0.3" in command
+    assert "--aug-scanner 0.3" in command
     assert "moved into blood-free ones" in read_manifest(tuned_bundle)["trained_on"]
 
 

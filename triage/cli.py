@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--aug-rim", type=float, default=0.0,
                     help="brain_window: share of samples given a smooth density rise toward the inner table "
                          "(beam hardening left uncorrected), labels unchanged")
+    tr.add_argument("--aug-scanner", type=float, default=0.0,
+                    help="brain_window: share of samples given another reconstruction's look (smooth shading, "
+                         "a sharper kernel, grainy noise), labels unchanged")
     tr.add_argument("--batch", type=int, default=0, help="brain_window: slices per batch (default 24)")
     tr.add_argument("--masked-share", type=float, default=0.0,
                     help="brain_window: share of each batch drawn from real slices with drawn blood masks")

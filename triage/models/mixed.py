@@ -510,9 +510,33 @@ def peripheral_rise(img: np.ndarray, rng: np.random.Generator, grid_px_mm: float
     return (rise * cavity).astype(np.float32)
 
 
+SHADING_HU = (3.0, 10.0)  # peak of a smooth density field across the slice
+
+
+def scanner_look(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float, float, float]:
+    """One draw of what another scanner's reconstruction changes, labels untouched: a smooth density
+    field across the slice (shading, ``img``'s shape, in HU, peak :data:`SHADING_HU`), then the
+    kernel's sharpness (unsharp amount, and its blur sigma in pixels) and the noise's grain (sigma of
+    the blur that correlates it). Reconstruction kernels and dose differ between hospitals far more
+    than within one source, the one real training source here."""
+    size = img.shape[-1]
+    shade = ndimage.zoom(rng.normal(size=(5, 5)), size / 5.0, order=3)[:size, :size]  # a few waves across
+    shade *= rng.uniform(*SHADING_HU) / max(float(np.abs(shade).max()), 1e-6)
+    return shade.astype(np.float32), float(rng.uniform(0.3, 1.2)), float(rng.uniform(0.6, 1.5)), \
+        float(rng.uniform(0.5, 1.2))
+
+
+def sharpen_and_grain(x: np.ndarray, amount: float, blur: float, grain: float,
+                       rng: np.random.Generator) -> np.ndarray:
+    """(C, S, S) in [0, 1]: an unsharp mask (a sharper kernel) and correlated noise, each channel its own."""
+    x = x + amount * (x - ndimage.gaussian_filter(x, (0, blur, blur)))
+    noise = ndimage.gaussian_filter(rng.normal(size=x.shape), (0, grain, grain))
+    return (x + noise * (rng.uniform(0.01, 0.04) / max(float(noise.std()), 1e-6))).astype(np.float32)
+
+
 def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator,
                    widths: tuple[float, float] = WINDOW_WIDTHS, rim: float = 0.0,
-                   grid_px_mm: float = 0.82) -> tuple[torch.Tensor, torch.Tensor]:
+                   grid_px_mm: float = 0.82, scanner: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """What a publisher, a scanner or a crop may change and the labels do not.
 
     ``x`` (N, C, S, S) brain-window input in [0, 1]; ``maps`` (N, K, S, S) targets moved alike.
@@ -521,7 +545,9 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
     pixels as HU in the assumed 40/80), contrast and brightness, gamma; then blur, noise and JPEG
     artefacts on some samples; on a quarter the neighbour slices are replaced by the slice itself
     (slice sets without order, thin series). ``rim``: share of samples given a smooth rise of density
-    toward the inner table (:func:`peripheral_rise`), before the window is changed."""
+    toward the inner table (:func:`peripheral_rise`), before the window is changed; ``scanner``: share
+    of samples given another reconstruction's look (:func:`scanner_look`: shading before the window is
+    changed, a sharper kernel and grainy noise after it)."""
     n = x.shape[0]
     flip = torch.from_numpy(rng.random(n) < 0.5)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -543,6 +569,9 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
     hu = x * 80.0  # the assumed 40/80 window read back as HU
     for i in np.flatnonzero(rng.random(n) < rim):
         hu[i] += torch.from_numpy(peripheral_rise(x[i, 0].numpy() * 255.0, rng, grid_px_mm))
+    looks = {int(i): scanner_look(x[i, 0].numpy(), rng) for i in np.flatnonzero(rng.random(n) < scanner)}
+    for i, (shade, *_) in looks.items():
+        hu[i] += torch.from_numpy(shade)
     centre, width = col(rng.uniform(30, 50, n)), col(rng.uniform(widths[0], widths[1], n))
     keep = col((rng.random(n) < 0.3).astype(np.float64))  # some samples keep the exact window
     centre, width = keep * 40 + (1 - keep) * centre, keep * 80 + (1 - keep) * width
@@ -559,7 +588,9 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
             x[i] = torch.from_numpy(ndimage.gaussian_filter(x[i].numpy(), (0, s, s)))
         elif r < 0.45:
             x[i] = _jpeg(x[i].clamp(0, 1), int(rng.integers(25, 90)))
-        if rng.random() < 0.4:
+        if i in looks:
+            x[i] = torch.from_numpy(sharpen_and_grain(x[i].numpy(), *looks[i][1:], rng))
+        elif rng.random() < 0.4:
             x[i] = x[i] + torch.from_numpy(rng.normal(0, rng.uniform(0.005, 0.03), x[i].shape)).float()
         if x.shape[1] > 1 and rng.random() < 0.25:
             x[i, 1:] = x[i, :1]
@@ -660,7 +691,8 @@ class MixedSampler:
                  shares: dict[str, float] | None = None, grid_px_mm: float = 0.9,
                  paste_hu: tuple[float, float] = BLOOD_HU, crescents: float = 0.0, csf: float = 0.0,
                  window_widths: tuple[float, float] = WINDOW_WIDTHS, transplant: float = 0.0,
-                 donors: list[GridExam] | None = None, rim: float = 0.0, sinus: float = 0.0) -> None:
+                 donors: list[GridExam] | None = None, rim: float = 0.0, sinus: float = 0.0,
+                 scanner: float = 0.0) -> None:
         """``paste_hu``: density range of pasted blood; ``crescents``: share of the pastes that are
         extra-axial crescents (:func:`paste_crescent`) and ``csf`` of those that are blood in the
         slice's CSF spaces (:func:`paste_csf`: subarachnoid 60 %, intraventricular 40 %, at
@@ -670,12 +702,13 @@ class MixedSampler:
         ``erase`` sample where the exams have no drawn masks) moved into a
         blood-free real slice (:func:`transplant_blood`); ``rim``: share of samples with a density
         rise toward the inner table (:func:`peripheral_rise`); ``sinus``: share of the real blood-free
-        samples given a conspicuous dural venous sinus, still blood-free (:func:`paste_sinus`)."""
+        samples given a conspicuous dural venous sinus, still blood-free (:func:`paste_sinus`);
+        ``scanner``: share of samples given another reconstruction's look (:func:`scanner_look`)."""
         self.exams, self.shapes, self.rng = exams, shapes, rng
         self.grid_px_mm = grid_px_mm
         self.paste_hu, self.crescents, self.csf = paste_hu, crescents, csf
         self.window_widths = window_widths
-        self.rim = rim
+        self.rim, self.scanner = rim, scanner
         self.sinus = sinus
         self.sinuses = 0  # sinus mimics painted so far
         self.transplant = transplant if donors else 0.0
@@ -842,7 +875,8 @@ class MixedSampler:
             sknown.append(float(s.seg_known))
         x = torch.stack(xs)
         maps = torch.cat([torch.stack(tg), torch.stack(unk)[:, None], torch.stack(anyb)[:, None], torch.stack(boxm)], 1)
-        x, maps = robust_augment(x, maps, self.rng, self.window_widths, self.rim, self.grid_px_mm)
+        x, maps = robust_augment(x, maps, self.rng, self.window_widths, self.rim, self.grid_px_mm,
+                                 self.scanner)
         return {"x": x, "target": maps[:, :5], "unknown": (maps[:, 5] > 0.5).float(), "any_blood": maps[:, 6],
                 "boxes": (maps[:, 7:] > 0.5).float(), "labels": torch.stack(lab),
                 "label_known": torch.stack(lknown), "seg_known": torch.tensor(sknown),

@@ -463,7 +463,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                            window_widths=parse_hu_range(widths, "--aug-window-width", WINDOW_WIDTHS),
                            transplant=float(getattr(args, "transplant", 0.0) or 0.0), donors=donors,
                            rim=float(getattr(args, "aug_rim", 0.0) or 0.0),
-                           sinus=float(getattr(args, "paste_sinus", 0.0) or 0.0))
+                           sinus=float(getattr(args, "paste_sinus", 0.0) or 0.0),
+                           scanner=float(getattr(args, "aug_scanner", 0.0) or 0.0))
     if box_pseudo:  # after the sampler's index: pseudo-masks are targets, not drawn masks ("real_masked")
         log.info("box_pseudo_masks", slices=add_box_pseudo_masks(train))
     log.info("training_mixed", exams=len(train), val=len(val), params=count_params(net) + count_params(seq),
@@ -525,6 +526,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                        + (f" --transplant {sampler.transplant:g} --transplant-from '{donor_spec}'"
                           if sampler.transplant > 0 else "")
                        + (f" --aug-rim {sampler.rim:g}" if sampler.rim > 0 else "")
+                       + (f" --aug-scanner {sampler.scanner:g}" if sampler.scanner > 0 else "")
                        + (f" --masked-share {masked:g}" if masked > 0 else "")
                        + (f" --phantom-share {phantom:g}" if phantom != 0.3 else "")
                        + (f" --erase-share {erase:g}" if erase > 0 else "")
