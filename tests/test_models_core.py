@@ -495,6 +495,21 @@ def test_cluster_bootstrap_draws_patients_not_slices() -> None:
     assert metrics.cluster_bootstrap(patients, lambda i: metrics.roc_auc(y[i], rng.random(i.size))) is None
 
 
+def test_the_study_report_gives_each_auc_an_interval() -> None:
+    """``triage evaluate`` on studies: each label's AUC comes with a bootstrap interval over the studies
+    that holds it; a label without both classes has neither."""
+    from triage.models import evaluate
+
+    rows = [{"truth": [t, 0, 0, 0, 0, 0], "probs": [p] + [0.1] * 5, "present": [p > 0.5] + [False] * 5,
+             "volume_true": None, "kind": "plain", "timings": {}}
+            for t, p in [(1, 0.9), (0, 0.2), (1, 0.6), (0, 0.7), (1, 0.8), (0, 0.1)]]
+    report = evaluate.summarise(rows, dict.fromkeys(LABELS, 0.5))
+    a = report["per_label"]["any"]
+    assert a["auc"] == pytest.approx(8 / 9, abs=1e-4) and a["auc_ci95"][0] <= a["auc"] <= a["auc_ci95"][1] == 1.0
+    assert a["auc_ci95"][0] < 0.8, "six studies: a wide interval"
+    assert report["per_label"]["subdural"]["auc"] is None and report["per_label"]["subdural"]["auc_ci95"] is None
+
+
 def test_threshold_selection_for_full_sensitivity() -> None:
     scores = np.array([0.05, 0.2, 0.3, 0.6, 0.9])
     truth = np.array([0, 0, 1, 1, 1])

@@ -111,12 +111,14 @@ def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[
     probs = np.array([r["probs"] for r in rows], float)
     present = np.array([r["present"] for r in rows], float)
     per_label = {}
+    studies = np.arange(len(rows))  # each study its own cluster: a plain bootstrap over studies
     for i, lab in enumerate(LABELS):
         pos, neg = truth[:, i] > 0, truth[:, i] == 0
         per_label[lab] = {
             "positives": int(pos.sum()),
             "negatives": int(neg.sum()),
             "auc": _fmt(metrics.roc_auc(truth[:, i], probs[:, i])),
+            "auc_ci95": metrics.interval95(studies, lambda k, i=i: metrics.roc_auc(truth[k, i], probs[k, i])),
             "threshold": thresholds[lab],
             "sensitivity": _fmt(float(present[pos, i].mean()) if pos.any() else None),
             "specificity": _fmt(float(1 - present[neg, i].mean()) if neg.any() else None),

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,18 +93,12 @@ def _rate(x: np.ndarray) -> float | None:
     return round(float(x.mean()), 4) if x.size else None
 
 
-def _interval(study: np.ndarray, statistic: Callable[[np.ndarray], float]) -> list[float] | None:
-    """95 % interval of a slice statistic, patients (studies) resampled: see :func:`metrics.cluster_bootstrap`."""
-    ci = metrics.cluster_bootstrap(study, statistic)
-    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
-
-
 def _label_intervals(y: np.ndarray, p: np.ndarray, t: float, study: np.ndarray) -> dict[str, list[float] | None]:
     """Intervals of one label's AUC and of its sensitivity and specificity at threshold ``t``."""
     pos, neg = p[y], p[~y]
-    return {"auc": _interval(study, lambda i: metrics.roc_auc(y[i], p[i])) if y.any() and (~y).any() else None,
-            "sensitivity": _interval(study[y], lambda i: float((pos[i] >= t).mean())) if y.any() else None,
-            "specificity": _interval(study[~y], lambda i: float((neg[i] < t).mean())) if (~y).any() else None}
+    return {"auc": metrics.interval95(study, lambda i: metrics.roc_auc(y[i], p[i])) if y.any() and (~y).any() else None,
+            "sensitivity": metrics.interval95(study[y], lambda i: float((pos[i] >= t).mean())) if y.any() else None,
+            "specificity": metrics.interval95(study[~y], lambda i: float((neg[i] < t).mean())) if (~y).any() else None}
 
 
 def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[str, Any]:
@@ -140,7 +133,8 @@ def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[
     raw = np.array([r["dice_any_unrefined"] for r in rows if "dice_any_unrefined" in r])
     dice_study = np.array([str(r["study"]) for r in rows if "dice_any" in r])
     out["dice_any"] = {"n": int(dice.size), "mean": round(float(dice.mean()), 4) if dice.size else None,
-                       "mean_ci95": _interval(dice_study, lambda i: float(dice[i].mean())) if dice.size else None,
+                       "mean_ci95": (metrics.interval95(dice_study, lambda i: float(dice[i].mean()))
+                                     if dice.size else None),
                        "median": round(float(np.median(dice)), 4) if dice.size else None,
                        "mean_unrefined": round(float(raw.mean()), 4) if raw.size else None}
     dom = [r["input_domain"] for r in rows if r.get("input_domain")]

@@ -84,3 +84,9 @@ def cluster_bootstrap(clusters: np.ndarray, statistic: Callable[[np.ndarray], fl
         return None
     lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
+
+
+def interval95(clusters: np.ndarray, statistic: Callable[[np.ndarray], float]) -> list[float] | None:
+    """:func:`cluster_bootstrap`'s 95 % interval as a report writes it (4 decimals), or None."""
+    ci = cluster_bootstrap(clusters, statistic)
+    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
