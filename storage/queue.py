@@ -22,7 +22,8 @@ runnable or running jobs by (priority desc, id asc), so a positive/STAT result s
 routine ones queued behind it, and otherwise the oldest goes first. At most one job of a lane is in
 flight at a time. A failure that says the lane itself is down (:class:`LaneDown`, e.g. no
 association) backs off the whole lane (table ``job_lanes``: a destination-level back-off that grows
-with its consecutive failures; the failed job keeps its place at the head). Any other failure
+with its consecutive failures; the failed job keeps its place at the head, and when nothing could
+connect at all the attempt does not count, so no outage kills it). Any other failure
 (the peer refused that one object) backs off only that job, and the lane goes on without it. A
 lane that is blocked never holds up other lanes or jobs without a lane (inference).
 """
@@ -42,7 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from storage import audit
-from storage.lifecycle import FINAL_JOB_STATES, LIVE_JOB_STATES, JobState, Priority
+from storage.lifecycle import FINAL_JOB_STATES, LIVE_JOB_STATES, JobKind, JobState, Priority, fail_inference
 from storage.models import Job, JobLane, Study, utcnow
 
 log = structlog.get_logger(__name__)
@@ -58,7 +59,12 @@ MAX_ERROR_CHARS = 4000
 
 
 class LaneDown(RuntimeError):
-    """Raised by a handler when the job's lane (its destination) is unreachable: back off the lane."""
+    """Raised by a handler when the job's lane (its destination) is unreachable: back off the lane.
+
+    ``spends_attempt`` False (a subclass's) when the failure cannot be the job's own (no connection
+    at all): the job waits for its lane as long as the outage lasts instead of dying of it."""
+
+    spends_attempt = True
 
 
 def delivery_lane(destination: object) -> str:
@@ -319,7 +325,8 @@ class JobQueue:
         return None
 
     def _bury_expired(self, job_id: int) -> None:
-        """A job whose worker died on its last attempt goes dead (not claimed yet again)."""
+        """A job whose worker died on its last attempt goes dead (not claimed yet again); an infer
+        job's series is marked failed (audit ``inference_failed``), as when a worker records the death."""
         with self.sessions.begin() as s:
             audit.lock_chain(s)
             q = select(Job).where(
@@ -329,8 +336,15 @@ class JobQueue:
             if self._pg(s):
                 q = q.with_for_update()
             job = s.scalars(q).first()
-            if job is not None:
-                self._bury(s, job, f"lease of {job.lease_owner} expired on the last attempt ({job.attempts})")
+            if job is None:
+                return
+            error = f"lease of {job.lease_owner} expired on the last attempt ({job.attempts})"
+            self._bury(s, job, error)
+            infer = job.kind == JobKind.INFER
+            series_id, generation = int((job.payload or {}).get("series_id", 0)), (job.payload or {}).get("generation")
+        if infer:  # its worker died each time (killed, out of memory): the series failed, not "processing"
+            with self.sessions.begin() as s:  # series row, then the audit chain: the receiver's order
+                fail_inference(s, series_id, job_id=job_id, error=error, actor="queue", generation=generation)
 
     def heartbeat(self, job_id: int, worker_id: str) -> bool:
         """Extend the lease. False when the lease was lost: stop working on the job."""
@@ -354,7 +368,8 @@ class JobQueue:
                 c.execute(_LANE_RESET, {"lane": lane, "now": now})
             return res.rowcount == 1
 
-    def fail(self, job_id: int, worker_id: str, error: str, retry: bool = True, *, lane_down: bool = False) -> bool:
+    def fail(self, job_id: int, worker_id: str, error: str, retry: bool = True, *, lane_down: bool = False,
+             spend_attempt: bool = True) -> bool:
         """Record a failed attempt: back to ``failed`` with a back-off, or ``dead``.
 
         ``retry=False`` (a permanent error) or no attempts left sends the job to ``dead``. Writes
@@ -362,7 +377,10 @@ class JobQueue:
 
         For a job with a lane, ``lane_down=True`` (its destination is unreachable) backs off the
         whole lane by the lane's own count of consecutive failures, and the job retries when the
-        lane opens again, still at its head; otherwise the lane's back-off is cleared.
+        lane opens again, still at its head; otherwise the lane's back-off is cleared. With
+        ``spend_attempt=False`` as well (the destination could not be reached at all: nothing about the
+        job failed), the attempt does not count, so an outage of any length never kills the head of the
+        lane; the lane's back-off is capped at ``retry_max_seconds``.
         """
         error = (error or "error")[:MAX_ERROR_CHARS]
         with self.sessions.begin() as s:
@@ -374,6 +392,8 @@ class JobQueue:
             if job is None:
                 return False
             lane_until = self._lane_failed(s, job.lane, error, lane_down) if job.lane else None
+            if lane_until is not None and not spend_attempt:
+                job.attempts = max(0, job.attempts - 1)  # the destination's outage, not this job's failure
             if retry and job.attempts < job.max_attempts:
                 now = utcnow()
                 if lane_until is not None:  # retried exactly when the lane opens again, still at its head
@@ -484,7 +504,8 @@ class JobQueue:
             try:
                 handler(job)
             except Exception as exc:  # noqa: BLE001 - any handler error is a failed attempt
-                self.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}", lane_down=isinstance(exc, LaneDown))
+                self.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}", lane_down=isinstance(exc, LaneDown),
+                          spend_attempt=getattr(exc, "spends_attempt", True))
             else:
                 self.complete(job.id, worker_id, lane=job.lane)
             ran += 1

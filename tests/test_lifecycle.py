@@ -128,6 +128,64 @@ def test_dead_inference_is_audited_and_fails_the_study(ctx: AppContext) -> None:
         assert audit.verify(s).ok
 
 
+def test_an_infer_job_whose_worker_died_on_each_attempt_fails_its_series(ctx: AppContext) -> None:
+    """A worker killed mid-inference (out of memory, a decoder crash) on the last attempt: the next
+    claim buries the job on lease expiry, and the series and study end ``failed`` (audited) instead of
+    showing "processing" for ever."""
+    from storage.queue import JobQueue
+
+    study_id, (a,) = _study_with_series(ctx, 1)
+    q = JobQueue(ctx.sessions, lease_seconds=0.3, max_attempts=1)
+    q.enqueue("infer", {"series_id": a, "generation": 0}, study_id=study_id, series_id=a)
+    job = q.claim("w-killed")
+    with ctx.sessions.begin() as s:
+        lifecycle.start_inference(s, a, 0, actor="w-killed", job_id=job.id)
+    assert _status(ctx, study_id) == StudyStatus.PROCESSING
+    time.sleep(0.5)  # the worker is gone; its lease runs out
+    assert q.claim("w-next") is None
+    with ctx.reads() as s:
+        series = s.get(Series, a)
+        assert series is not None and series.state == SeriesState.FAILED
+        events = s.scalars(select(AuditEvent).where(AuditEvent.event_type == audit.INFERENCE_FAILED)).all()
+        assert len(events) == 1 and "expired on the last attempt" in events[0].details["error"]
+        assert audit.verify(s).ok
+    assert _status(ctx, study_id) == StudyStatus.FAILED
+
+
+def test_a_database_error_at_completion_does_not_stop_the_worker(ctx: AppContext) -> None:
+    """The job ran, then recording its completion failed (the database restarted): the worker thread
+    goes on, and the job, whose lease then runs out, is run again and completed."""
+    from storage.queue import JobQueue
+
+    q = JobQueue(ctx.sessions, lease_seconds=0.5, max_attempts=3)
+    job_id = q.enqueue("notify", {})
+    ran: list[int] = []
+
+    class Worker1(Worker):
+        def _handler(self, kind: str) -> Any:
+            return lambda job: ran.append(job.id)
+
+    real_complete = q.complete
+    broken = {"left": 1}
+
+    def complete(*args: Any, **kw: Any) -> bool:
+        if broken["left"]:
+            broken["left"] -= 1
+            raise OSError("server closed the connection unexpectedly")
+        return real_complete(*args, **kw)
+
+    q.complete = complete  # type: ignore[method-assign]
+    ctx.queue = q
+    w = Worker1(ctx, ("notify",), name="w-db")
+    w.run(once=True)  # the completion fails: no exception escapes
+    assert ran == [job_id] and q.get(job_id).state == "running"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and q.get(job_id).state != "done":
+        w.run(once=True)
+        time.sleep(0.2)
+    assert ran == [job_id, job_id] and q.get(job_id).state == "done"
+
+
 def test_sqlite_reads_do_not_wait_for_a_writer(sqlite_ctx: AppContext) -> None:
     ctx = sqlite_ctx
     study_id, _ = _study_with_series(ctx, 1)

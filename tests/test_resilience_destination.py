@@ -5,7 +5,8 @@ from the start) and ``DOWN`` (nothing listens on its port yet). Two studies are 
 the other while ``DOWN`` is away: inference and the deliveries to ``UP`` are not held up. Deliveries
 to ``DOWN`` form one lane (storage/queue.py): only its head is attempted, failing (audited
 ``delivery_failed``) with a destination-level back-off, and the later ones wait behind it without
-being attempted. Then ``storescp`` starts on ``DOWN``'s port: every object arrives exactly once, in
+being attempted; each job has only 2 attempts, and failing to connect spends none, so however many
+times the head fails it never dies. Then ``storescp`` starts on ``DOWN``'s port: every object arrives exactly once, in
 queue order: priority (positive/STAT first), then oldest first, i.e. SR before SEG before SC within
 a result and the earlier result before the later one at equal priority.
 """
@@ -40,7 +41,7 @@ def test_destination_down_then_back_delivers_everything_once_in_order(tmp_path: 
     down, up = f"DOWN@127.0.0.1:{down_port}", f"UP@127.0.0.1:{up_port}"
     node = NodeProcess(tmp_path / "node", "serve", env={
         "TRIAGE_BUNDLE_PATH": str(bundle), "TRIAGE_DESTINATIONS": f"{down},{up}",
-        "TRIAGE_MAX_ATTEMPTS": "100", "TRIAGE_RETRY_BASE_SECONDS": "0.5",
+        "TRIAGE_MAX_ATTEMPTS": "2", "TRIAGE_RETRY_BASE_SECONDS": "0.5",
         "TRIAGE_RETRY_MAX_SECONDS": "2"})
     url = f"sqlite:///{tmp_path / 'node' / 'data' / 'triage.sqlite3'}"
     up_dir, down_dir = tmp_path / "pacs-up", tmp_path / "pacs-down"
@@ -61,6 +62,10 @@ def test_destination_down_then_back_delivers_everything_once_in_order(tmp_path: 
         wait_for(lambda: scalar(url, "select count(*) from deliveries where not ok") >= 3,
                  timeout=60, message="the down destination to have failed a few times")
         assert scalar(url, "select count(*) from audit_events where event_type = 'delivery_failed'") >= 3
+        # More failures than the 2 attempts a job has: nothing could connect, so no attempt was spent
+        # and the head of the lane waits for its destination however long it is away.
+        assert scalar(url, "select count(*) from audit_events where event_type = 'delivery_dead'") == 0
+        assert scalar(url, "select count(*) from jobs where state = 'dead'") == 0
         assert scalar(url, "select count(*) from deliveries where ok and destination = :d", d=down) == 0
         # Only the head of the lane was attempted; the later deliveries wait without attempts.
         attempted = scalar(url, "select count(distinct job_id) from deliveries where destination = :d", d=down)

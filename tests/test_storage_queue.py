@@ -358,6 +358,29 @@ def test_lane_head_dead_after_max_attempts_lets_the_next_go_after_the_lane_back_
     assert lane_row(ctx, "dicom:A").failures == 2  # destination-level count, across jobs
 
 
+def test_an_unreachable_lane_spends_no_attempt_and_its_head_never_dies(ctx: AppContext) -> None:
+    """Nothing could connect (``spend_attempt=False``): a PACS away longer than the head's attempts
+    last does not kill it; the lane's back-off still grows, and a failure of the object itself still
+    counts."""
+    q = make_queue(ctx, max_attempts=2, retry_base_seconds=0.05, retry_max_seconds=0.1)
+    a1 = q.enqueue("deliver", {}, lane="dicom:A")
+    a2 = q.enqueue("deliver", {}, lane="dicom:A")
+    for n in range(1, 6):
+        job = wait_for(lambda: q.claim("w"), timeout=10)
+        assert job.id == a1
+        assert q.fail(a1, "w", "could not connect", lane_down=True, spend_attempt=False)
+        row = job_row(ctx, a1)
+        assert (row.state, row.attempts) == (FAILED, 0) and lane_row(ctx, "dicom:A").failures == n
+    with ctx.sessions() as s:
+        assert not s.scalars(select(AuditEvent).where(AuditEvent.event_type == audit.JOB_DEAD)).all()
+    # the destination answers, but breaks on this object each time: those attempts count
+    for _ in range(2):
+        job = wait_for(lambda: q.claim("w"), timeout=10)
+        q.fail(job.id, "w", "association lost", lane_down=True)
+    assert job_row(ctx, a1).state == DEAD
+    assert wait_for(lambda: q.claim("w"), timeout=10).id == a2
+
+
 def test_drain_maps_lane_down_exception(ctx: AppContext) -> None:
     q = make_queue(ctx, retry_base_seconds=30)
     a1 = q.enqueue("deliver", {}, lane="dicom:A")

@@ -31,7 +31,15 @@ class DeliveryError(RuntimeError):
 
 
 class DestinationDown(DeliveryError, LaneDown):
-    """The destination could not be reached: the whole destination backs off (the job is retried)."""
+    """The association broke mid-send: the whole destination backs off (the job is retried; the
+    attempt counts, since an object that breaks the peer every time must not block it forever)."""
+
+
+class DestinationUnreachable(DestinationDown):
+    """No association at all (refused, no route, timed out): the destination's outage, not this
+    object's. The lane waits as long as the outage lasts and the attempt does not count."""
+
+    spends_attempt = False
 
 
 def _destination(value: Any) -> Destination:
@@ -70,7 +78,7 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
         log.info("negative result withheld: the study is positive", result_object_id=object_id, kind=kind)
         return
     started = utcnow()
-    status_str, error, ok, down = "", "", False, False
+    status_str, error, ok, down, unreachable = "", "", False, False, False
     try:
         if not path.is_file():
             raise DeliveryError(f"result file {obj.path} is missing from the file store")
@@ -88,9 +96,11 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
     except (SendError, OSError) as exc:
         error = str(exc)
         status_str = status_str or "no-association"
-        down = True
+        down = unreachable = True
     attempt = int(getattr(job, "attempts", 1) or 1)
-    last = attempt >= int(getattr(job, "max_attempts", s.max_attempts) or s.max_attempts)
+    # a laned job does not spend its attempt on an unreachable destination (storage/queue.py: LaneDown)
+    waits_for_lane = unreachable and bool(getattr(job, "lane", None))
+    last = not waits_for_lane and attempt >= int(getattr(job, "max_attempts", s.max_attempts) or s.max_attempts)
     with ctx.sessions.begin() as session:
         session.add(Delivery(
             result_id=result_id, result_object_id=object_id, job_id=job.id, channel="dicom",
@@ -113,4 +123,5 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
         return
     log.warning("delivery failed", destination=str(destination), kind=kind, attempt=attempt, error=error[:200],
                 destination_down=down)
-    raise (DestinationDown if down else DeliveryError)(f"delivery of {kind} {sop_uid} to {destination} failed: {error}")
+    kind_of_failure = DestinationUnreachable if unreachable else DestinationDown if down else DeliveryError
+    raise kind_of_failure(f"delivery of {kind} {sop_uid} to {destination} failed: {error}")

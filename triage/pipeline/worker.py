@@ -93,7 +93,12 @@ class Worker:
                     break
                 bell.wait(seen, poll)  # the next poll, or sooner when this process queues work
                 continue
-            self.run_job(job)
+            try:
+                self.run_job(job)
+            except Exception as exc:  # the thread must outlive any error: the job's lease expires, it runs again
+                log.error("job bookkeeping failed", job_id=job.id, kind=job.kind, error=str(exc)[:200],
+                          worker=self.name)
+                self._stop.wait(min(5.0, poll * 10))
         return self.processed
 
     def run_job(self, job: Any) -> None:
@@ -123,9 +128,16 @@ class Worker:
             done.set()
             if lost.is_set():
                 log.warning("lease lost before completion", job_id=job.id, kind=job.kind)
-            q.complete(job.id, self.name, lane=getattr(job, "lane", None))
+            try:
+                completed = q.complete(job.id, self.name, lane=getattr(job, "lane", None))
+            except Exception as exc:  # database away: the lease expires and the job runs again
+                log.error("could not record job completion", job_id=job.id, error=str(exc)[:200])
+                return
             self.ctx.doorbell.ring()  # the jobs it queued (deliveries), or the next of its lane
-            log.info("job done", job_id=job.id, kind=job.kind, seconds=round(time.perf_counter() - started, 3))
+            if completed:
+                log.info("job done", job_id=job.id, kind=job.kind, seconds=round(time.perf_counter() - started, 3))
+            else:  # another worker holds it now (this lease ran out): its run counts, not this one
+                log.warning("job done, but its lease had passed to another worker", job_id=job.id, kind=job.kind)
         finally:
             done.set()
             hb.join(timeout=1)
@@ -133,18 +145,20 @@ class Worker:
 
     def _on_failure(self, job: Any, exc: Exception) -> None:
         q = self.ctx.queue
-        if isinstance(exc, StaleJob):
-            log.info("stale job skipped", job_id=job.id, reason=str(exc))
-            q.complete(job.id, self.name)
-            return
         error = f"{type(exc).__name__}: {exc}"[:2000]
-        log.warning("job failed", job_id=job.id, kind=job.kind, attempt=job.attempts, error=error[:300])
+        if not isinstance(exc, StaleJob):
+            log.warning("job failed", job_id=job.id, kind=job.kind, attempt=job.attempts, error=error[:300])
         try:
+            if isinstance(exc, StaleJob):
+                log.info("stale job skipped", job_id=job.id, reason=str(exc))
+                q.complete(job.id, self.name)
+                return
             if disk_full(exc):  # space comes back by itself (retention, an operator): wait, never die of it
                 q.postpone(job.id, self.name, error, cap_seconds=DISK_FULL_RETRY_CAP_S)
                 return
             # audits job_failed / job_dead itself; LaneDown backs off the whole destination
-            q.fail(job.id, self.name, error, retry=True, lane_down=isinstance(exc, LaneDown))
+            q.fail(job.id, self.name, error, retry=True, lane_down=isinstance(exc, LaneDown),
+                   spend_attempt=getattr(exc, "spends_attempt", True))
             row = q.get(job.id)
             if row is not None and row.state == JobState.DEAD and job.kind == JobKind.INFER:
                 with self.ctx.sessions.begin() as s:  # series row, then the audit chain: the receiver's order
@@ -155,7 +169,7 @@ class Worker:
                     with self.ctx.sessions.begin() as s:
                         answer.settle(s, q, int(job.study_id), actor=self.name)
         except Exception as db_exc:  # database away: the lease expires and the job is retried
-            log.error("could not record job failure", job_id=job.id, error=str(db_exc)[:200])
+            log.error("could not record job outcome", job_id=job.id, error=str(db_exc)[:200])
 
     def _handler(self, kind: str) -> Callable[[Any], Any]:
         if kind == JobKind.INFER:
