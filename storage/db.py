@@ -26,7 +26,9 @@ def is_sqlite(url_or_engine: str | Engine) -> bool:
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """Create an engine. SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` writers."""
+    """Create an engine. SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` writers. Bound
+    parameters are hidden from SQLAlchemy's error messages (``hide_parameters``): a database error
+    logged while writing an audit row or a study row would otherwise print its patient identifiers."""
     url = normalise_url(url)
     if is_sqlite(url):
         path = url.split("sqlite:///", 1)[-1]
@@ -35,6 +37,7 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         engine = create_engine(
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            hide_parameters=True,
         )
 
         @event.listens_for(engine, "connect")
@@ -63,7 +66,7 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=10, hide_parameters=True)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -137,7 +137,8 @@ _STUDIES, _SERIES = Study.__table__, Series.__table__
 # Built once: the receiver runs these for every group of instances it records, and building and
 # keying a Core statement costs more CPU than executing it (bench/ingest.py, docs/benchmarks.md).
 _STUDY_TOUCH = (update(_STUDIES).where(_STUDIES.c.study_uid == bindparam("b_study_uid"))
-                .values(last_received_at=bindparam("b_now"), status=str(StudyStatus.RECEIVING), status_reason="")
+                .values(last_received_at=bindparam("b_now"), status=str(StudyStatus.RECEIVING), status_reason="",
+                        purged_at=None)  # a study sent again after its purge is live again
                 .returning(_STUDIES.c.id))
 _STUDY_ID = select(_STUDIES.c.id).where(_STUDIES.c.study_uid == bindparam("b_study_uid"))
 _SERIES_ROW = (select(_SERIES.c.id, _SERIES.c.state, _SERIES.c.generation)
@@ -160,7 +161,7 @@ def receive(s: Session, study_uid: str, series_uid: str, study_values: dict[str,
         study_id = c.execute(_STUDY_ID, {"b_study_uid": study_uid}).scalar()
         if study_id is not None:
             c.execute(update(_STUDIES).where(_STUDIES.c.id == study_id)
-                      .values(last_received_at=now, status=receiving, status_reason=""))
+                      .values(last_received_at=now, status=receiving, status_reason="", purged_at=None))
     if study_id is None:
         study_id = c.execute(insert(_STUDIES).values(**study_values, status=receiving, first_received_at=now,
                                                      last_received_at=now).returning(_STUDIES.c.id)).scalar_one()

@@ -55,6 +55,21 @@ def test_chain_links_and_verifies(ctx: AppContext) -> None:
     assert report == audit.VerifyReport(True, 5)
 
 
+def test_a_database_error_does_not_carry_the_identifiers_it_was_writing(ctx: AppContext) -> None:
+    """An error while writing a study (here a duplicate key; in life the connection dropping) is
+    logged with its message: the statement's bound values (accession, patient) are not in it."""
+    from sqlalchemy.exc import IntegrityError
+
+    from storage.models import Study
+
+    with ctx.sessions.begin() as s:
+        s.add(Study(study_uid="1.2.840.99.1", accession="ACC-SECRET-77"))
+    with pytest.raises(IntegrityError) as err, ctx.sessions.begin() as s:
+        s.add(Study(study_uid="1.2.840.99.1", accession="ACC-SECRET-78"))
+    assert "ACC-SECRET" not in str(err.value)  # (PostgreSQL's own DETAIL names the duplicate key, the UID)
+    assert "hidden" in str(err.value)  # SQLAlchemy says the parameters were left out
+
+
 def test_bad_input_is_refused(ctx: AppContext) -> None:
     with ctx.sessions.begin() as s:
         with pytest.raises(ValueError, match="unknown audit event type"):

@@ -105,6 +105,30 @@ def test_files_left_by_an_interrupted_purge_are_swept(ctx: AppContext) -> None:
     assert ctx.store.study_dirs("1.1.301") == []
 
 
+def test_a_study_sent_again_after_its_purge_is_live_again(ctx: AppContext, tmp_path: Path) -> None:
+    """A PACS sends a purged study again (a prior fetched for comparison, a re-send): over a real
+    C-STORE the node stores it, the study is no longer marked purged (the worklist shows it), and a
+    later retention pass keeps the new files instead of sweeping them as a purge's leftovers."""
+    from tests.peers import SeriesSpec, make_ct_series, running_node, storescu
+
+    spec = SeriesSpec(slices=3, size=32, accession="ARESEND")
+    files = make_ct_series(tmp_path / "series", spec)
+    with running_node(ctx) as node:
+        assert storescu(node.port, files).returncode == 0
+        with ctx.sessions.begin() as s:  # received 40 days ago
+            study = s.scalars(select(Study).where(Study.study_uid == spec.study_uid)).one()
+            study.last_received_at = utcnow() - dt.timedelta(days=40)
+            sid = study.id
+        assert purge_expired(ctx.sessions, ctx.store, retention_days=30).studies == 1
+        assert purged(ctx, sid) and ctx.store.study_dirs(spec.study_uid) == []
+        r = storescu(node.port, files)
+        assert r.returncode == 0, r.stderr
+    assert not purged(ctx, sid) and instance_count(ctx, sid) == 3
+    report = purge_expired(ctx.sessions, ctx.store, retention_days=30)
+    assert report.studies == 0 and report.files == 0
+    assert len(ctx.store.study_dirs(spec.study_uid)) == 1 and instance_count(ctx, sid) == 3
+
+
 def test_scheduled_retention_runs_in_apscheduler(sqlite_ctx: AppContext) -> None:
     ctx = sqlite_ctx
     sid, _ = add_study(ctx, "1.1.401", 100)

@@ -403,7 +403,8 @@ class DicomNode:
                                STATUS_UID_MISMATCH, str(exc), sop_class=request_sop_class)
             return StoreOutcome(STATUS_UID_MISMATCH, str(exc))
 
-        if header.sop_instance_uid in self._recent:
+        # the file is looked for too: a study purged since (retention) is stored again when re-sent
+        if header.sop_instance_uid in self._recent and self.ctx.store.path(rel).is_file():
             log.info("duplicate instance ignored", sop_uid=header.sop_instance_uid)
             return StoreOutcome(STATUS_SUCCESS, "duplicate", duplicate=True)
 
