@@ -220,9 +220,25 @@ def overdue_after(settings: Any) -> float:
     return max(60.0, 10.0 * float(settings.stable_seconds))
 
 
+_STUDY_OF_SERIES_LOCKED = (select(_STUDIES.c.id)
+                           .select_from(_STUDIES.join(_SERIES, _SERIES.c.study_id == _STUDIES.c.id))
+                           .where(_SERIES.c.id == bindparam("b_series_id")).with_for_update(of=_STUDIES))
+
+
+def _lock_study_of(s: Session, series_id: int) -> None:
+    """PostgreSQL: lock the series' study row first. Every writer takes its locks in the receiver's
+    order (study, series, audit chain); the monitor and the workers, which start from a series and
+    update the study last, would otherwise deadlock with a receiver recording another series of the
+    same study. SQLite writers hold the database lock already."""
+    c = s.connection()
+    if c.dialect.name == "postgresql":
+        c.execute(_STUDY_OF_SERIES_LOCKED, {"b_series_id": series_id})
+
+
 def complete_series(s: Session, series_id: int, generation: int, count: int) -> bool:
     """Claim a quiet series for completion. False when another monitor got it or an instance
     arrived meanwhile (its generation or count moved): look again on the next tick."""
+    _lock_study_of(s, series_id)
     claimed = s.execute(
         update(Series)
         .where(Series.id == series_id, Series.state == SeriesState.RECEIVING, Series.generation == generation,
@@ -270,9 +286,11 @@ class InferenceStart:
 
 
 def _locked_series(s: Session, series_id: int) -> Series | None:
-    """The series row, read afresh and locked (PostgreSQL ``FOR UPDATE``; SQLite writers hold the
-    database lock already): a concurrent reopen by the receiver either happened before (its new
-    generation is seen) or waits for this transaction; it can never be overwritten."""
+    """The series row, read afresh and locked (PostgreSQL ``FOR UPDATE``, its study's row first;
+    SQLite writers hold the database lock already): a concurrent reopen by the receiver either
+    happened before (its new generation is seen) or waits for this transaction; it can never be
+    overwritten."""
+    _lock_study_of(s, series_id)
     return s.get(Series, series_id, with_for_update=True, populate_existing=True)
 
 

@@ -186,6 +186,37 @@ def test_a_database_error_at_completion_does_not_stop_the_worker(ctx: AppContext
     assert ran == [job_id, job_id] and q.get(job_id).state == "done"
 
 
+@pytest.mark.postgres
+def test_series_writers_lock_the_study_first_as_the_receiver_does(pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL (SQLite writers hold the whole database: no row locks to order). The completion
+    monitor and the workers start from a series and update its study last; the receiver locks the
+    study first. Each now locks the study row before the series, so the two orders cannot deadlock
+    (a receiver recording one series of a study while another completes)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from storage.migrate import upgrade
+    from tests.conftest import make_settings
+
+    upgrade(pg_url)
+    ctx = AppContext(make_settings(tmp_path, database_url=pg_url), role="test")
+    study_id, (a,) = _study_with_series(ctx, 1)
+    with ctx.sessions.begin() as s:
+        s.get(Series, a).state = SeriesState.RECEIVING  # type: ignore[union-attr]
+    probe = "SELECT id FROM studies WHERE id = :i FOR UPDATE NOWAIT"
+    for step in ("complete", "start"):
+        with ctx.sessions.begin() as s:
+            if step == "complete":
+                assert lifecycle.complete_series(s, a, 0, 0)
+            else:
+                lifecycle.start_inference(s, a, 0, actor="w", job_id=1)
+            with ctx.sessions() as other, pytest.raises(OperationalError, match="lock"):
+                other.execute(text(probe), {"i": study_id})  # the study row is held already
+            if step == "complete":
+                lifecycle.select_for_inference(s, s.get(Series, a), s.get(Study, study_id), stat=False)
+    ctx.close()
+
+
 def test_sqlite_reads_do_not_wait_for_a_writer(sqlite_ctx: AppContext) -> None:
     ctx = sqlite_ctx
     study_id, _ = _study_with_series(ctx, 1)
