@@ -149,6 +149,7 @@ class ClaimedJob:
     max_attempts: int = 5
     lease_expires_at: dt.datetime | None = None
     lane: str | None = None
+    owner: str = ""  # the worker that holds the lease
 
 
 class JobQueue:
@@ -320,6 +321,7 @@ class JobQueue:
                         max_attempts=max_attempts,
                         lease_expires_at=expires,
                         lane=lane,
+                        owner=worker_id,
                     )
             self._bury_expired(poisoned)
         return None
@@ -346,11 +348,15 @@ class JobQueue:
             with self.sessions.begin() as s:  # series row, then the audit chain: the receiver's order
                 fail_inference(s, series_id, job_id=job_id, error=error, actor="queue", generation=generation)
 
-    def heartbeat(self, job_id: int, worker_id: str) -> bool:
-        """Extend the lease. False when the lease was lost: stop working on the job."""
+    def heartbeat(self, job_id: int, worker_id: str, *, session: Session | None = None) -> bool:
+        """Extend the lease. False when the lease was lost: stop working on the job.
+
+        Inside ``session`` (the transaction that stores the job's results, as its last statement) it
+        also keeps the job's row locked until that commit: no other worker can take the job over
+        between this check and the results becoming visible."""
         now = utcnow()
         expires = now + dt.timedelta(seconds=self.lease_seconds)
-        with self._conn() as c:
+        with self._conn(session) as c:
             res = c.execute(_HEARTBEAT, {"jid": job_id, "owner": worker_id, "expires": expires, "now": now})
             return res.rowcount == 1
 

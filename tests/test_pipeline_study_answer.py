@@ -155,3 +155,28 @@ def test_a_skipped_other_series_releases_a_held_negative(study: dict[str, Any], 
     done = SeriesMonitor(study["ctx"]).tick()
     assert len(done) == 1 and not done[0].selected  # skipped: a localizer
     assert deliveries(study, thick) == {"now": n, "held": 0, "dead": 0}
+
+
+def test_a_worker_whose_lease_passed_on_records_no_result(study: dict[str, Any], bundles: dict[str, Any]) -> None:
+    """The worker computed while its lease ran out (the database away longer than the lease) and
+    another worker took the job over: its result transaction checks the lease last and rolls back,
+    so the study gets one result, from the holder's run, and nothing is queued twice."""
+    from storage.lifecycle import StaleJob
+    from storage.models import Job, Result
+
+    ctx = study["ctx"]
+    series_id = send_and_select(study, "thick")
+    job = ctx.queue.claim("w-slow", kinds=[JobKind.INFER])
+    assert job is not None and job.owner == "w-slow"
+    with ctx.sessions.begin() as s:  # what a takeover after the lease ran out leaves in the row
+        s.get(Job, job.id).lease_owner = "w-new"  # type: ignore[union-attr]
+    with pytest.raises(StaleJob, match="passed to another worker"):
+        run_infer(ctx, job, bundles["positive"])
+    with ctx.reads() as s:
+        assert s.scalars(select(Result).where(Result.series_id == series_id)).all() == []
+        assert s.scalars(select(Job).where(Job.kind == JobKind.DELIVER)).all() == []
+    with ctx.sessions.begin() as s:
+        s.get(Job, job.id).lease_owner = "w-slow"  # type: ignore[union-attr]
+    out = run_infer(ctx, job, bundles["positive"])  # the holder's run records it
+    with ctx.reads() as s:
+        assert [r.id for r in s.scalars(select(Result).where(Result.series_id == series_id))] == [out.result_id]

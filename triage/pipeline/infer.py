@@ -34,7 +34,7 @@ from pydicom.filebase import DicomBytesIO
 from sqlalchemy import select, update
 
 from storage import audit, lifecycle
-from storage.lifecycle import JobKind, Priority
+from storage.lifecycle import JobKind, Priority, StaleJob
 from storage.models import Finding, Instance, ModelVersion, Result, ResultObject, utcnow
 from storage.queue import delivery_lane
 from triage.context import AppContext
@@ -227,6 +227,11 @@ def run_infer(ctx: AppContext, job: Any, bundle: Any) -> InferOutcome:
         if positive:
             audit.record(s, audit.FLAGGED, actor=ctx.worker_id, study_uid=study_uid, series_uid=series_uid,
                          accession=accession, details={"subtypes": [t for t in SUBTYPES if prediction.present[t]]})
+        # last, after the audit chain's lock (the queue's order): a worker whose lease ran out while it
+        # computed (the database away longer than the lease) records nothing; the new holder's run does
+        owner = getattr(job, "owner", "")
+        if owner and not ctx.queue.heartbeat(job.id, owner, session=s):
+            raise StaleJob(f"the lease of job {job.id} passed to another worker while {owner} computed")
     if prediction.out_of_domain:  # ids only: no PHI in logs
         domain = prediction.input_domain or {}
         log.warning("series outside the model's input domain", result_id=result.id, job_id=job.id,
