@@ -34,7 +34,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_rules_are_valid_and_their_unit_tests_pass() -> None:
     check = _promtool("check", "rules", "triage-alerts.yml")
-    assert check.returncode == 0 and "SUCCESS: 6 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
     test = _promtool("test", "rules", "triage-alerts.test.yml")
     assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
 
@@ -44,6 +44,11 @@ def test_every_metric_the_rules_name_is_exported(sqlite_ctx: AppContext) -> None
                input_domain={"distance": 9.0, "threshold": 6.0, "in_domain": False})
     heartbeat(sqlite_ctx, "host:1:worker", role="worker")
     sqlite_ctx.queue.enqueue("infer", {"series_id": 1, "generation": 0})
+    assert make_registry(sqlite_ctx).get_sample_value("triage_destinations_failing") == 0
+    sqlite_ctx.queue.enqueue("deliver", {}, lane="dicom:PACS@10.0.0.9:104")  # the PACS is away
+    job = sqlite_ctx.queue.claim("w", kinds=["deliver"])
+    sqlite_ctx.queue.fail(job.id, "w", "could not connect", lane_down=True, spend_attempt=False)
+    assert make_registry(sqlite_ctx).get_sample_value("triage_destinations_failing") == 1
     exported = {m.group(1) for m in re.finditer(r"^([a-z_]+)(?:\{| )", render(make_registry(sqlite_ctx)).decode(),
                                                   re.MULTILINE)}
     rules = (RULES / "triage-alerts.yml").read_text()

@@ -42,6 +42,7 @@ from storage.models import (
     Delivery,
     Instance,
     Job,
+    JobLane,
     Result,
     Series,
     Setting,
@@ -272,6 +273,13 @@ class NodeCollector(Collector):
                 Series.state == SeriesState.RECEIVING,
                 Series.last_received_at < now - dt.timedelta(seconds=overdue_after(self.ctx.settings)))) or 0)
             yield overdue
+
+            # a destination whose last attempts all failed: its lane waits (no attempt is spent while
+            # nothing connects), so this, not dead jobs, is what shows a long PACS outage
+            down = GaugeMetricFamily("triage_destinations_failing",
+                                     "Destinations (delivery lanes) whose latest delivery attempts failed")
+            down.add_metric([], s.scalar(select(func.count()).select_from(JobLane).where(JobLane.failures > 0)) or 0)
+            yield down
 
             flagged = CounterMetricFamily("triage_flagged_studies", "Studies flagged positive")
             flagged.add_metric([], self._mono("flagged", (), s.scalar(
