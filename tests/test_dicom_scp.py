@@ -148,6 +148,25 @@ def test_duplicate_instances_are_idempotent(tmp_path: Path) -> None:
     assert count(ctx, Instance) == 5
     with ctx.sessions() as s:
         assert s.scalars(select(Series)).one().instance_count == 5
+    # Later (another receiver process) the PACS sends one again in another transfer syntax: the file
+    # holds the new bytes, and the row follows it (DICOMweb serves the file under the row's syntax).
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = dcmread(paths[0])
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    again = tmp_path / "implicit.dcm"
+    ds.save_as(again, implicit_vr=True, little_endian=True)
+    with running_node(ctx) as node:
+        r = storescu(node.port, [again])
+        assert r.returncode == 0, r.stderr
+    with ctx.sessions() as s:
+        row = s.scalars(select(Instance).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))).one()
+        stored = ctx.store.path(row.path).read_bytes()
+        assert row.transfer_syntax == ImplicitVRLittleEndian and row.size == len(stored)
+        assert row.sha256 == hashlib.sha256(stored).hexdigest()
+        assert s.scalars(select(Series)).one().instance_count == 5
+    replaced = [e for e in audit_events(ctx, "received") if e.details.get("replaced")]
+    assert len(replaced) == 1 and replaced[0].details["sop_instance_uids"] == [str(ds.SOPInstanceUID)]
 
 
 def test_access_control_rejects_unknown_callers_and_wrong_called_aet(tmp_path: Path) -> None:

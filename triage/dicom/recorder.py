@@ -82,8 +82,11 @@ def _write_error(record: InstanceRecord) -> BaseException | None:
 
 _SERIES, _INSTANCES = Series.__table__, Instance.__table__
 # Built once (building and keying a Core statement per batch cost more CPU than running it).
-_KNOWN = select(_INSTANCES.c.sop_instance_uid).where(
+_KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256, _INSTANCES.c.path).where(
     _INSTANCES.c.sop_instance_uid.in_(bindparam("b_uids", expanding=True)))
+_REFRESH = (update(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("b_uid"))
+            .values(sha256=bindparam("b_sha"), size=bindparam("b_size"), transfer_syntax=bindparam("b_ts"),
+                    received_at=bindparam("b_now")))
 _INSERT_INSTANCES = insert(_INSTANCES)
 _COUNT = (update(_SERIES).where(_SERIES.c.id == bindparam("b_id"))
           .values(instance_count=_SERIES.c.instance_count + bindparam("b_n"), last_received_at=bindparam("b_now")))
@@ -102,9 +105,10 @@ def record_batch(sessions: sessionmaker[Session], records: Sequence[InstanceReco
     with sessions.begin() as s:
         c = s.connection()
         uids = [r.header.sop_instance_uid for r in records]
-        known = set(c.execute(_KNOWN, {"b_uids": uids}).scalars())
+        known = {row.sop_instance_uid: row for row in c.execute(_KNOWN, {"b_uids": uids})}
         duplicate: list[bool] = []
         fresh: dict[str, list[InstanceRecord]] = {}
+        replaced: list[InstanceRecord] = []
         seen: set[str] = set()
         for r in records:
             uid = r.header.sop_instance_uid
@@ -113,8 +117,12 @@ def record_batch(sessions: sessionmaker[Session], records: Sequence[InstanceReco
             seen.add(uid)
             if not dup:
                 fresh.setdefault(r.header.series_uid, []).append(r)
+            elif uid in known and known[uid].path == r.rel and known[uid].sha256 != r.sha256:
+                replaced.append(r)  # its file now holds these bytes (another transfer syntax, a correction)
         for series_uid, group in fresh.items():
             _record_series(s, series_uid, group, now)
+        if replaced:
+            _refresh_rows(s, replaced, now)
         if before_commit is not None:
             before_commit()
     return duplicate
@@ -143,6 +151,26 @@ def _record_series(s: Session, series_uid: str, group: list[InstanceRecord], now
                  "calling_aets": sorted({r.calling_aet for r in group}), "generation": generation,
                  "receivers": sorted({r.receiver for r in group if r.receiver})},
     )
+
+
+def _refresh_rows(s: Session, replaced: list[InstanceRecord], now: Any) -> None:
+    """A known instance sent again with other bytes was written over its file: its row takes the
+    file's digest, size and transfer syntax (DICOMweb serves the file under the row's syntax), and the
+    audit says so. The series is not reopened: a re-send is most often the same image in another
+    transfer syntax, and reading it again would send the PACS a second set of results."""
+    c = s.connection()
+    c.execute(_REFRESH, [{"b_uid": r.header.sop_instance_uid, "b_sha": r.sha256, "b_size": r.size,
+                          "b_ts": r.transfer_syntax, "b_now": now} for r in replaced])
+    by_series: dict[str, list[InstanceRecord]] = {}
+    for r in replaced:
+        by_series.setdefault(r.header.series_uid, []).append(r)
+    for series_uid, group in by_series.items():
+        h = group[0].header
+        audit.record(s, audit.RECEIVED, actor=group[0].calling_aet or "?", study_uid=h.study_uid,
+                     series_uid=series_uid, accession=h.study.get("accession", ""),
+                     details={"count": len(group), "replaced": True,
+                              "sop_instance_uids": [r.header.sop_instance_uid for r in group],
+                              "transfer_syntaxes": sorted({r.transfer_syntax for r in group})})
 
 
 def record_with_retries(sessions: sessionmaker[Session], records: Sequence[InstanceRecord],
