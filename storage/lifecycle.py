@@ -335,9 +335,13 @@ def record_result(s: Session, series: Series, *, positive: bool) -> StudyStatus:
 def fail_inference(s: Session, series_id: int, *, job_id: int, error: str, actor: str,
                    generation: int | None = None) -> bool:
     """The series' infer job died: series ``failed``, audit ``inference_failed``, study status
-    recomputed. False (nothing changed) when the series is gone or has moved to another generation."""
+    recomputed. False (nothing changed) when the series is gone, has moved to another generation, or
+    is no longer waiting for that job (its result was recorded, then the job itself could not be
+    marked done and died on lease expiry)."""
     series = _locked_series(s, series_id)
     if series is None or (generation is not None and series.generation != generation):
+        return False
+    if series.state not in (SeriesState.SELECTED, SeriesState.PROCESSING):
         return False
     study = series.study
     series.state = str(SeriesState.FAILED)

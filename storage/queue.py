@@ -58,6 +58,10 @@ FINAL_STATES = FINAL_JOB_STATES
 MAX_ERROR_CHARS = 4000
 
 
+class _Moved(Exception):
+    """The job changed hands while a transaction looked at it: roll the transaction back."""
+
+
 class LaneDown(RuntimeError):
     """Raised by a handler when the job's lane (its destination) is unreachable: back off the lane.
 
@@ -165,9 +169,11 @@ class JobQueue:
         retry_max_seconds: float = 900.0,
         jitter: float = 0.1,
         reads: sessionmaker[Session] | None = None,
+        unreachable_wait_seconds: float = 72 * 3600.0,
     ) -> None:
         """``reads``: sessions for listings and counts (storage.db.make_read_sessionmaker), so they
-        do not wait for writers on SQLite; ``sessions`` by default."""
+        do not wait for writers on SQLite; ``sessions`` by default. ``unreachable_wait_seconds``: how
+        long after it was queued a job's unreachable-lane failures stay free (``fail(spend_attempt=False)``)."""
         if lease_seconds <= 0 or max_attempts < 1 or retry_base_seconds < 0 or retry_max_seconds < 0 or jitter < 0:
             raise ValueError("invalid queue parameters")
         self.sessions = sessions
@@ -177,6 +183,7 @@ class JobQueue:
         self.retry_base_seconds = float(retry_base_seconds)
         self.retry_max_seconds = float(retry_max_seconds)
         self.jitter = float(jitter)
+        self.unreachable_wait_seconds = float(unreachable_wait_seconds)
 
     # ---------------------------------------------------------------- helpers
     @contextmanager
@@ -328,25 +335,32 @@ class JobQueue:
 
     def _bury_expired(self, job_id: int) -> None:
         """A job whose worker died on its last attempt goes dead (not claimed yet again); an infer
-        job's series is marked failed (audit ``inference_failed``), as when a worker records the death."""
-        with self.sessions.begin() as s:
-            audit.lock_chain(s)
-            q = select(Job).where(
-                Job.id == job_id, Job.state == RUNNING, Job.lease_expires_at < utcnow(),
-                Job.attempts >= Job.max_attempts,
-            )
-            if self._pg(s):
-                q = q.with_for_update()
-            job = s.scalars(q).first()
-            if job is None:
-                return
-            error = f"lease of {job.lease_owner} expired on the last attempt ({job.attempts})"
-            self._bury(s, job, error)
-            infer = job.kind == JobKind.INFER
-            series_id, generation = int((job.payload or {}).get("series_id", 0)), (job.payload or {}).get("generation")
-        if infer:  # its worker died each time (killed, out of memory): the series failed, not "processing"
-            with self.sessions.begin() as s:  # series row, then the audit chain: the receiver's order
-                fail_inference(s, series_id, job_id=job_id, error=error, actor="queue", generation=generation)
+        job's series is marked failed (audit ``inference_failed``) in the same transaction, as when a
+        worker records the death (the held answers of the study are released by their backstop)."""
+        with self.sessions() as s:  # which series: read before the locks, which begin with the series'
+            found = s.execute(select(Job.kind, Job.payload).where(Job.id == job_id)).first()
+        if found is None:
+            return
+        payload = found.payload or {}
+        try:
+            with self.sessions.begin() as s:
+                if found.kind == JobKind.INFER:  # study, series, audit chain: the receiver's lock order
+                    fail_inference(s, int(payload.get("series_id", 0)), job_id=job_id, actor="queue",
+                                   error="the lease expired on the last attempt: its worker died",
+                                   generation=payload.get("generation"))
+                audit.lock_chain(s)
+                q = select(Job).where(
+                    Job.id == job_id, Job.state == RUNNING, Job.lease_expires_at < utcnow(),
+                    Job.attempts >= Job.max_attempts,
+                )
+                if self._pg(s):
+                    q = q.with_for_update()
+                job = s.scalars(q).first()
+                if job is None:  # taken over or finished meanwhile: its series is not failed either
+                    raise _Moved
+                self._bury(s, job, f"lease of {job.lease_owner} expired on the last attempt ({job.attempts})")
+        except _Moved:
+            return
 
     def heartbeat(self, job_id: int, worker_id: str, *, session: Session | None = None) -> bool:
         """Extend the lease. False when the lease was lost: stop working on the job.
@@ -385,8 +399,9 @@ class JobQueue:
         whole lane by the lane's own count of consecutive failures, and the job retries when the
         lane opens again, still at its head; otherwise the lane's back-off is cleared. With
         ``spend_attempt=False`` as well (the destination could not be reached at all: nothing about the
-        job failed), the attempt does not count, so an outage of any length never kills the head of the
-        lane; the lane's back-off is capped at ``retry_max_seconds``.
+        job failed), the attempt does not count, so an outage never kills the head of the lane (the
+        lane's back-off is capped at ``retry_max_seconds``) until the job has waited
+        ``unreachable_wait_seconds`` since it was queued; then its failures count again.
         """
         error = (error or "error")[:MAX_ERROR_CHARS]
         with self.sessions.begin() as s:
@@ -398,7 +413,8 @@ class JobQueue:
             if job is None:
                 return False
             lane_until = self._lane_failed(s, job.lane, error, lane_down) if job.lane else None
-            if lane_until is not None and not spend_attempt:
+            free = (utcnow() - job.created_at).total_seconds() < self.unreachable_wait_seconds
+            if lane_until is not None and not spend_attempt and free:
                 job.attempts = max(0, job.attempts - 1)  # the destination's outage, not this job's failure
             if retry and job.attempts < job.max_attempts:
                 now = utcnow()

@@ -381,3 +381,15 @@ def test_fail_inference_ignores_an_older_generation(ctx: AppContext) -> None:
         assert lifecycle.fail_inference(s, a, job_id=1, error="x", actor="w", generation=0) is False
     with ctx.reads() as s:
         assert s.scalar(select(Series.state).where(Series.id == a)) == SeriesState.RECEIVING
+
+
+def test_fail_inference_leaves_a_series_whose_result_is_recorded(ctx: AppContext) -> None:
+    """The result was recorded, then the job could not be marked done and died on lease expiry: the
+    series stays ``done`` (its result went out), not ``failed``."""
+    study_id, (a,) = _study_with_series(ctx, 1)
+    with ctx.sessions.begin() as s:
+        lifecycle.start_inference(s, a, 0, actor="w", job_id=1)
+        lifecycle.record_result(s, lifecycle.current_series(s, a, 0), positive=False)
+    with ctx.sessions.begin() as s:
+        assert lifecycle.fail_inference(s, a, job_id=1, error="x", actor="queue", generation=0) is False
+    assert _status(ctx, study_id) == StudyStatus.DONE

@@ -379,6 +379,10 @@ def test_an_unreachable_lane_spends_no_attempt_and_its_head_never_dies(ctx: AppC
         q.fail(job.id, "w", "association lost", lane_down=True)
     assert job_row(ctx, a1).state == DEAD
     assert wait_for(lambda: q.claim("w"), timeout=10).id == a2
+    # a job that has waited longer than unreachable_wait_seconds spends its attempts again (dead letter)
+    q0 = make_queue(ctx, unreachable_wait_seconds=0)
+    q0.fail(a2, "w", "could not connect", lane_down=True, spend_attempt=False)
+    assert (job_row(ctx, a2).state, job_row(ctx, a2).attempts) == (FAILED, 1)
 
 
 def test_drain_maps_lane_down_exception(ctx: AppContext) -> None:

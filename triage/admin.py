@@ -121,6 +121,7 @@ def queue_from_settings(settings: Settings) -> tuple[JobQueue, Callable[[], None
         max_attempts=settings.max_attempts,
         retry_base_seconds=settings.retry_base_seconds,
         retry_max_seconds=settings.retry_max_seconds,
+        unreachable_wait_seconds=settings.unreachable_wait_hours * 3600.0,
     )
     return q, engine.dispose
 

@@ -192,6 +192,11 @@ class Settings(BaseModel):
     max_attempts: int = Field(default=5, ge=1)
     retry_base_seconds: float = Field(default=5.0, ge=0)
     retry_max_seconds: float = Field(default=900.0, ge=0)
+    unreachable_wait_hours: float = Field(
+        default=72.0, ge=0,
+        description="How long a delivery waits, without spending its attempts, for a destination that cannot be "
+                    "reached at all (a PACS outage); after that its failures count and it dies after "
+                    "`max_attempts` (a dead letter to retry from /ops)")
     poll_seconds: float = Field(default=0.5, gt=0)
     thresholds: dict[str, float] = Field(default_factory=dict)
 

@@ -86,6 +86,7 @@ class AppContext:
             max_attempts=s.max_attempts,
             retry_base_seconds=s.retry_base_seconds,
             retry_max_seconds=s.retry_max_seconds,
+            unreachable_wait_seconds=s.unreachable_wait_hours * 3600.0,
             reads=self.reads,
         )
 

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from storage import audit
 from storage.db import session_scope
-from storage.lifecycle import JobState, SeriesState, StudyStatus, overdue_after
+from storage.lifecycle import LIVE_JOB_STATES, JobState, SeriesState, StudyStatus, overdue_after
 from storage.models import (
     RESULT_OUT_OF_DOMAIN,
     AuditEvent,
@@ -277,8 +277,11 @@ class NodeCollector(Collector):
             # a destination whose last attempts all failed: its lane waits (no attempt is spent while
             # nothing connects), so this, not dead jobs, is what shows a long PACS outage
             down = GaugeMetricFamily("triage_destinations_failing",
-                                     "Destinations (delivery lanes) whose latest delivery attempts failed")
-            down.add_metric([], s.scalar(select(func.count()).select_from(JobLane).where(JobLane.failures > 0)) or 0)
+                                     "Destinations (delivery lanes) whose latest delivery attempts failed and "
+                                     "that have results waiting")
+            waiting = select(Job.id).where(Job.lane == JobLane.key, Job.state.in_(LIVE_JOB_STATES)).exists()
+            down.add_metric([], s.scalar(select(func.count()).select_from(JobLane)
+                                         .where(JobLane.failures > 0, waiting)) or 0)
             yield down
 
             flagged = CounterMetricFamily("triage_flagged_studies", "Studies flagged positive")

@@ -20,7 +20,7 @@ from storage.models import Delivery, ResultObject, Series, Study, utcnow
 from storage.queue import LaneDown
 from triage.config import Destination, parse_destination
 from triage.context import AppContext
-from triage.dicom.scu import SEND_FAILED, SendError, is_success, send_files, status_text
+from triage.dicom.scu import SEND_FAILED, NoConnection, SendError, is_success, send_files, status_text
 from triage.logging import get_logger
 
 log = get_logger(__name__)
@@ -36,8 +36,9 @@ class DestinationDown(DeliveryError, LaneDown):
 
 
 class DestinationUnreachable(DestinationDown):
-    """No association at all (refused, no route, timed out): the destination's outage, not this
-    object's. The lane waits as long as the outage lasts and the attempt does not count."""
+    """Not even a connection (connection refused, no route, timed out): the destination's outage, not
+    this object's. The lane waits as long as the outage lasts and the attempt does not count (up to
+    the queue's ``unreachable_wait_seconds``)."""
 
     spends_attempt = False
 
@@ -96,7 +97,10 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
     except (SendError, OSError) as exc:
         error = str(exc)
         status_str = status_str or "no-association"
-        down = unreachable = True
+        down = True
+        # only when nothing answered: a peer that rejects or aborts (say, no context for this object's
+        # SOP class) refuses this object, which must not hold its lane for ever
+        unreachable = isinstance(exc, NoConnection | ConnectionError | TimeoutError)
     attempt = int(getattr(job, "attempts", 1) or 1)
     # a laned job does not spend its attempt on an unreachable destination (storage/queue.py: LaneDown)
     waits_for_lane = unreachable and bool(getattr(job, "lane", None))

@@ -119,10 +119,10 @@ def record_batch(sessions: sessionmaker[Session], records: Sequence[InstanceReco
                 fresh.setdefault(r.header.series_uid, []).append(r)
             elif uid in known and known[uid].path == r.rel and known[uid].sha256 != r.sha256:
                 replaced.append(r)  # its file now holds these bytes (another transfer syntax, a correction)
+        if replaced:  # before any series' locks and the audit chain's: a purge locks in that order too
+            _refresh_rows(s, replaced, now)
         for series_uid, group in fresh.items():
             _record_series(s, series_uid, group, now)
-        if replaced:
-            _refresh_rows(s, replaced, now)
         if before_commit is not None:
             before_commit()
     return duplicate

@@ -38,6 +38,10 @@ class SendError(RuntimeError):
     """The association could not be established (refused, rejected, unreachable)."""
 
 
+class NoConnection(SendError):
+    """Not even a connection: the peer is down, unreachable or timed out (nothing it refused)."""
+
+
 @dataclass(frozen=True)
 class _FileInfo:
     path: Path
@@ -128,7 +132,7 @@ def send_files(
     if not assoc.is_established:
         why = ("could not connect (refused, unreachable or timed out)" if not opened
                else "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established")
-        raise SendError(f"association with {destination} {why}")
+        raise (SendError if opened else NoConnection)(f"association with {destination} {why}")
     try:
         accepted = [cx for cx in assoc.accepted_contexts]
         for info in infos:

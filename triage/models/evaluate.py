@@ -111,7 +111,9 @@ def summarise(rows: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[
     probs = np.array([r["probs"] for r in rows], float)
     present = np.array([r["present"] for r in rows], float)
     per_label = {}
-    studies = np.arange(len(rows))  # each study its own cluster: a plain bootstrap over studies
+    # each evaluated exam its own cluster (the readers give no patient id): where a source holds
+    # several exams of one patient (RSNA's series) the interval is somewhat too narrow
+    studies = np.arange(len(rows))
     for i, lab in enumerate(LABELS):
         pos, neg = truth[:, i] > 0, truth[:, i] == 0
         per_label[lab] = {

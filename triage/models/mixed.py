@@ -569,7 +569,8 @@ def robust_augment(x: torch.Tensor, maps: torch.Tensor, rng: np.random.Generator
     hu = x * 80.0  # the assumed 40/80 window read back as HU
     for i in np.flatnonzero(rng.random(n) < rim):
         hu[i] += torch.from_numpy(peripheral_rise(x[i, 0].numpy() * 255.0, rng, grid_px_mm))
-    looks = {int(i): scanner_look(x[i, 0].numpy(), rng) for i in np.flatnonzero(rng.random(n) < scanner)}
+    looks = ({int(i): scanner_look(x[i, 0].numpy(), rng) for i in np.flatnonzero(rng.random(n) < scanner)}
+             if scanner > 0 else {})  # no draw without it: earlier seeded recipes replay as they ran
     for i, (shade, *_) in looks.items():
         hu[i] += torch.from_numpy(shade)
     centre, width = col(rng.uniform(30, 50, n)), col(rng.uniform(widths[0], widths[1], n))
