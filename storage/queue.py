@@ -23,7 +23,7 @@ routine ones queued behind it, and otherwise the oldest goes first. At most one 
 flight at a time. A failure that says the lane itself is down (:class:`LaneDown`, e.g. no
 association) backs off the whole lane (table ``job_lanes``: a destination-level back-off that grows
 with its consecutive failures; the failed job keeps its place at the head, and when nothing could
-connect at all the attempt does not count, so no outage kills it). Any other failure
+connect at all the attempt does not count, for up to ``unreachable_wait_seconds``). Any other failure
 (the peer refused that one object) backs off only that job, and the lane goes on without it. A
 lane that is blocked never holds up other lanes or jobs without a lane (inference).
 """
@@ -337,7 +337,7 @@ class JobQueue:
         """A job whose worker died on its last attempt goes dead (not claimed yet again); an infer
         job's series is marked failed (audit ``inference_failed``) in the same transaction, as when a
         worker records the death (the held answers of the study are released by their backstop)."""
-        with self.sessions() as s:  # which series: read before the locks, which begin with the series'
+        with self.sessions() as s:  # which series, read first: the locks go study, series, audit chain, job
             found = s.execute(select(Job.kind, Job.payload).where(Job.id == job_id)).first()
         if found is None:
             return

@@ -145,14 +145,13 @@ class Worker:
 
     def _on_failure(self, job: Any, exc: Exception) -> None:
         q = self.ctx.queue
+        if isinstance(exc, StaleJob):  # (a database error here is caught by run(): the lease expires)
+            log.info("stale job skipped", job_id=job.id, reason=str(exc))
+            q.complete(job.id, self.name)
+            return
         error = f"{type(exc).__name__}: {exc}"[:2000]
-        if not isinstance(exc, StaleJob):
-            log.warning("job failed", job_id=job.id, kind=job.kind, attempt=job.attempts, error=error[:300])
+        log.warning("job failed", job_id=job.id, kind=job.kind, attempt=job.attempts, error=error[:300])
         try:
-            if isinstance(exc, StaleJob):
-                log.info("stale job skipped", job_id=job.id, reason=str(exc))
-                q.complete(job.id, self.name)
-                return
             if disk_full(exc):  # space comes back by itself (retention, an operator): wait, never die of it
                 q.postpone(job.id, self.name, error, cap_seconds=DISK_FULL_RETRY_CAP_S)
                 return
