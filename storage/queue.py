@@ -79,7 +79,7 @@ def delivery_lane(destination: object) -> str:
 # own work for these one-row statements). Bind parameters take their column's type.
 _CLAIM_COLUMNS = (
     Job.id, Job.kind, Job.payload, Job.attempts, Job.priority, Job.study_id, Job.series_id,
-    Job.max_attempts, Job.state, Job.lease_owner, Job.lane,
+    Job.max_attempts, Job.state, Job.lease_owner, Job.lane, Job.created_at,
 )
 _Other = aliased(Job, name="other")
 # A laned job may run when its lane is not backed off, no other job of the lane is in flight, and
@@ -154,6 +154,7 @@ class ClaimedJob:
     lease_expires_at: dt.datetime | None = None
     lane: str | None = None
     owner: str = ""  # the worker that holds the lease
+    created_at: dt.datetime | None = None  # when it was queued
 
 
 class JobQueue:
@@ -305,7 +306,8 @@ class JobQueue:
                     row = c.execute(_SELECT_ANY_PG if pg else _SELECT_ANY, {"now": now}).first()
                 if row is None:
                     return None
-                job_id, kind, payload, attempts, priority, study_id, series_id, max_attempts, state, owner, lane = row
+                (job_id, kind, payload, attempts, priority, study_id, series_id, max_attempts, state, owner, lane,
+                 created_at) = row
                 if state == RUNNING and attempts >= max_attempts:
                     poisoned = job_id  # buried below, in its own transaction (audit lock first)
                 else:
@@ -329,6 +331,7 @@ class JobQueue:
                         lease_expires_at=expires,
                         lane=lane,
                         owner=worker_id,
+                        created_at=created_at,
                     )
             self._bury_expired(poisoned)
         return None
@@ -361,6 +364,11 @@ class JobQueue:
                 self._bury(s, job, f"lease of {job.lease_owner} expired on the last attempt ({job.attempts})")
         except _Moved:
             return
+
+    def waits_free(self, created_at: dt.datetime | None) -> bool:
+        """Whether a job queued at ``created_at`` may still fail on an unreachable lane without
+        spending an attempt (``fail(spend_attempt=False)``): for ``unreachable_wait_seconds``."""
+        return created_at is not None and (utcnow() - created_at).total_seconds() < self.unreachable_wait_seconds
 
     def heartbeat(self, job_id: int, worker_id: str, *, session: Session | None = None) -> bool:
         """Extend the lease. False when the lease was lost: stop working on the job.
@@ -413,8 +421,7 @@ class JobQueue:
             if job is None:
                 return False
             lane_until = self._lane_failed(s, job.lane, error, lane_down) if job.lane else None
-            free = (utcnow() - job.created_at).total_seconds() < self.unreachable_wait_seconds
-            if lane_until is not None and not spend_attempt and free:
+            if lane_until is not None and not spend_attempt and self.waits_free(job.created_at):
                 job.attempts = max(0, job.attempts - 1)  # the destination's outage, not this job's failure
             if retry and job.attempts < job.max_attempts:
                 now = utcnow()

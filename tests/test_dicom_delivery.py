@@ -152,6 +152,31 @@ def test_deliver_job_retries_a_down_destination_without_blocking_others(tmp_path
     assert len(ev[audit.DELIVERY_DEAD]) == 1 and ev[audit.DELIVERY_DEAD][0].details["attempt"] == 3
 
 
+@pytest.mark.parametrize("wait_hours", [72.0, 0.0])
+def test_an_unreachable_pacs_spends_no_attempt_until_the_wait_is_over(tmp_path: Path, wait_hours: float) -> None:
+    """The real worker, one attempt per job, a PACS port nothing listens on: within
+    ``unreachable_wait_hours`` the failed try spends nothing (no ``delivery_dead``, the job waits for
+    its lane); past it the same failure is the job's last (``delivery_dead`` audited with it)."""
+    from storage.queue import delivery_lane
+    from triage.pipeline.worker import Worker
+
+    ctx = node_context(tmp_path, max_attempts=1, unreachable_wait_hours=wait_hours)
+    obj_id = make_result_object(ctx, tmp_path)
+    down = Destination("DOWN", "127.0.0.1", free_port())
+    job_id = ctx.queue.enqueue("deliver", {"result_object_id": obj_id, "destination": str(down)},
+                               lane=delivery_lane(down))
+    Worker(ctx, ("deliver",), name="w").run(once=True)
+    row = ctx.queue.get(job_id)
+    with ctx.sessions() as s:
+        dead = s.scalars(select(AuditEvent).where(AuditEvent.event_type == audit.DELIVERY_DEAD)).all()
+        failed = s.scalars(select(Delivery)).all()
+    assert [(d.ok, d.status) for d in failed] == [(False, "no-association")]
+    if wait_hours:
+        assert (row.state, row.attempts, dead) == ("failed", 0, [])
+    else:
+        assert row.state == "dead" and len(dead) == 1 and dead[0].details["status"] == "no-association"
+
+
 def test_deliver_records_a_peer_failure_status_and_a_missing_file(tmp_path: Path) -> None:
     ctx = node_context(tmp_path / "node", max_attempts=5)
     obj_id = make_result_object(ctx, tmp_path)

@@ -102,8 +102,9 @@ def handle_deliver(ctx: AppContext, job: Any) -> None:
         # SOP class) refuses this object, which must not hold its lane for ever
         unreachable = isinstance(exc, NoConnection | ConnectionError | TimeoutError)
     attempt = int(getattr(job, "attempts", 1) or 1)
-    # a laned job does not spend its attempt on an unreachable destination (storage/queue.py: LaneDown)
-    waits_for_lane = unreachable and bool(getattr(job, "lane", None))
+    # a laned job does not spend its attempt on an unreachable destination for a while (storage/queue.py)
+    waits_for_lane = (unreachable and bool(getattr(job, "lane", None))
+                      and ctx.queue.waits_free(getattr(job, "created_at", None)))
     last = not waits_for_lane and attempt >= int(getattr(job, "max_attempts", s.max_attempts) or s.max_attempts)
     with ctx.sessions.begin() as session:
         session.add(Delivery(
