@@ -115,14 +115,7 @@ def cli_purge(args: argparse.Namespace, settings: Settings) -> int:
 def queue_from_settings(settings: Settings) -> tuple[JobQueue, Callable[[], None]]:
     """A queue on the configured database and a function that closes it."""
     engine = make_engine(settings.effective_database_url)
-    q = JobQueue(
-        make_sessionmaker(engine),
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-        retry_base_seconds=settings.retry_base_seconds,
-        retry_max_seconds=settings.retry_max_seconds,
-        unreachable_wait_seconds=settings.unreachable_wait_hours * 3600.0,
-    )
+    q = JobQueue(make_sessionmaker(engine), **settings.queue_params)
     return q, engine.dispose
 
 

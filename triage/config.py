@@ -298,6 +298,13 @@ class Settings(BaseModel):
 
     # --- derived values
     @property
+    def queue_params(self) -> dict[str, Any]:
+        """The job queue's keyword arguments (``storage.queue.JobQueue``), for every process that builds one."""
+        return {"lease_seconds": self.lease_seconds, "max_attempts": self.max_attempts,
+                "retry_base_seconds": self.retry_base_seconds, "retry_max_seconds": self.retry_max_seconds,
+                "unreachable_wait_seconds": self.unreachable_wait_hours * 3600.0}
+
+    @property
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()
 

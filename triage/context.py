@@ -79,16 +79,7 @@ class AppContext:
     def queue(self):  # noqa: ANN201 - storage.queue.JobQueue
         from storage.queue import JobQueue
 
-        s = self.settings
-        return JobQueue(
-            self.sessions,
-            lease_seconds=s.lease_seconds,
-            max_attempts=s.max_attempts,
-            retry_base_seconds=s.retry_base_seconds,
-            retry_max_seconds=s.retry_max_seconds,
-            unreachable_wait_seconds=s.unreachable_wait_hours * 3600.0,
-            reads=self.reads,
-        )
+        return JobQueue(self.sessions, reads=self.reads, **self.settings.queue_params)
 
     @cached_property
     def worker_id(self) -> str:
